@@ -1,0 +1,41 @@
+# Everything a fresh Debian machine needs, in order. `make demo` and `make test` are the README's commands.
+PY ?= .venv/bin/python
+SHELL := /bin/bash
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+export TRANSFORMERS_OFFLINE = 1
+
+.PHONY: venv system cluster cluster-stop demo test lint bench
+
+venv: .venv/.installed
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0   # CPU wheel first: a bare `torch` requirement pulls CUDA builds
+	$(PY) -m pip install -q -e '.[train,test,dev]'
+	touch $@
+
+system:   ## Debian packages: espeak-ng/sox (speech corpora), slurm-wlm, munge, slurmdbd, mariadb
+	bash slurm/cluster.sh install espeak-ng sox libsndfile1
+
+cluster: system
+	bash slurm/cluster.sh start
+
+cluster-stop:
+	bash slurm/cluster.sh stop
+
+demo: venv cluster   ## the smoke recipe on the local SLURM cluster, waiting for its end
+	$(PY) launch/submit.py recipes/smoke.yaml --wait
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: venv cluster lint
+	$(PY) -m pytest
+
+bench: venv cluster
+	$(PY) bench/padding.py
+	$(PY) bench/dry_run.py
+	$(PY) bench/train_step.py

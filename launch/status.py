@@ -1,0 +1,59 @@
+"""Where are my runs? SLURM state, nodes, elapsed time, restarts, and step/loss/WER/ETA from the logs.
+
+    python launch/status.py runs/smoke [more run dirs or sweep roots ...] [--watch [SECONDS]] [--json]
+
+Never imports torch: it answers in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+from asrlaunch.status import collect_status, format_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dirs", nargs="+", help="run directories, or a sweep's root")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=5.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 5) until interrupted",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per run")
+    args = parser.parse_args(argv)
+    while True:
+        statuses = collect_status(args.run_dirs)
+        if not statuses:
+            print(f"error: no run directory (with recipe.yaml) in {' '.join(args.run_dirs)}", file=sys.stderr)
+            return 2
+        if args.json:
+            for status in statuses:
+                print(
+                    json.dumps(
+                        {**dataclasses.asdict(status), "run_dir": str(status.run_dir), "eta_s": status.eta_s}
+                    )
+                )
+        else:
+            if args.watch:
+                print("\033[2J\033[H", end="")
+            print(format_table(statuses), flush=True)
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Submit a recipe as SLURM jobs (through submitit), or look at the exact plan first.
+
+    python launch/submit.py recipes/timit32.yaml data.dir=/data/TIMIT
+    python launch/submit.py recipes/timit32.yaml cluster.nodes=2 cluster.gpus_per_node=4 --dry-run
+    python launch/submit.py recipes/smoke.yaml --sweep train.lr=1e-3,3e-3 --sweep train.seed=1,2
+    python launch/submit.py --resume runs/smoke
+
+Never imports torch: a dry run answers in about a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from asrlaunch.cluster import (
+    RunSpec,
+    SubmitError,
+    choose_executor,
+    plan_for,
+    resolve_runs,
+    sbatch_text,
+    submit,
+    wait_for,
+)
+from asrlaunch.plan import BatchPlanError
+from asrlaunch.recipe import RecipeError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe", nargs="?", help=f"recipe YAML (default: {DEFAULT_RECIPE.name})")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="submit the cross product of these values as one job array (repeatable)",
+    )
+    parser.add_argument(
+        "--executor",
+        default="auto",
+        choices=["auto", "slurm", "local"],
+        help="slurm when a controller answers, else local processes (default: auto)",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and sbatch script; submit nothing"
+    )
+    parser.add_argument("--json", action="store_true", help="with --dry-run: one JSON object")
+    parser.add_argument(
+        "--resume", metavar="RUN_DIR", help="re-submit a stopped or failed run from its directory"
+    )
+    parser.add_argument(
+        "--wait", action="store_true", help="wait for the jobs to end and say where results are"
+    )
+    args = parser.parse_intermixed_args(argv)
+    if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+    return args
+
+
+def load_specs(args: argparse.Namespace) -> list[RunSpec]:
+    if args.resume:
+        run_dir = Path(args.resume)
+        recipe_file = run_dir / "recipe.yaml"
+        if not recipe_file.exists():
+            raise SubmitError(f"{run_dir} is not a run directory (no recipe.yaml)")
+        specs = resolve_runs(yaml.safe_load(recipe_file.read_text()), str(recipe_file), args.overrides, [])
+        return [RunSpec(specs[0].recipe, specs[0].overrides, run_dir)]
+    path = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
+    if not path.exists():
+        raise RecipeError(f"{path}: recipe file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    return resolve_runs(raw, str(path), args.overrides, args.sweep)
+
+
+def dry_run(specs: list[RunSpec], as_json: bool) -> None:
+    folder = specs[0].run_dir / "submitit" if len(specs) == 1 else specs[0].run_dir.parent / "submitit"
+    script = sbatch_text(specs[0].recipe, folder, len(specs))
+    runs = [
+        {"run_dir": str(s.run_dir), "overrides": list(s.overrides), **plan_for(s.recipe).to_dict()}
+        for s in specs
+    ]
+    if as_json:
+        print(
+            json.dumps(
+                {**runs[0], "runs": runs, "sbatch": script, "recipe": specs[0].recipe.to_dict()}, indent=1
+            )
+        )
+        return
+    print(f"# resolved recipe\n{specs[0].recipe.to_yaml()}")
+    for run in runs:
+        print(f"# run {run['run_dir']}  {' '.join(run['overrides'])}")
+        print(
+            f"  global batch {run['global_batch']} = micro-batch {run['micro_batch']} x grad accumulation "
+            f"{run['grad_accum']} x world size {run['world_size']}"
+        )
+        print(
+            f"  {run['steps_per_epoch']} steps/epoch, {run['total_steps']} steps ({run['epochs']} epochs), "
+            f"warmup {run['warmup_steps']} steps ({run['warmup_share']:.1%})"
+        )
+    print(
+        f"\n# sbatch script ({'job array of ' + str(len(specs)) if len(specs) > 1 else 'one job'})\n{script}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        specs = load_specs(args)
+        for spec in specs:
+            plan_for(spec.recipe)  # an impossible batch split fails here, before anything is written
+        if args.dry_run:
+            dry_run(specs, args.json)
+            return 0
+        kind = choose_executor(args.executor)
+        submitted = submit(specs, kind, resume=bool(args.resume))
+    except (RecipeError, BatchPlanError, SubmitError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for spec, job_id in submitted:
+        print(f"submitted {kind} job {job_id}: {spec.run_dir}")
+    first = submitted[0][1].split("_")[0]
+    dirs = " ".join(sorted({str(s.run_dir if len(specs) == 1 else s.run_dir.parent) for s, _ in submitted}))
+    if kind == "slurm":
+        print(f"watch it:  squeue -j {first}   |   python launch/status.py {dirs} --watch")
+    else:
+        print(f"watch it:  python launch/status.py {dirs} --watch")
+    if args.wait:
+        return wait_for(submitted, kind)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

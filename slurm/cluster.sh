@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# A real SLURM cluster on this machine, for development, tests, CI and the README demo.
+#
+#   bash slurm/cluster.sh install [PKG]  Debian packages: slurm-wlm munge (+ slurmdbd mariadb-server, PKG...)
+#   bash slurm/cluster.sh start          munged, [mariadb, slurmdbd,] slurmctld, 3 slurmd "nodes"
+#   bash slurm/cluster.sh stop           stop every daemon by its pid file
+#   bash slurm/cluster.sh wipe           stop, then delete all state
+#   bash slurm/cluster.sh status         sinfo
+#
+# Nodes node[1-3]: 2 CPUs and 2 fake GPUs each (character devices, so --gpus-per-node schedules and sets
+# CUDA_VISIBLE_DEVICES). Partitions: debug (default), low (preemptable: requeued), high (preempts low).
+# All state lives under $ASRLAUNCH_SLURM_DIR (default /tmp/asrlaunch-slurm); ports 16817-16819, 17001-17003
+# and 13306 avoid the defaults. ASRLAUNCH_SLURM_ACCOUNTING=0 skips slurmdbd/MariaDB (then sacct fails).
+# /etc/slurm/slurm.conf is linked to our config so that plain `squeue`, `sbatch` ... work in any shell.
+set -euo pipefail
+
+DIR=${ASRLAUNCH_SLURM_DIR:-/tmp/asrlaunch-slurm}
+ACCOUNTING=${ASRLAUNCH_SLURM_ACCOUNTING:-1}
+NODES=(node1 node2 node3)
+CONF=$DIR/etc/slurm.conf
+export SLURM_CONF=$CONF
+
+log() { echo "[slurm] $*" >&2; }
+
+install() {  # extra arguments: more Debian packages to install in the same apt-get run
+  local packages=(slurm-wlm munge "$@")
+  [ "$ACCOUNTING" = 1 ] && packages+=(slurmdbd mariadb-server)
+  local missing=()
+  for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+write_config() {
+  mkdir -p "$DIR"/{etc,state,spool,run,log,munge,fakegpu,mysql}
+  chmod 755 "$DIR/munge"
+  for n in 0 1; do [ -e "$DIR/fakegpu/nvidia$n" ] || mknod "$DIR/fakegpu/nvidia$n" c 195 "$n"; done
+  for node in "${NODES[@]}"; do mkdir -p "$DIR/spool/$node"; done
+  local storage="AccountingStorageType=accounting_storage/none"
+  if [ "$ACCOUNTING" = 1 ]; then
+    storage="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=16819
+AccountingStoragePass=$DIR/munge/munge.socket.2
+AccountingStorageTRES=gres/gpu"
+  fi
+  cat >"$CONF" <<EOF
+ClusterName=asrlaunch
+SlurmctldHost=localhost
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=16817
+SlurmdPort=16818
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=10
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool/%n
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/linux
+MpiDefault=none
+SwitchType=switch/none
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
+SlurmctldParameters=preempt_send_user_signal
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=600
+KillWait=10
+MaxArraySize=1001
+$storage
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+GresTypes=gpu
+NodeName=node[1-3] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[17001-17003] CPUs=2 RealMemory=8000 Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=low Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=20
+PartitionName=high Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+EOF
+  cat >"$DIR/etc/gres.conf" <<EOF
+AutoDetect=off
+NodeName=node[1-3] Name=gpu File=$DIR/fakegpu/nvidia[0-1]
+EOF
+  cat >"$DIR/etc/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$DIR/munge/munge.socket.2
+DbdHost=localhost
+DbdPort=16819
+SlurmUser=root
+PidFile=$DIR/run/slurmdbd.pid
+LogFile=$DIR/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=13306
+StorageUser=slurm
+StoragePass=slurm
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$DIR/etc/slurmdbd.conf"
+  mkdir -p /etc/slurm
+  if [ ! -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; then ln -sfn "$CONF" /etc/slurm/slurm.conf; fi
+}
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+start_munge() {
+  alive "$DIR/run/munged.pid" && return
+  [ -f "$DIR/munge/munge.key" ] || { dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 2>/dev/null; chmod 400 "$DIR/munge/munge.key"; }
+  munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
+    --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
+}
+
+start_accounting() {
+  if ! alive "$DIR/run/mariadb.pid"; then
+    if [ ! -d "$DIR/mysql/mysql" ]; then
+      mariadb-install-db --user=root --datadir="$DIR/mysql" --auth-root-authentication-method=socket \
+        --skip-test-db >"$DIR/log/mariadb-install.log" 2>&1
+    fi
+    setsid mariadbd --no-defaults --user=root --datadir="$DIR/mysql" --socket="$DIR/run/mysql.sock" \
+      --port=13306 --bind-address=127.0.0.1 --pid-file="$DIR/run/mariadb.pid" \
+      >"$DIR/log/mariadb.log" 2>&1 </dev/null &
+    for _ in $(seq 100); do [ -S "$DIR/run/mysql.sock" ] && break; sleep 0.2; done
+    mariadb --socket="$DIR/run/mysql.sock" -u root -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
+      CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+      CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+      GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+  fi
+  alive "$DIR/run/slurmdbd.pid" || slurmdbd
+  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/16819) 2>/dev/null && break; sleep 0.2; done
+}
+
+wait_idle() {
+  for _ in $(seq 150); do
+    states=$(sinfo -h -N -o '%T' 2>/dev/null | sort -u | tr '\n' ' ')
+    [ "$states" = "idle " ] && { log "up: ${#NODES[@]} nodes idle ($DIR)"; return 0; }
+    sleep 0.2
+  done
+  log "nodes did not become idle: $(sinfo -N 2>&1)"; return 1
+}
+
+start() {
+  command -v slurmctld >/dev/null || install
+  write_config
+  start_munge
+  [ "$ACCOUNTING" = 1 ] && start_accounting
+  alive "$DIR/run/slurmctld.pid" || slurmctld
+  for node in "${NODES[@]}"; do alive "$DIR/run/slurmd-$node.pid" || slurmd -N "$node"; done
+  wait_idle
+}
+
+stop() {
+  scancel --full -u root >/dev/null 2>&1 || true
+  for pid_file in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid" \
+                  "$DIR/run/mariadb.pid" "$DIR/run/munged.pid"; do
+    if alive "$pid_file"; then
+      pid=$(cat "$pid_file"); kill "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+  done
+  log "stopped"
+}
+
+case "${1:-}" in
+  install) shift; install "$@" ;;
+  start) start ;;
+  stop) stop ;;
+  restart) stop; start ;;
+  wipe) stop; rm -rf "$DIR"; [ -L /etc/slurm/slurm.conf ] && rm -f /etc/slurm/slurm.conf; log "wiped $DIR" ;;
+  status) sinfo ;;
+  *) echo "usage: $0 {install|start|stop|restart|wipe|status}" >&2; exit 2 ;;
+esac

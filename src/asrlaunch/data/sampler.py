@@ -1,0 +1,99 @@
+"""The run's sample order: seeded, length-grouped global batches, then sharded to ranks and micro-steps.
+
+The order depends on (seed, epoch, lengths, global batch) only, never on the world size or the attempt:
+global step k holds the same samples on 1 or 64 processes and after any number of resumes.
+numpy only, so the launcher and benchmarks can use it without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from asrlaunch.plan import BatchPlan
+
+# Length grouping sorts within chunks of this many global batches (transformers uses 50 too).
+GROUP_CHUNK_BATCHES = 50
+
+
+def epoch_batches(
+    lengths: Sequence[int] | np.ndarray,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    group_chunk: int = GROUP_CHUNK_BATCHES,
+) -> list[np.ndarray]:
+    """The global batches of one epoch, as arrays of sample indices.
+
+    A seeded permutation, filled up to whole batches by wrapping around (so every step has exactly
+    `global_batch` samples), sorted by length within chunks of `group_chunk` batches so that a batch
+    holds similar lengths, then the batches shuffled; the batch with the longest sample goes first so a
+    run that does not fit in memory fails at its first step rather than hours later.
+    """
+    lengths = np.asarray(lengths)
+    count = len(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = np.resize(rng.permutation(count), -(-count // global_batch) * global_batch)
+    chunk = global_batch * group_chunk
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches.extend(part[i : i + global_batch] for i in range(0, len(part), global_batch))
+    shuffled = [batches[i] for i in rng.permutation(len(batches))]
+    longest = int(np.argmax([lengths[b].max() for b in shuffled]))
+    shuffled.insert(0, shuffled.pop(longest))
+    return shuffled
+
+
+def rank_micro_batches(batch: np.ndarray, plan: BatchPlan, rank: int) -> list[np.ndarray]:
+    """The micro-batches that `rank` processes for one global batch, in accumulation order."""
+    if len(batch) != plan.global_batch:
+        raise ValueError(f"a global batch holds {plan.global_batch} samples, got {len(batch)}")
+    if not 0 <= rank < plan.world_size:
+        raise ValueError(f"rank {rank} is outside the world of {plan.world_size}")
+    size, world = plan.micro_batch, plan.world_size
+    return [
+        batch[(step * world + rank) * size : (step * world + rank + 1) * size]
+        for step in range(plan.grad_accum)
+    ]
+
+
+@dataclass
+class GlobalOrder:
+    """Step-indexed access to the run's global batches (epochs are built lazily and cached)."""
+
+    lengths: np.ndarray
+    global_batch: int
+    seed: int
+    _epochs: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.global_batch)
+
+    def batch(self, step: int) -> np.ndarray:
+        """Sample indices of optimizer step `step` (0-based)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch not in self._epochs:
+            self._epochs = {epoch: epoch_batches(self.lengths, self.global_batch, self.seed, epoch)}
+        return self._epochs[epoch][index]
+
+    def pad_length(self, step: int) -> int:
+        """Every micro-batch of a step is padded to its global batch's longest sample."""
+        return int(self.lengths[self.batch(step)].max())
+
+
+def padding_efficiency(lengths: np.ndarray, steps: Sequence[np.ndarray | Sequence[int]]) -> float:
+    """Real frames / padded frames, where all samples of one step cost the step's longest sample.
+
+    That is the cost model of data parallelism: the slowest rank bounds every step.
+    """
+    real = padded = 0
+    for step in steps:
+        sizes = lengths[np.asarray(step)]
+        real += int(sizes.sum())
+        padded += int(sizes.max()) * len(sizes)
+    return real / padded

@@ -1,0 +1,266 @@
+"""The recipe: one YAML file that says everything a run needs, validated on load.
+
+Launcher-side module: it must never import torch (``--dry-run`` answers in about a second).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Strings that end up in sbatch scripts or on command lines: no quotes, no `;`, no `$()`, no newlines.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+class RecipeError(ValueError):
+    """A recipe (file or override) is wrong; the message names every offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_safe(value: str | None, what: str) -> str | None:
+    if value is not None and not SAFE_NAME.match(value):
+        raise ValueError(
+            f"{what} {value!r} may only hold letters, digits and _ . + - (it is used in job scripts)"
+        )
+    return value
+
+
+class RunSection(_Section):
+    name: str = "run"
+    output_root: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        _check_safe(value, "run name")
+        return value
+
+
+class ModelSection(_Section):
+    # Hub name or local path of a pretrained checkpoint; ignored when `config` is given.
+    name_or_path: str = "facebook/wav2vec2-base"
+    # Wav2Vec2Config keyword arguments for a randomly initialised model (tests, smoke runs).
+    config: dict[str, Any] | None = None
+    # Extra Wav2Vec2Config keyword arguments applied on top of the pretrained config.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    freeze_feature_encoder: bool = True
+
+
+class SynthSection(_Section):
+    """How to generate a corpus when `data.dir` does not exist yet."""
+
+    train: int = Field(400, ge=1)
+    test: int = Field(100, ge=1)
+    engine: Literal["tones", "espeak"] = "tones"
+    seed: int = 0
+
+
+class DataSection(_Section):
+    dir: str
+    # Where the prepared (decoded, normalised, tokenised) table is cached; default <output_root>/.data-cache.
+    cache_dir: str | None = None
+    # Training-set size assumed by the launcher's plan before the data is read (TIMIT: 4620).
+    expected_train_size: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    generate: SynthSection | None = None
+
+
+class TrainSection(_Section):
+    backend: Literal["ddp", "deepspeed"] = "ddp"
+    global_batch_size: int = Field(32, ge=1)
+    max_micro_batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["linear", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    # Stop after this many optimizer steps; overrides `epochs` for the schedule's length too.
+    max_steps: int | None = Field(None, ge=1)
+    seed: int = 42
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    # Optimizer steps whose gradients are not finite are skipped; this many in a row end the run.
+    max_consecutive_nonfinite: int = Field(20, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
+
+
+class EvalSection(_Section):
+    steps: int = Field(100, ge=1)
+    batch_size: Literal[1] = 1
+    # Also evaluate before the first step (gives the WER 1.0 baseline row).
+    at_start: bool = False
+
+
+class LoggingSection(_Section):
+    steps: int = Field(10, ge=1)
+    # Log the sample ids of every step (tests of world-size invariance and exact resume).
+    sample_ids: bool = False
+
+
+class CheckpointSection(_Section):
+    save_steps: int | None = Field(None, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class ClusterSection(_Section):
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0)
+    # Processes per node on a CPU-only cluster (used when gpus_per_node is 0).
+    processes_per_node: int = Field(1, ge=1)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    time_min: int = Field(60, ge=1)
+    signal_delay_s: int = Field(60, ge=1)
+    max_requeues: int = Field(5, ge=0)
+    extra_sbatch: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("partition", "account", "qos")
+    @classmethod
+    def _safe_names(cls, value: str | None) -> str | None:
+        return _check_safe(value, "value")
+
+    @field_validator("constraint")
+    @classmethod
+    def _safe_constraint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[A-Za-z0-9_.&|\[\]*:-]+$", value):
+            raise ValueError(f"constraint {value!r} may only hold letters, digits and _ . & | [ ] * : -")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _safe_extra(cls, options: dict[str, str]) -> dict[str, str]:
+        for key, value in options.items():
+            _check_safe(key, "sbatch option")
+            if not re.match(r"^[A-Za-z0-9_.,:=/@+-]*$", str(value)):
+                raise ValueError(f"sbatch option {key}={value!r} holds characters that are not allowed")
+        return options
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.processes_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+class Recipe(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    cluster: ClusterSection = Field(default_factory=ClusterSection)
+
+    @model_validator(mode="after")
+    def _micro_limit(self) -> Recipe:
+        if self.train.max_micro_batch_size > self.train.global_batch_size:
+            raise ValueError("train.max_micro_batch_size must not exceed train.global_batch_size")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _fields_at(location: Iterable[str | int]) -> list[str]:
+    """The valid keys of the section that `location` (a pydantic error location) points into."""
+    model: type[BaseModel] = Recipe
+    for part in list(location)[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        candidates = getattr(annotation, "__args__", (annotation,))
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(model.model_fields)
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    location = [str(part) for part in error["loc"]]
+    key = ".".join(location) or "<recipe>"
+    if error["type"] == "extra_forbidden":
+        valid = ", ".join(_fields_at(location))
+        return f"{key}: unknown key; valid keys here: {valid}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{key}: {message} (got {error.get('input')!r})"
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars (1e-4, true, [1, 2])."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        value = yaml.safe_load(raw) if raw.strip() else raw
+        target = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise RecipeError(f"override {item!r} conflicts with another override of {part!r}")
+        target[leaf] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        problems = "\n".join(f"  {_describe(e)}" for e in error.errors())
+        raise RecipeError(f"{source}: {error.error_count()} problem(s):\n{problems}") from None
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides and validate everything, reporting all problems."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    return recipe_from_dict(merge(raw, parse_overrides(overrides)), str(path))

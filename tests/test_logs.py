@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.logs import RankLog, read_records, read_run_logs
+
+
+def test_records_carry_the_common_fields(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    with RankLog(tmp_path, rank=1) as log:
+        log.write("train", 10, 0.0689, loss=3.2)
+    (record,) = read_records(tmp_path / "logs" / "rank1.jsonl")
+    assert record["kind"] == "train" and record["step"] == 10 and record["rank"] == 1
+    assert record["attempt"] == 2 and record["epoch"] == 0.0689 and record["loss"] == 3.2
+    assert isinstance(record["time"], float)
+
+
+def test_unknown_kind_is_refused(tmp_path: Path) -> None:
+    with (
+        RankLog(tmp_path, 0, attempt=0) as log,
+        pytest.raises(ValueError, match="not one of meta, train, eval"),
+    ):
+        log.write("debug", 1, 0.0)
+
+
+def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    with RankLog(tmp_path, 0, attempt=0) as log:
+        log.write("train", 1, 0.1, loss=1.0)
+        log.write("train", 2, 0.2, loss=0.9)
+    path = tmp_path / "logs" / "rank0.jsonl"
+    path.write_text(path.read_text() + '{"kind": "train", "st')
+    with pytest.warns(UserWarning, match="truncated last line"):
+        records = list(read_records(path))
+    assert [r["step"] for r in records] == [1, 2]
+
+
+def test_a_broken_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "rank0.jsonl"
+    path.parent.mkdir()
+    good = json.dumps({"kind": "train", "step": 1, "epoch": 0, "rank": 0, "attempt": 0, "time": 0})
+    path.write_text(f"{good}\nnot json\n{good}\n")
+    with pytest.raises(ValueError, match=r"rank0.jsonl:2: not a JSON record"):
+        list(read_records(path))
+
+
+def test_run_logs_gather_all_ranks(tmp_path: Path) -> None:
+    for rank in (0, 1):
+        with RankLog(tmp_path, rank, attempt=0) as log:
+            log.write("meta", 0, 0.0, world_size=2)
+    assert sorted(r["rank"] for r in read_run_logs(tmp_path)) == [0, 1]

@@ -1,0 +1,139 @@
+"""Every recipe loads; broken recipes fail with one line per problem, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from asrlaunch.recipe import RecipeError, load_recipe, parse_overrides
+
+from .conftest import RECIPES
+
+ALL_RECIPES = sorted(RECIPES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.train.global_batch_size % recipe.cluster.world_size == 0
+
+
+def test_timit32_states_the_reference_card() -> None:
+    recipe = load_recipe(RECIPES / "timit32.yaml")
+    train = recipe.train
+    assert recipe.model.name_or_path == "facebook/wav2vec2-base"
+    assert recipe.model.config is None
+    assert (train.lr, train.global_batch_size, recipe.eval.batch_size, train.seed) == (1e-4, 32, 1, 42)
+    assert (train.adam_betas, train.adam_eps) == ((0.9, 0.999), 1e-8)
+    assert (train.lr_scheduler, train.warmup_steps, train.epochs) == ("linear", 1000, 20)
+    assert train.mixed_precision == "fp16"
+    assert recipe.eval.steps == 100
+    assert recipe.data.expected_train_size == 4620
+
+
+def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
+    recipe = load_recipe(
+        RECIPES / "smoke.yaml",
+        [
+            "train.max_steps=12",
+            "train.lr=3e-4",
+            "data.dir=/x/y",
+            "train.adam_betas=[0.8, 0.9]",
+            "eval.at_start=false",
+        ],
+    )
+    assert recipe.train.max_steps == 12
+    assert recipe.train.lr == pytest.approx(3e-4)
+    assert recipe.data.dir == "/x/y"
+    assert recipe.train.adam_betas == (0.8, 0.9)
+    assert recipe.eval.at_start is False
+    assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
+
+
+def _write(tmp_path: Path, mutate: dict) -> Path:
+    base = yaml.safe_load((RECIPES / "smoke.yaml").read_text())
+    for dotted, value in mutate.items():
+        target = base
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        if value is _DELETE:
+            target.pop(leaf)
+        else:
+            target[leaf] = value
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+_DELETE = object()
+
+BROKEN = {
+    "unknown top-level section": (
+        {"trian.lr": 1.0},
+        "trian: unknown key; valid keys here: checkpoint, cluster",
+    ),
+    "unknown key in a section": (
+        {"train.learning_rate": 1e-4},
+        "train.learning_rate: unknown key; valid keys here: adam_betas",
+    ),
+    "negative learning rate": ({"train.lr": -1.0}, "train.lr: Input should be greater than 0"),
+    "lr as text": ({"train.lr": "fast"}, "train.lr: Input should be a valid number"),
+    "unknown optimizer": ({"train.optimizer": "sgd"}, "train.optimizer: Input should be 'adamw' or 'adam'"),
+    "unknown precision": (
+        {"train.mixed_precision": "fp8"},
+        "train.mixed_precision: Input should be 'no', 'fp16' or 'bf16'",
+    ),
+    "eval batch other than 1": ({"eval.batch_size": 8}, "eval.batch_size: Input should be 1"),
+    "missing data dir": ({"data.dir": _DELETE}, "data.dir: required key is missing"),
+    "beta out of range": ({"train.adam_betas": [0.9, 1.5]}, "train.adam_betas: each beta must be in [0, 1)"),
+    "hostile partition": (
+        {"cluster.partition": "gpu; rm -rf /"},
+        "cluster.partition: value 'gpu; rm -rf /' may only hold",
+    ),
+    "hostile run name": ({"run.name": "$(reboot)"}, "run.name: run name '$(reboot)' may only hold"),
+    "zero nodes": ({"cluster.nodes": 0}, "cluster.nodes: Input should be greater than or equal to 1"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN, ids=list(BROKEN))
+def test_broken_recipe_gives_one_line_naming_the_key(tmp_path: Path, case: str) -> None:
+    mutate, expected = BROKEN[case]
+    with pytest.raises(RecipeError) as error:
+        load_recipe(_write(tmp_path, mutate))
+    lines = str(error.value).splitlines()
+    assert lines[0].endswith("1 problem(s):")
+    assert len(lines) == 2
+    assert lines[1].strip().startswith(expected)
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"train.lr": -1, "train.optimizer": "sgd", "eval.bogus": 1})
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    message = str(error.value)
+    assert "3 problem(s)" in message
+    for key in ("train.lr", "train.optimizer", "eval.bogus"):
+        assert f"  {key}:" in message
+
+
+def test_file_and_override_mistakes(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(tmp_path / "list.yaml")
+    with pytest.raises(RecipeError, match=r"must look like section\.key=value"):
+        load_recipe(RECIPES / "smoke.yaml", ["train.lr"])
+    with pytest.raises(RecipeError, match=r"train\.max_steps: Input should be greater than or equal to 1"):
+        load_recipe(RECIPES / "smoke.yaml", ["train.max_steps=0"])
+
+
+def test_micro_batch_limit_above_global_batch_is_refused() -> None:
+    with pytest.raises(RecipeError, match="max_micro_batch_size must not exceed"):
+        load_recipe(RECIPES / "smoke.yaml", ["train.max_micro_batch_size=64"])

@@ -1,0 +1,117 @@
+"""The TIMIT reader on generated corpora: layouts, formats, normalisation, cache and clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from asrlaunch.data import timit
+from asrlaunch.data.synth import generate_corpus
+from asrlaunch.data.timit import DataError, build_vocab, load_corpus, normalize_text, scan_split
+
+
+def test_normalisation_follows_the_hf_recipe() -> None:
+    assert normalize_text("She had your dark suit, in greasy wash-water all year.") == (
+        "she had your dark suit in greasy washwater all year"
+    )
+    assert normalize_text('Don\'t ask "me"; ok?  No!') == "don't ask me ok no"
+
+
+def test_vocab_has_word_delimiter_unk_and_pad_last() -> None:
+    vocab = build_vocab(["ab c", "ca"])
+    assert vocab == {"a": 0, "b": 1, "c": 2, "|": 3, "[UNK]": 4, "[PAD]": 5}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "lowercase", "magic"), [("sphere", False, b"NIST_1A"), ("wav", True, b"RIFF")]
+)
+def test_reader_handles_sphere_wav_and_name_case(
+    tmp_path: Path, fmt: str, lowercase: bool, magic: bytes
+) -> None:
+    root = generate_corpus(tmp_path / "corpus", train=23, test=7, fmt=fmt, lowercase=lowercase)
+    train = scan_split(root, "train")
+    assert len(train) == 23 and len(scan_split(root, "test")) == 7
+    assert train[0].audio.read_bytes().startswith(magic)
+    assert all(u.id == u.id.upper() and "_" in u.id for u in train)
+    assert {u.audio.parent.parent.name.upper()[:2] for u in train} == {"DR"}
+    corpus = load_corpus(root, tmp_path / "cache")
+    assert len(corpus.train) == 23 and len(corpus.test) == 7
+    row = corpus.train.with_format("numpy")[0]
+    assert abs(float(row["input_values"].mean())) < 1e-3 and abs(float(row["input_values"].std()) - 1) < 1e-2
+    decoded = corpus.processor.tokenizer.decode(row["labels"], group_tokens=False)
+    assert decoded == row["text"]
+    assert row["length"] == len(row["input_values"])
+
+
+def test_riff_copies_beside_sphere_files_are_not_counted_twice(tmp_path: Path) -> None:
+    root = generate_corpus(tmp_path / "corpus", train=10, test=3)
+    for wav in list(root.rglob("*.WAV")):
+        audio, rate = soundfile.read(wav)
+        soundfile.write(f"{wav}.wav", audio, rate, format="WAV")  # Kaggle's extra RIFF copies
+    utterances = scan_split(root, "train")
+    assert len(utterances) == 10
+    assert all(u.audio.suffix == ".WAV" for u in utterances)
+
+
+def test_prepared_table_is_cached_and_not_decoded_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = generate_corpus(tmp_path / "corpus", train=12, test=4)
+    first = load_corpus(root, tmp_path / "cache")
+
+    def no_decoding(path: Path) -> np.ndarray:
+        raise AssertionError(f"decoded {path} although the table is cached")
+
+    monkeypatch.setattr(timit, "read_audio", no_decoding)
+    second = load_corpus(root, tmp_path / "cache")
+    assert second.train["id"] == first.train["id"]
+    assert second.vocab == first.vocab
+    # a changed file invalidates the cache
+    victim = sorted(root.rglob("*.TXT"))[0]
+    victim.write_text(victim.read_text().replace("the", "a", 1) + " ")
+    with pytest.raises(AssertionError, match="decoded"):
+        load_corpus(root, tmp_path / "cache")
+
+
+def _one_wav(root: Path) -> Path:
+    return sorted((root / "TRAIN").rglob("*.WAV"))[0]
+
+
+def test_bad_corpora_name_the_file(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="does not exist"):
+        load_corpus(tmp_path / "missing", cache)
+
+    root = generate_corpus(tmp_path / "c1", train=5, test=2)
+    wav = _one_wav(root)
+    wav.write_bytes(b"not audio at all")
+    with pytest.raises(DataError, match=rf"{wav}: unreadable audio"):
+        load_corpus(root, cache)
+
+    root = generate_corpus(tmp_path / "c2", train=5, test=2)
+    wav = _one_wav(root)
+    soundfile.write(wav, np.zeros(8000), 8000, format="NIST", subtype="PCM_16")
+    with pytest.raises(DataError, match=rf"{wav}: sample rate 8000 Hz, expected 16000"):
+        load_corpus(root, cache)
+
+    root = generate_corpus(tmp_path / "c3", train=5, test=2)
+    wav = _one_wav(root)
+    wav.with_suffix(".TXT").unlink()
+    with pytest.raises(DataError, match=rf"{wav}: no transcript"):
+        load_corpus(root, cache)
+
+    root = generate_corpus(tmp_path / "c4", train=5, test=2)
+    shutil.rmtree(root / "TEST")
+    (root / "TEST" / "DR1").mkdir(parents=True)
+    with pytest.raises(DataError, match="the test split holds no utterance"):
+        load_corpus(root, cache)
+
+    root = generate_corpus(tmp_path / "c5", train=5, test=2)
+    txt = _one_wav(root).with_suffix(".TXT")
+    txt.write_text("no offsets here\n")
+    with pytest.raises(DataError, match=rf"{txt}: expected '<start> <end> <sentence>'"):
+        load_corpus(root, cache)

@@ -1,0 +1,112 @@
+"""Real training on CPU: one process, then two gloo processes under torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.logs import read_run_logs
+
+from .conftest import PYTHON, RECIPES, python_env
+
+pytestmark = pytest.mark.slow
+
+
+def train(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> list[dict]:
+    """Run the engine as users do: plain Python for one process, torchrun (gloo) for more."""
+    launcher = (
+        [PYTHON]
+        if processes == 1
+        else [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+        ]
+    )
+    command = [
+        *launcher,
+        "-m",
+        "asrlaunch.train",
+        str(RECIPES / "smoke.yaml"),
+        "--run-dir",
+        str(run_dir),
+        f"data.dir={corpus}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        "train.max_micro_batch_size=4",
+        "logging.sample_ids=true",
+        "eval.at_start=false",
+        *overrides,
+    ]
+    done = subprocess.run(
+        command, env=python_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return read_run_logs(run_dir)
+
+
+def by_step(records: list[dict], kind: str) -> dict[int, list[dict]]:
+    steps: dict[int, list[dict]] = {}
+    for record in records:
+        if record["kind"] == kind:
+            steps.setdefault(record["step"], []).append(record)
+    return steps
+
+
+def test_world_size_does_not_change_samples_or_losses(tmp_path: Path, tones_corpus: Path) -> None:
+    common = ("train.max_steps=10", "logging.steps=1", "eval.steps=10")
+    one = train(tmp_path / "w1", tones_corpus, 1, *common)
+    two = train(tmp_path / "w2", tones_corpus, 2, *common)
+
+    meta = by_step(two, "meta")[0]
+    assert sorted(r["rank"] for r in meta) == [0, 1]
+    assert all(
+        r["world_size"] == 2 and r["plan"]["micro_batch"] == 4 and r["plan"]["grad_accum"] == 4 for r in meta
+    )
+    assert by_step(one, "meta")[0][0]["plan"]["grad_accum"] == 8
+
+    train_one, train_two = by_step(one, "train"), by_step(two, "train")
+    assert sorted(train_one) == sorted(train_two) == list(range(1, 11))
+    for step in range(1, 11):
+        (single,) = train_one[step]
+        pair = train_two[step]
+        assert sorted(single["sample_ids"]) == sorted(pair[0]["sample_ids"]) == sorted(pair[1]["sample_ids"])
+        mean_two = sum(r["loss"] for r in pair) / 2  # equal micro-batches: the rank mean is the global mean
+        assert mean_two == pytest.approx(single["loss"], rel=1e-5)
+        assert pair[0]["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
+
+    eval_two = by_step(two, "eval")[10]
+    assert [r["rank"] for r in eval_two] == [0]  # WER is computed once
+    assert eval_two[0]["eval_samples"] == 16
+    assert eval_two[0]["wer"] == pytest.approx(by_step(one, "eval")[10][0]["wer"])
+
+
+def test_two_process_run_writes_both_rank_logs_and_the_final_model(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    records = train(run_dir, tones_corpus, 2, "train.max_steps=4", "logging.steps=2", "eval.steps=4")
+    for rank in (0, 1):
+        lines = [json.loads(x) for x in (run_dir / "logs" / f"rank{rank}.jsonl").read_text().splitlines()]
+        kinds = [r["kind"] for r in lines]
+        assert kinds.count("meta") == 1 and kinds.count("train") == 2
+        meta = lines[0]
+        assert meta["world_size"] == 2 and meta["rank"] == rank and meta["attempt"] == 0
+        assert {"torch", "transformers", "datasets", "accelerate"} <= set(meta["versions"])
+        assert meta["recipe"]["train"]["max_steps"] == 4
+        for record in lines:
+            assert {"kind", "step", "epoch", "rank", "attempt", "time"} <= set(record)
+        for record in (r for r in lines if r["kind"] == "train"):
+            assert {"loss", "lr", "grad_norm", "samples_per_s"} <= set(record)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["rank"] == 0 and {"eval_loss", "wer"} <= set(evals[0])
+    final = run_dir / "final"
+    assert (final / "model.safetensors").exists() and (final / "vocab.json").exists()
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == len(
+        json.loads((final / "vocab.json").read_text())
+    )
+    assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
