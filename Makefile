@@ -37,5 +37,6 @@ test: venv cluster lint
 
 bench: venv cluster
 	$(PY) bench/padding.py
-	$(PY) bench/dry_run.py
+	$(PY) bench/launcher.py
 	$(PY) bench/train_step.py
+	$(PY) bench/collect.py

@@ -6,6 +6,7 @@
 #   bash slurm/cluster.sh stop           stop every daemon by its pid file
 #   bash slurm/cluster.sh wipe           stop, then delete all state
 #   bash slurm/cluster.sh status         sinfo
+#   bash slurm/cluster.sh dbd-stop|dbd-start   take accounting (sacct) away and back, for tests
 #
 # Nodes node[1-3]: 2 CPUs and 2 fake GPUs each (character devices, so --gpus-per-node schedules and sets
 # CUDA_VISIBLE_DEVICES). Partitions: debug (default), low (preemptable: requeued), high (preempts low).
@@ -177,5 +178,7 @@ case "${1:-}" in
   restart) stop; start ;;
   wipe) stop; rm -rf "$DIR"; [ -L /etc/slurm/slurm.conf ] && rm -f /etc/slurm/slurm.conf; log "wiped $DIR" ;;
   status) sinfo ;;
-  *) echo "usage: $0 {install|start|stop|restart|wipe|status}" >&2; exit 2 ;;
+  dbd-stop) alive "$DIR/run/slurmdbd.pid" && kill "$(cat "$DIR/run/slurmdbd.pid")"; sleep 0.5; log "slurmdbd stopped (sacct fails now)" ;;
+  dbd-start) start_accounting; log "slurmdbd started" ;;
+  *) echo "usage: $0 {install|start|stop|restart|wipe|status|dbd-stop|dbd-start}" >&2; exit 2 ;;
 esac

@@ -43,6 +43,16 @@ class RunSection(_Section):
         _check_safe(value, "run name")
         return value
 
+    @field_validator("output_root")
+    @classmethod
+    def _safe_root(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_./+~-]+$", value):
+            raise ValueError(
+                f"output root {value!r} may only hold letters, digits and _ . / + ~ - "
+                "(it appears in job scripts)"
+            )
+        return value
+
 
 class ModelSection(_Section):
     # Hub name or local path of a pretrained checkpoint; ignored when `config` is given.
@@ -223,7 +233,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        try:
+            # Multi-line text stays text: YAML would drop everything after a `#` as a comment.
+            value = yaml.safe_load(raw) if raw.strip() and "\n" not in raw else raw
+        except yaml.YAMLError:  # not a YAML scalar or list: take the text as it is
+            value = raw
         target = nested
         *parents, leaf = key.split(".")
         for part in parents:

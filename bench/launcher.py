@@ -1,0 +1,61 @@
+"""Launcher wall times: --dry-run of timit32, a 100-element sweep submitted to the local SLURM cluster
+(then cancelled), and status over those 100 run directories. Targets: 1.5 s, 5 s, 2 s.
+
+    python bench/launcher.py      (needs `bash slurm/cluster.sh start` for the last two)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBMIT, STATUS = str(ROOT / "launch" / "submit.py"), str(ROOT / "launch" / "status.py")
+
+
+def timed(command: list[str], cwd: str) -> float:
+    start = time.perf_counter()
+    subprocess.run(
+        command, cwd=cwd, check=True, capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as work:
+        dry = min(
+            timed([sys.executable, SUBMIT, str(ROOT / "recipes/timit32.yaml"), "--dry-run"], work)
+            for _ in range(3)
+        )
+        print(f"dry run of timit32 (best of 3):          {dry:6.2f} s   (target < 1.5 s)")
+        if subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+            print("no local SLURM cluster: skipping the sweep and status figures")
+            return
+        values = ",".join(str(seed) for seed in range(100))
+        sweep = timed(
+            [
+                sys.executable,
+                SUBMIT,
+                str(ROOT / "recipes/smoke.yaml"),
+                "run.name=bench",
+                f"data.dir={work}/corpus",
+                "cluster.partition=low",
+                "--executor",
+                "slurm",
+                "--sweep",
+                f"train.seed={values}",
+            ],
+            work,
+        )
+        print(f"submit a 100-element sweep (job array): {sweep:6.2f} s   (target < 5 s)")
+        status = timed([sys.executable, STATUS, f"{work}/runs/bench"], work)
+        print(f"status over 100 run directories:        {status:6.2f} s   (target < 2 s)")
+        subprocess.run(["scancel", "--name", "bench"], check=False)
+
+
+if __name__ == "__main__":
+    main()

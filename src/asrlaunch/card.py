@@ -1,0 +1,182 @@
+"""The run's deliverables: results.{md,csv,json}, final/README.md (model card) and curves.png. No torch."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from asrlaunch.collect import HEADERS, MergedRun, ResultRow, format_value, render_table, result_json
+
+DATASET = {"timit": "TIMIT_ASR - NA", "default": "GENERATED_TIMIT_LAYOUT - synthetic"}
+
+
+def hyperparameters(meta: dict[str, Any], attempts: int) -> list[tuple[str, Any]]:
+    """The keys transformers writes into a card, then what distributed runs and requeues add."""
+    recipe, plan = meta["recipe"], meta["plan"]
+    train = recipe["train"]
+    betas = tuple(train["adam_betas"])
+    optimizer = "Adam" if train["optimizer"] == "adam" else "AdamW"
+    items: list[tuple[str, Any]] = [
+        ("learning_rate", train["lr"]),
+        ("train_batch_size", plan["micro_batch"]),
+        ("eval_batch_size", recipe["eval"]["batch_size"]),
+        ("seed", train["seed"]),
+    ]
+    if plan["world_size"] > 1:
+        items += [
+            ("distributed_type", "multi-GPU" if "cuda" in str(meta.get("device")) else "multi-CPU"),
+            ("num_devices", plan["world_size"]),
+        ]
+    if plan["grad_accum"] > 1:
+        items.append(("gradient_accumulation_steps", plan["grad_accum"]))
+    if plan["world_size"] > 1 or plan["grad_accum"] > 1:
+        items.append(("total_train_batch_size", plan["global_batch"]))
+    items += [
+        ("optimizer", f"{optimizer} with betas=({betas[0]},{betas[1]}) and epsilon={train['adam_eps']:g}"),
+        ("lr_scheduler_type", train["lr_scheduler"]),
+        ("lr_scheduler_warmup_steps", train["warmup_steps"]),
+    ]
+    items.append(
+        ("training_steps", plan["total_steps"])
+        if train.get("max_steps")
+        else ("num_epochs", float(train["epochs"]))
+    )
+    if train["mixed_precision"] != "no" and "cuda" in str(meta.get("device")):
+        items.append(("mixed_precision_training", "Native AMP"))
+    items += [("nodes", meta.get("nodes", 1)), ("attempts", attempts)]
+    return items
+
+
+def _framework_versions(versions: dict[str, str]) -> str:
+    names = {
+        "transformers": "Transformers",
+        "torch": "Pytorch",
+        "datasets": "Datasets",
+        "accelerate": "Accelerate",
+    }
+    return "\n".join(f"- {names[k]} {versions[k]}" for k in names if k in versions)
+
+
+def model_card(name: str, run: MergedRun, rows: Sequence[ResultRow]) -> str:
+    """final/README.md in the layout of the reference card (Trainer-generated), plus run facts it lacks."""
+    meta = run.meta[-1]
+    recipe = meta["recipe"]
+    base = (
+        recipe["model"]["name_or_path"]
+        if recipe["model"]["config"] is None
+        else "a randomly initialised model"
+    )
+    base_link = f"[{base}](https://huggingface.co/{base})" if recipe["model"]["config"] is None else base
+    dataset = DATASET["timit"] if recipe["data"].get("generate") is None else DATASET["default"]
+    final = rows[-1] if rows else None
+    results = (
+        f"- Loss: {format_value(final.validation_loss)}\n- Wer: {format_value(final.wer)}"
+        if final
+        else "- no evaluation yet"
+    )
+    wer_result = (
+        f"\n  - task: {{type: automatic-speech-recognition}}\n    metrics:\n"
+        f"    - {{type: wer, value: {final.wer}}}"
+        if final
+        else " []"
+    )
+    params = "\n".join(f"- {key}: {value}" for key, value in hyperparameters(meta, len(run.restarts) + 1))
+    spent = usage(run)
+    return f"""---
+license: apache-2.0
+tags:
+- automatic-speech-recognition
+- timit_asr
+- generated_from_trainer
+model-index:
+- name: {name}
+  results:{wer_result}
+---
+
+# {name}
+
+This model is a fine-tuned version of {base_link} on the {dataset} dataset.
+It achieves the following results on the evaluation set:
+{results}
+
+## Model description
+
+wav2vec2 with a CTC head over a character vocabulary, trained with asrlaunch (global batch
+{meta["plan"]["global_batch"]} on {meta["plan"]["world_size"]} process(es)).
+
+## Training and evaluation data
+
+Train {meta["plan"]["train_samples"]} utterances; evaluation at batch size 1 on the test split.
+
+## Training procedure
+
+### Training hyperparameters
+
+The following hyperparameters were used during training:
+{params}
+- restarts (resumed from step): {", ".join(map(str, run.restarts)) or "none"}
+- wall_time_s: {spent["wall_time_s"]:.0f}
+- device_hours: {spent["device_hours"]:.3f}
+
+### Training results
+
+{render_table([r.values() for r in rows])}
+
+### Framework versions
+
+{_framework_versions(meta.get("versions", {}))}
+"""
+
+
+def usage(run: MergedRun) -> dict[str, float]:
+    """Wall time of all attempts, and device hours (world size x wall time)."""
+    world = max((m.get("world_size", 1) for m in run.meta), default=1)
+    return {"wall_time_s": run.wall_time_s, "device_hours": world * run.wall_time_s / 3600}
+
+
+def write_results(run_dir: Path, run: MergedRun, rows: Sequence[ResultRow]) -> None:
+    (run_dir / "results.md").write_text(render_table([r.values() for r in rows]))
+    with (run_dir / "results.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(HEADERS)
+        writer.writerows(r.values() for r in rows)
+    (run_dir / "results.json").write_text(json.dumps(result_json(run, rows), indent=1) + "\n")
+
+
+def plot_curves(path: Path, runs: dict[str, MergedRun]) -> None:
+    """Training loss, validation loss and WER against step; dotted lines where an attempt resumed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, wer_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run in runs.items():
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        loss_axis.plot(list(run.train), list(run.train.values()), label=f"{prefix}training loss")
+        loss_axis.plot(
+            list(run.evals),
+            [e["eval_loss"] for e in run.evals.values()],
+            "o-",
+            markersize=3,
+            label=f"{prefix}validation loss",
+        )
+        wer_axis.plot(
+            list(run.evals), [e["wer"] for e in run.evals.values()], "o-", markersize=3, label=f"{prefix}WER"
+        )
+        for step in run.restarts:
+            for axis in (loss_axis, wer_axis):
+                axis.axvline(step, color="grey", linestyle=":", linewidth=1)
+    if any(run.restarts for run in runs.values()):
+        wer_axis.plot([], [], color="grey", linestyle=":", label="restart (resumed here)")
+    loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+    wer_axis.set(xlabel="step", ylabel="WER", title="word error rate")
+    for axis in (loss_axis, wer_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,245 @@
+"""Per-rank logs of every attempt -> the model card's results table, CSV, JSON. Pure functions, no torch.
+
+Merging: attempts are taken in order; an attempt that resumed from step s replaces every record of the
+earlier attempts after s (the steps it replayed), so the last attempt wins. The train loss of a step is the
+mean over the ranks that logged it; evaluation comes from rank 0.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from asrlaunch.logs import read_records
+
+HEADERS = ("Training Loss", "Epoch", "Step", "Validation Loss", "Wer")
+NO_LOG = "No log"
+
+
+class MixedRunsError(ValueError):
+    """Logs of different runs were found in one run directory."""
+
+
+@dataclass(frozen=True)
+class MergedRun:
+    train: dict[int, float]  # step -> training loss (mean over ranks)
+    evals: dict[int, dict[str, float]]  # step -> eval_loss, wer
+    steps_per_epoch: int
+    meta: list[dict[str, Any]]  # the meta records kept, all ranks, all attempts
+    restarts: list[int]  # the step each later attempt resumed from
+    wall_time_s: float  # summed over attempts, first to last record of each (queue time excluded)
+
+
+def _identity(meta: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes two logs the same run: name, model, data and training recipe (not the world size)."""
+    recipe = meta.get("recipe", {})
+    train = {k: v for k, v in recipe.get("train", {}).items() if k != "backend"}
+    return (
+        recipe.get("run", {}).get("name"),
+        repr(recipe.get("model")),
+        recipe.get("data", {}).get("dir"),
+        repr(sorted(train.items())),
+    )
+
+
+def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
+    """Merge the records of all ranks and attempts of one run (see the module docstring)."""
+    by_attempt: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_attempt[int(record.get("attempt", 0))].append(record)
+    metas = [r for r in (rec for recs in by_attempt.values() for rec in recs) if r["kind"] == "meta"]
+    if len({_identity(m) for m in metas}) > 1:
+        names = sorted({str(m.get("recipe", {}).get("run", {}).get("name")) for m in metas})
+        raise MixedRunsError(
+            f"logs of different runs are mixed in one folder ({', '.join(names)}): "
+            "move each run's logs to its own run directory"
+        )
+    losses: dict[int, dict[int, float]] = {}  # step -> rank -> loss
+    evals: dict[int, dict[str, float]] = {}
+    restarts = []
+    wall = 0.0
+    for attempt in sorted(by_attempt):
+        recs = by_attempt[attempt]
+        times = [float(r["time"]) for r in recs]
+        wall += max(times) - min(times)
+        starts = [r.get("resumed_from") or 0 for r in recs if r["kind"] == "meta"]
+        start = min(starts) if starts else min(r["step"] for r in recs) - 1
+        if attempt != min(by_attempt):
+            restarts.append(start)
+        for table in (losses, evals):
+            for step in [s for s in table if s > start]:
+                del table[step]
+        for record in recs:
+            if record["kind"] == "train":
+                losses.setdefault(record["step"], {})[record["rank"]] = float(record["loss"])
+            elif record["kind"] == "eval" and record["rank"] == 0:
+                evals[record["step"]] = {"eval_loss": float(record["eval_loss"]), "wer": float(record["wer"])}
+    plans = [m["plan"]["steps_per_epoch"] for m in metas if "plan" in m]
+    return MergedRun(
+        train={step: sum(ranks.values()) / len(ranks) for step, ranks in sorted(losses.items())},
+        evals=dict(sorted(evals.items())),
+        steps_per_epoch=plans[-1] if plans else 1,
+        meta=metas,
+        restarts=restarts,
+        wall_time_s=wall,
+    )
+
+
+def read_run(run_dir: str | Path) -> MergedRun:
+    """Read every rank's log of a run; a rank that the meta records promise but that has no log is warned of."""
+    logs = sorted((Path(run_dir) / "logs").glob("rank*.jsonl"))
+    if not logs:
+        raise FileNotFoundError(f"{run_dir}: no logs/rank*.jsonl (is this a run directory?)")
+    records = [record for path in logs for record in read_records(path)]
+    merged = merge_records(records)
+    present = {int(p.stem.removeprefix("rank")) for p in logs}
+    expected = max((m.get("world_size", 1) for m in merged.meta), default=1)
+    for rank in sorted(set(range(expected)) - present):
+        warnings.warn(
+            f"{run_dir}: no log of rank {rank} (logs/rank{rank}.jsonl); its losses are left out", stacklevel=2
+        )
+    return merged
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    training_loss: float | str  # NO_LOG before the first logged training loss
+    epoch: float
+    step: int
+    validation_loss: float
+    wer: float
+
+    def values(self) -> tuple[Any, ...]:
+        return (self.training_loss, self.epoch, self.step, self.validation_loss, self.wer)
+
+
+def result_rows(run: MergedRun) -> list[ResultRow]:
+    """One row per evaluation; the training loss is the last one logged at or before that step."""
+    rows = []
+    for step, scores in run.evals.items():
+        logged = [loss for s, loss in run.train.items() if s <= step]
+        rows.append(
+            ResultRow(
+                round(logged[-1], 4) if logged else NO_LOG,
+                round(step / run.steps_per_epoch, 2),
+                step,
+                scores["eval_loss"],
+                scores["wer"],
+            )
+        )
+    return rows
+
+
+def format_value(value: Any, decimals: int = 4) -> str:
+    """As the Trainer's model card: floats with more than 4 decimals are rounded to 4, others kept as written."""
+    text = str(value)
+    if isinstance(value, float) and "." in text and len(text.split(".")[1]) > decimals:
+        return f"{value:.{decimals}f}"
+    return text
+
+
+def render_table(rows: Sequence[Sequence[Any]], headers: Sequence[str] = HEADERS) -> str:
+    """The model card's markdown table: centred columns, each padded to its widest cell plus one space."""
+    cells = [[format_value(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "".join(f"| {v}" + " " * (w - len(v) + 1) for v, w in zip(values, widths, strict=True)) + "|\n"
+
+    return line(headers) + "".join(f"|:{'-' * w}:" for w in widths) + "|\n" + "".join(line(r) for r in cells)
+
+
+def parse_table(markdown: str) -> tuple[list[str], list[list[str]]]:
+    """The results table of a model card -> headers and rows of cell text (exactly as written)."""
+    lines = markdown.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("|") and "Validation Loss" in ln), None)
+    if start is None:
+        raise ValueError("no results table (a row with 'Validation Loss') in the model card")
+    block = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        block.append([cell.strip() for cell in ln.strip().strip("|").split("|")])
+    return block[0], block[2:]
+
+
+def rows_as_dicts(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
+    return [dict(zip(HEADERS, row.values(), strict=True)) for row in rows]
+
+
+def result_json(run: MergedRun, rows: Sequence[ResultRow]) -> dict[str, Any]:
+    final = rows[-1] if rows else None
+    return {
+        "rows": rows_as_dicts(rows),
+        "final": asdict(final) if final else None,
+        "best_wer": min((r.wer for r in rows), default=None),
+        "best_step": min(rows, key=lambda r: r.wer).step if rows else None,
+        "restarts": run.restarts,
+    }
+
+
+def collect_run(run_dir: str | Path) -> dict[str, Any]:
+    """Write results.{md,csv,json}, curves.png and final/README.md of one run; return its summary."""
+    from asrlaunch.card import model_card, plot_curves, write_results
+
+    run_dir = Path(run_dir)
+    run = read_run(run_dir)
+    rows = result_rows(run)
+    write_results(run_dir, run, rows)
+    plot_curves(run_dir / "curves.png", {run_dir.name: run})
+    name = run.meta[-1]["recipe"]["run"]["name"] if run.meta else run_dir.name
+    (run_dir / "final").mkdir(exist_ok=True)
+    (run_dir / "final" / "README.md").write_text(model_card(name, run, rows))
+    return {"run_dir": str(run_dir), **result_json(run, rows), "rows": rows, "run": run}
+
+
+def sweep_summary(results: Sequence[dict[str, Any]]) -> str:
+    """One row per sweep element: its overrides, final loss and WER, best WER and its step."""
+    rows = []
+    for result in results:
+        run: MergedRun = result["run"]
+        overrides = Path(result["run_dir"]).name
+        final = result["final"] or {}
+        rows.append(
+            (
+                overrides,
+                final.get("validation_loss", NO_LOG),
+                final.get("wer", NO_LOG),
+                result["best_wer"] if result["best_wer"] is not None else NO_LOG,
+                result["best_step"] if result["best_step"] is not None else NO_LOG,
+                len(run.restarts),
+            )
+        )
+    return render_table(rows, ("Run", "Validation Loss", "Wer", "Best Wer", "Best Step", "Restarts"))
+
+
+def compare_tables(reference: str, rows: Sequence[ResultRow]) -> str:
+    """The reference card's table beside ours, step by step, with the differences."""
+    headers, ref_rows = parse_table(reference)
+    ours = {row.step: row for row in rows}
+    step_col = headers.index("Step")
+    lines = [
+        f"{'Step':>6} | {'ref loss':>9} {'our loss':>9} {'diff':>9} | {'ref WER':>8} {'our WER':>8} {'diff':>8}"
+    ]
+    for ref in ref_rows:
+        step = int(ref[step_col])
+        ref_loss, ref_wer = float(ref[headers.index("Validation Loss")]), float(ref[headers.index("Wer")])
+        mine = ours.get(step)
+        if mine is None:
+            lines.append(
+                f"{step:>6} | {ref_loss:>9.4f} {'-':>9} {'-':>9} | {ref_wer:>8.4f} {'-':>8} {'-':>8}"
+            )
+            continue
+        lines.append(
+            f"{step:>6} | {ref_loss:>9.4f} {mine.validation_loss:>9.4f} "
+            f"{mine.validation_loss - ref_loss:>+9.4f} | {ref_wer:>8.4f} {mine.wer:>8.4f} "
+            f"{mine.wer - ref_wer:>+8.4f}"
+        )
+    extra = sorted(set(ours) - {int(r[step_col]) for r in ref_rows})
+    if extra:
+        lines.append(f"steps only in this run: {', '.join(map(str, extra))}")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""The launcher without a cluster: dry runs, sbatch text, sweeps, hostile input, no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.cluster import element_name, expand_sweep, resolve_runs, sbatch_text
+from asrlaunch.recipe import RecipeError, load_recipe
+
+from .conftest import PYTHON, RECIPES, ROOT, python_env
+
+SUBMIT = str(ROOT / "launch" / "submit.py")
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def submit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, SUBMIT, *args], capture_output=True, text=True, cwd=cwd, env=python_env(), timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    ("nodes", "gpus", "micro", "accum"),
+    [(1, 8, 4, 1), (2, 4, 4, 1), (4, 8, 1, 1), (1, 1, 32, 1)],
+)
+def test_dry_run_json_gives_the_plan(tmp_path: Path, nodes: int, gpus: int, micro: int, accum: int) -> None:
+    done = submit(
+        str(RECIPES / "timit32.yaml"),
+        f"cluster.nodes={nodes}",
+        f"cluster.gpus_per_node={gpus}",
+        "--dry-run",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["world_size"] == nodes * gpus
+    assert (plan["micro_batch"], plan["grad_accum"]) == (micro, accum)
+    assert (plan["steps_per_epoch"], plan["total_steps"]) == (145, 2900)
+    assert f"#SBATCH --nodes={nodes}" in plan["sbatch"]
+    assert f"#SBATCH --ntasks-per-node={gpus}" in plan["sbatch"]
+    assert f"#SBATCH --gpus-per-node={gpus}" in plan["sbatch"]
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_micro_batch_limit_becomes_accumulation(tmp_path: Path) -> None:
+    done = submit(
+        str(RECIPES / "timit32.yaml"), "train.max_micro_batch_size=8", "--dry-run", "--json", cwd=tmp_path
+    )
+    plan = json.loads(done.stdout)
+    assert (plan["world_size"], plan["micro_batch"], plan["grad_accum"]) == (1, 8, 4)
+
+
+def test_impossible_split_fails_with_the_clear_error(tmp_path: Path) -> None:
+    done = submit(str(RECIPES / "timit32.yaml"), "cluster.gpus_per_node=3", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "cannot be split evenly over 3 processes" in done.stderr
+    assert "1, 2, 4, 8, 16, 32" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_dry_run_text_shows_recipe_plan_script_and_run_dir(tmp_path: Path) -> None:
+    done = submit(str(RECIPES / "timit32.yaml"), "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "# resolved recipe" in text and "name_or_path: facebook/wav2vec2-base" in text
+    assert "global batch 32 = micro-batch 32 x grad accumulation 1 x world size 1" in text
+    assert "145 steps/epoch, 2900 steps (20.0 epochs), warmup 1000 steps (34.5%)" in text
+    assert "#!/bin/bash" in text and "runs/timit32" in text
+
+
+def test_launcher_never_imports_torch(tmp_path: Path) -> None:
+    probe = (
+        "import sys, runpy; sys.argv = ['submit.py', sys.argv[1], '--dry-run', '--json']\n"
+        "try:\n    runpy.run_path(sys.argv[0].replace('submit.py', '') + "
+        + repr(SUBMIT)
+        + ", run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'datasets', 'accelerate') if m in sys.modules]\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", probe, str(RECIPES / "timit32.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=python_env(),
+        timeout=60,
+    )
+    assert "HEAVY []" in done.stderr, done.stderr
+    assert json.loads(done.stdout)["world_size"] == 1
+
+
+def test_sbatch_text_matches_the_golden_file(tmp_path: Path) -> None:
+    recipe = load_recipe(
+        RECIPES / "timit32.yaml",
+        [
+            "cluster.nodes=2",
+            "cluster.gpus_per_node=4",
+            "cluster.partition=gpu",
+            "cluster.account=asr-team",
+            "cluster.extra_sbatch={exclusive: user}",
+        ],
+    )
+    text = sbatch_text(recipe, tmp_path / "submitit")
+    text = text.replace(str(tmp_path), "<RUN>").replace(sys.executable, "<PYTHON>")
+    golden = GOLDEN / "timit32_2x4.sbatch"
+    if not golden.exists():  # first run writes it; review and commit it
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_sweep_is_a_cross_product_with_one_dir_each() -> None:
+    assert expand_sweep(["train.lr=1e-4,3e-4", "train.seed=1,2"]) == [
+        ("train.lr=1e-4", "train.seed=1"),
+        ("train.lr=1e-4", "train.seed=2"),
+        ("train.lr=3e-4", "train.seed=1"),
+        ("train.lr=3e-4", "train.seed=2"),
+    ]
+    raw = {"data": {"dir": "x", "expected_train_size": 10}, "run": {"name": "sw"}}
+    specs = resolve_runs(raw, "t", [], ["train.lr=1e-4,3e-4", "train.seed=1,2"])
+    assert [str(s.run_dir) for s in specs] == [
+        "runs/sw/lr=1e-4_seed=1",
+        "runs/sw/lr=1e-4_seed=2",
+        "runs/sw/lr=3e-4_seed=1",
+        "runs/sw/lr=3e-4_seed=2",
+    ]
+    assert specs[3].recipe.train.lr == pytest.approx(3e-4) and specs[3].recipe.train.seed == 2
+    assert element_name(["run.name=a;b$(x)"]) == "name=a-b--x-"
+    with pytest.raises(RecipeError, match="must look like"):
+        expand_sweep(["train.lr"])
+
+
+def test_sweep_dry_run_shows_every_element_and_an_array(tmp_path: Path) -> None:
+    done = submit(
+        str(RECIPES / "smoke.yaml"),
+        "--sweep",
+        "train.lr=1e-3,3e-3",
+        "--sweep",
+        "train.seed=1,2",
+        "--dry-run",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert len(plan["runs"]) == 4
+    assert "#SBATCH --array=0-3%4" in plan["sbatch"]
+
+
+HOSTILE = [
+    "run.name=x;touch PWNED",
+    "run.name=$(touch PWNED)",
+    "run.name=`touch PWNED`",
+    "cluster.partition=debug\n#SBATCH --wrap=touch PWNED",
+    "cluster.account=a b",
+    "cluster.qos=$(touch PWNED)",
+    "cluster.extra_sbatch={comment: '$(touch PWNED)'}",
+    "cluster.extra_sbatch={'x;touch PWNED': y}",
+    "run.output_root=/tmp/$(touch PWNED)",
+    "cluster.constraint=a;touch PWNED",
+]
+
+
+@pytest.mark.parametrize("override", HOSTILE)
+def test_hostile_strings_are_refused_and_nothing_runs(tmp_path: Path, override: str) -> None:
+    done = submit(str(RECIPES / "smoke.yaml"), override, "--executor", "local", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "may only hold" in done.stderr or "not allowed" in done.stderr
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "runs").exists()
