@@ -39,4 +39,4 @@ bench: venv cluster
 	$(PY) bench/padding.py
 	$(PY) bench/launcher.py
 	$(PY) bench/train_step.py
-	$(PY) bench/collect.py
+	$(PY) bench/collect_logs.py

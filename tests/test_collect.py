@@ -9,7 +9,6 @@ import pytest
 
 from asrlaunch.collect import (
     MixedRunsError,
-    collect_run,
     merge_records,
     parse_table,
     read_run,

@@ -81,7 +81,8 @@ def test_launcher_never_imports_torch(tmp_path: Path) -> None:
         + repr(SUBMIT)
         + ", run_name='__main__')\n"
         "except SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'datasets', 'accelerate') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'transformers', 'deepspeed', 'datasets', 'accelerate')\n"
+        "         if m in sys.modules]\n"
         "print('HEAVY', heavy, file=sys.stderr)\n"
     )
     done = subprocess.run(

@@ -90,7 +90,7 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
 
 
 def read_run(run_dir: str | Path) -> MergedRun:
-    """Read every rank's log of a run; a rank that the meta records promise but that has no log is warned of."""
+    """Read every rank's log of a run; a rank the meta records promise but that has no log is warned of."""
     logs = sorted((Path(run_dir) / "logs").glob("rank*.jsonl"))
     if not logs:
         raise FileNotFoundError(f"{run_dir}: no logs/rank*.jsonl (is this a run directory?)")
@@ -135,7 +135,7 @@ def result_rows(run: MergedRun) -> list[ResultRow]:
 
 
 def format_value(value: Any, decimals: int = 4) -> str:
-    """As the Trainer's model card: floats with more than 4 decimals are rounded to 4, others kept as written."""
+    """As the Trainer's card: floats with more than 4 decimals are rounded to 4, others kept as written."""
     text = str(value)
     if isinstance(value, float) and "." in text and len(text.split(".")[1]) > decimals:
         return f"{value:.{decimals}f}"
@@ -223,7 +223,8 @@ def compare_tables(reference: str, rows: Sequence[ResultRow]) -> str:
     ours = {row.step: row for row in rows}
     step_col = headers.index("Step")
     lines = [
-        f"{'Step':>6} | {'ref loss':>9} {'our loss':>9} {'diff':>9} | {'ref WER':>8} {'our WER':>8} {'diff':>8}"
+        f"{'Step':>6} | {'ref loss':>9} {'our loss':>9} {'diff':>9} | "
+        f"{'ref WER':>8} {'our WER':>8} {'diff':>8}"
     ]
     for ref in ref_rows:
         step = int(ref[step_col])

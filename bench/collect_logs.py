@@ -1,7 +1,7 @@
 """Collector speed: 64 ranks x 3000 steps, logging every step (~200k lines), target under 2 s; and time per
 line from 10k to 1M lines (it should stay flat).
 
-    python bench/collect.py
+    python bench/collect_logs.py
 """
 
 from __future__ import annotations
