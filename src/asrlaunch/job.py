@@ -5,9 +5,13 @@ Pickled by the launcher (which must not import torch), so torch is imported only
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import submitit
+
+from asrlaunch.signals import JobInterrupted
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -18,5 +22,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         from asrlaunch.train import run_training
 
         path = Path(run_dir)
-        run_training(load_recipe(path / "recipe.yaml"), path)
+        try:
+            run_training(load_recipe(path / "recipe.yaml"), path)
+        except JobInterrupted as stopped:
+            print(str(stopped), file=sys.stderr, flush=True)
+            if not stopped.requeued:
+                raise
+            # Requeued: SLURM ends this task now. Returning normally could let the step end as COMPLETED.
+            time.sleep(300)
+            raise
         return run_dir

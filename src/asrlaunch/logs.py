@@ -25,6 +25,13 @@ def current_attempt() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
+def next_attempt(log: Path) -> int:
+    """The attempt number of a new start: one more than any in the log (a resubmitted job's restart count
+    starts again at 0), and never less than SLURM's restart count."""
+    seen = [r["attempt"] for r in read_records(log) if r["kind"] == "meta"] if log.exists() else []
+    return max(current_attempt(), max(seen) + 1 if seen else 0)
+
+
 def rank_log_path(run_dir: str | Path, rank: int) -> Path:
     return Path(run_dir) / "logs" / f"rank{rank}.jsonl"
 
