@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume on CPU: kill -9, torn and corrupt checkpoints, world-size change, finished runs."""
+"""Checkpoints and exact resume on CPU: kill -9, torn and corrupt checkpoints, world-size change, finished."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ class StopRequest:
             signal.signal(signum, self.handler)
 
 
-class JobInterrupted(RuntimeError):  # noqa: N818 (it is a state, not a fault)
+class JobInterrupted(RuntimeError):
     """Training stopped at a checkpoint because the job was signalled; it resumes from there."""
 
     def __init__(self, step: int, reason: str, requeued: bool) -> None:
