@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from asrlaunch.logs import read_run_logs
 from asrlaunch.status import TERMINAL, collect_status
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
@@ -152,3 +153,107 @@ def test_status_without_accounting_falls_back_to_squeue(tmp_path: Path, tones_co
         assert status.job.restarts == 0
     finally:
         subprocess.run(["bash", str(CLUSTER), "dbd-start"], check=True, capture_output=True)
+
+
+def last_train(run_dir: Path, attempt: int) -> int:
+    """The last step trained by `attempt`, from rank 0's log (0 if none yet)."""
+    from asrlaunch.logs import read_records
+
+    path = run_dir / "logs" / "rank0.jsonl"
+    if not path.exists():
+        return 0
+    steps = [r["step"] for r in read_records(path) if r["kind"] == "train" and r["attempt"] == attempt]
+    return max(steps, default=0)
+
+
+def wait_for_step(run_dir: Path, attempt: int, at_least: int, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        step = last_train(run_dir, attempt)
+        if step >= at_least:
+            return step
+        time.sleep(0.5)
+    raise AssertionError(f"attempt {attempt} did not reach step {at_least}: {collect_status([run_dir])}")
+
+
+def scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, tones_corpus: Path) -> None:
+    """A high-priority job, `scancel --signal=USR2` and a time limit each stop the job; it resumes each time."""
+    import torch
+    from safetensors.torch import load_file
+
+    overrides = [
+        "train.global_batch_size=8",
+        "train.max_micro_batch_size=8",
+        "train.max_steps=600",
+        "logging.steps=1",
+        "eval.steps=1000",
+        "checkpoint.save_steps=1000",
+    ]
+    straight = tmp_path / "straight"
+    done = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "asrlaunch.train",
+            str(RECIPES / "smoke.yaml"),
+            "--run-dir",
+            str(straight),
+            f"data.dir={tones_corpus}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "eval.at_start=false",
+            *overrides,
+        ],
+        env=python_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ((job_id, run_dir),) = launch(
+        tmp_path,
+        tones_corpus,
+        "run.name=preempted",
+        "cluster.partition=low",
+        "cluster.time_min=10",
+        "cluster.signal_delay_s=90",
+        *overrides,
+    )
+    # 1. preemption by a high-priority job that needs every node
+    wait_for_step(run_dir, 0, 3)
+    subprocess.run(
+        ["sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3"],
+        check=True,
+        capture_output=True,
+    )
+    # 2. a user signal, as `scancel --signal` delivers it
+    wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    # 3. a time limit 100 s away, so that the USR2@90 signal is due within seconds
+    wait_for_step(run_dir, 2, last_train(run_dir, 1) + 3)
+    elapsed = collect_status([run_dir])[0].job.elapsed
+    minutes, seconds = (int(x) for x in elapsed.split(":")[-2:])
+    limit = minutes * 60 + seconds + 100
+    scontrol("update", f"JobId={job_id}", f"TimeLimit=0:{limit // 60:02d}:{limit % 60:02d}")
+    deadline = time.monotonic() + 120
+    while "JobState=RUNNING" in scontrol("show", "job", job_id) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "JobState=RUNNING" not in scontrol("show", "job", job_id), "no time-limit signal came"
+    scontrol("update", f"JobId={job_id}", "TimeLimit=10")  # the requeued job gets its full limit back
+    states = wait_until_done([run_dir], timeout=400)
+    assert states[run_dir] == "COMPLETED"
+    assert "Restarts=3" in scontrol("show", "job", job_id)
+    events = [r for r in read_run_logs(run_dir) if r.get("event")]
+    assert [e["event"] for e in events] == ["preemption", "preemption", "timeout"]
+    assert all(e["requeued"] for e in events[1:])
+    a, b = (
+        load_file(str(straight / "final" / "model.safetensors")),
+        load_file(str(run_dir / "final" / "model.safetensors")),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metas = [r for r in read_run_logs(run_dir) if r["kind"] == "meta" and not r.get("event")]
+    assert [m["attempt"] for m in metas] == [0, 1, 2, 3]
+    assert [m["slurm_restart_count"] for m in metas] == [0, 1, 2, 3]

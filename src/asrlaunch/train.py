@@ -44,7 +44,8 @@ class Trainer:
         from asrlaunch.model import build_model, build_optimizer, build_scheduler
         from asrlaunch.runtime import default_cache_dir, ensure_corpus, make_accelerator
 
-        self.recipe, self.run_dir, self.stop = recipe, run_dir, stop or StopRequest()
+        self.recipe, self.run_dir = recipe, run_dir
+        self.stop = stop if stop is not None else StopRequest()  # falsy until signalled
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.batch_plan = plan_batch(recipe.train.global_batch_size, world, recipe.train.max_micro_batch_size)
         self.accelerator = accelerator = make_accelerator(recipe, world, self.batch_plan.grad_accum)
