@@ -115,6 +115,10 @@ def synthetic_run(run_dir: Path) -> None:
                     lines.append(train(step, attempt, rank))
                 if step in eval_steps and rank == 0:
                     lines.append(evaluation(step, attempt))
+            if attempt < 2:  # the stop event each interrupted attempt logs
+                lines.append({**meta(rank, attempt, None), "step": train_steps[-1], "event": "preemption"})
+                for key in ("plan", "recipe", "versions", "resumed_from"):
+                    lines[-1].pop(key)
         text = "".join(json.dumps(line) + "\n" for line in lines)
         if rank == 1:
             text += json.dumps(train(14, 2, 1))[:25]  # a writer killed mid-line

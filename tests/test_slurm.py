@@ -181,7 +181,7 @@ def scontrol(*args: str) -> str:
 
 
 def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, tones_corpus: Path) -> None:
-    """A high-priority job, `scancel --signal=USR2` and a time limit each stop the job; it resumes each time."""
+    """A high-priority job, `scancel --signal=USR2` and a time limit each stop it; it resumes every time."""
     import torch
     from safetensors.torch import load_file
 
@@ -257,3 +257,61 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     metas = [r for r in read_run_logs(run_dir) if r["kind"] == "meta" and not r.get("event")]
     assert [m["attempt"] for m in metas] == [0, 1, 2, 3]
     assert [m["slurm_restart_count"] for m in metas] == [0, 1, 2, 3]
+
+
+def test_cancelled_run_resumes_with_submit_resume_and_collects(tmp_path: Path, tones_corpus: Path) -> None:
+    """scancel kills a 2-task run between checkpoints; `submit.py --resume` finishes it; the collector's table
+    has one row per evaluation, the replayed steps counted once."""
+    ((job_id, run_dir),) = launch(
+        tmp_path,
+        tones_corpus,
+        "run.name=resumed",
+        "cluster.nodes=2",
+        "train.global_batch_size=8",
+        "train.max_micro_batch_size=4",
+        "train.max_steps=400",
+        "logging.steps=1",
+        "eval.steps=100",
+        "checkpoint.save_steps=10",
+    )
+    wait_for_step(run_dir, 0, 14)
+    subprocess.run(["scancel", job_id], check=True)
+    wait_until_done([run_dir])
+    killed_at = last_train(run_dir, 0)
+    done = subprocess.run(
+        [PYTHON, SUBMIT, "--resume", str(run_dir), "--executor", "slurm", "--wait"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=python_env(),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "COMPLETED" in done.stdout
+    (status,) = collect_status([run_dir])
+    assert status.job_id != job_id and status.step == 400
+    assert [a for a, _ in status.starts] == [0, 1]
+    resumed_at = status.starts[-1][1]
+    assert resumed_at % 10 == 0 and 10 <= resumed_at <= killed_at < 400
+    shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
+    assert "COMPLETED" in shown.stdout and f" {resumed_at} " in shown.stdout
+
+    collected = subprocess.run(
+        [PYTHON, str(ROOT / "launch" / "collect.py"), str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        timeout=120,
+    )
+    assert collected.returncode == 0, collected.stderr
+    result = json.loads((run_dir / "results.json").read_text())
+    steps = [row["Step"] for row in result["rows"]]
+    assert steps == [100, 200, 300, 400]
+    assert result["restarts"] == [resumed_at]
+    csv_rows = (run_dir / "results.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[2]) for line in csv_rows] == steps
+    card = (run_dir / "final" / "README.md").read_text()
+    assert (run_dir / "results.md").read_text() in card
+    assert f"- Wer: {result['final']['wer']}" in card or f"value: {result['final']['wer']}" in card
+    assert "- num_devices: 2" in card and "- attempts: 2" in card and "- nodes: 2" in card
+    assert (run_dir / "curves.png").stat().st_size > 10_000

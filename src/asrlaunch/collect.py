@@ -46,12 +46,17 @@ def _identity(meta: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def is_start(record: dict[str, Any]) -> bool:
+    """The meta record a rank writes when it starts (stop events are meta records too)."""
+    return record["kind"] == "meta" and not record.get("event")
+
+
 def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
     """Merge the records of all ranks and attempts of one run (see the module docstring)."""
     by_attempt: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_attempt[int(record.get("attempt", 0))].append(record)
-    metas = [r for r in (rec for recs in by_attempt.values() for rec in recs) if r["kind"] == "meta"]
+    metas = [r for recs in by_attempt.values() for r in recs if is_start(r)]
     if len({_identity(m) for m in metas}) > 1:
         names = sorted({str(m.get("recipe", {}).get("run", {}).get("name")) for m in metas})
         raise MixedRunsError(
@@ -66,7 +71,7 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
         recs = by_attempt[attempt]
         times = [float(r["time"]) for r in recs]
         wall += max(times) - min(times)
-        starts = [r.get("resumed_from") or 0 for r in recs if r["kind"] == "meta"]
+        starts = [r.get("resumed_from") or 0 for r in recs if is_start(r)]
         start = min(starts) if starts else min(r["step"] for r in recs) - 1
         if attempt != min(by_attempt):
             restarts.append(start)

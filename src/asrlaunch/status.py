@@ -47,7 +47,9 @@ class RunStatus:
     loss: float | None = None
     wer: float | None = None
     samples_per_s: float | None = None
-    attempts: list[int] = field(default_factory=list)
+    # (attempt, step it started from) for every start of rank 0, and the stop events (timeout, preemption)
+    starts: list[tuple[int, int]] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
 
     @property
     def eta_s(self) -> float | None:
@@ -177,8 +179,20 @@ def progress_from_logs(status: RunStatus) -> None:
         elif record.get("kind") == "eval":
             status.wer = record.get("wer")
             status.step = max(status.step or 0, record["step"])
-        elif record.get("kind") == "meta" and record.get("attempt") not in status.attempts:
-            status.attempts.append(record.get("attempt", 0))
+    for meta in meta_records(status.run_dir / "logs" / "rank0.jsonl"):
+        if meta.get("event"):
+            status.stops.append(meta["event"])
+        else:
+            status.starts.append((meta.get("attempt", 0), meta.get("resumed_from") or 0))
+
+
+def meta_records(path: Path) -> list[dict[str, Any]]:
+    """Only the meta records of a log (cheap: other lines are not parsed)."""
+    try:
+        with path.open("rb") as file:
+            return [json.loads(line) for line in file if line.startswith(b'{"kind": "meta"')]
+    except (OSError, ValueError):
+        return []
 
 
 def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
@@ -228,6 +242,7 @@ HEADER = (
     "NODES",
     "ELAPSED",
     "RESTARTS",
+    "RESUMED AT",
     "STEP",
     "EPOCH",
     "LOSS",
@@ -249,6 +264,7 @@ def format_table(statuses: Sequence[RunStatus]) -> str:
                 s.job.nodes or "-",
                 s.job.elapsed or "-",
                 _fmt(s.job.restarts),
+                ",".join(str(start) for _, start in s.starts[1:]) or "-",
                 step,
                 _fmt(s.epoch, ".2f"),
                 _fmt(s.loss, ".4f"),
