@@ -40,3 +40,4 @@ bench: venv cluster
 	$(PY) bench/launcher.py
 	$(PY) bench/train_step.py
 	$(PY) bench/collect_logs.py
+	$(PY) bench/checkpoint.py
