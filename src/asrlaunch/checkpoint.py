@@ -115,8 +115,8 @@ def prune(checkpoints: Path, keep_last: int) -> None:
     complete = [p for _, p in list_checkpoints(checkpoints) if (p / MANIFEST).exists()]
     for folder in complete[keep_last:]:
         shutil.rmtree(folder, ignore_errors=True)
-    for partial in checkpoints.glob(".step-*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
+    for stale in [*checkpoints.glob(".step-*.partial"), *checkpoints.glob(".universal-step-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_state(folder: Path) -> dict[str, Any]:
@@ -140,3 +140,54 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
         prune(checkpoints, keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def peek_world_size(checkpoints: Path) -> int | None:
+    """The world size of the newest checkpoint that has a manifest (read only, no verification)."""
+    for _, folder in list_checkpoints(checkpoints):
+        if (folder / MANIFEST).exists():
+            try:
+                return int(json.loads((folder / MANIFEST).read_text()).get("world_size", 0)) or None
+            except ValueError:
+                continue
+    return None
+
+
+def to_universal(folder: Path) -> Path:
+    """A ZeRO checkpoint converted to DeepSpeed's universal format, loadable on any world size.
+
+    Written beside the checkpoint (`.universal-step-NNNNNN/`, the same layout as accelerate's save_state:
+    `pytorch_model/` plus the scheduler and RNG files), so that the verified checkpoint stays untouched.
+    """
+    import subprocess
+    import sys
+
+    target = folder.parent / f".universal-{folder.name}"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(folder / "pytorch_model"),
+            "--output_folder",
+            str(target / "pytorch_model"),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode:
+        raise CheckpointError(
+            f"{folder}: conversion to DeepSpeed's universal format failed:\n{done.stderr[-2000:]}"
+        )
+    for path in folder.iterdir():
+        if path.is_file() and path.name not in (MANIFEST, "latest"):
+            shutil.copy(path, target / path.name)
+    return target

@@ -86,6 +86,8 @@ class DataSection(_Section):
 
 class TrainSection(_Section):
     backend: Literal["ddp", "deepspeed"] = "ddp"
+    # ZeRO stage of the deepspeed backend (optimizer state, then gradients, partitioned over ranks).
+    zero_stage: Literal[1, 2] = 2
     global_batch_size: int = Field(32, ge=1)
     max_micro_batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from asrlaunch.plan import BatchPlan
 from asrlaunch.recipe import Recipe
 
 
@@ -63,20 +64,81 @@ def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
         generate_corpus(data_dir, spec.train, spec.test, engine=spec.engine, seed=spec.seed)
 
 
-def make_accelerator(recipe: Recipe, world_size: int, grad_accum: int) -> Any:
+def deepspeed_config(
+    recipe: Recipe, plan: BatchPlan, precision: str, universal: bool = False
+) -> dict[str, Any]:
+    """The batch plan passed through as DeepSpeed's micro-batch and accumulation; small buckets, because
+    the default 5e8-element buckets cost seconds per step on CPU."""
+    return {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": recipe.train.max_grad_norm or 0.0,
+        "zero_optimization": {
+            "stage": recipe.train.zero_stage,
+            "reduce_bucket_size": 5e5,
+            "allgather_bucket_size": 5e5,
+        },
+        "fp16": {"enabled": precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW: no FusedAdam build
+        "steps_per_print": 10**9,
+        # Resuming on another world size: ZeRO shards are loaded from the universal (unsharded) format.
+        "checkpoint": {"load_universal": universal},
+    }
+
+
+def single_process_environment() -> None:
+    """DeepSpeed always needs a process group: give a launcher-less single process a world of one."""
+    if "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(
+        {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+
+
+def make_accelerator(recipe: Recipe, plan: BatchPlan, universal: bool = False) -> Any:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+    from accelerate.utils import (
+        DeepSpeedPlugin,
+        DistributedDataParallelKwargs,
+        GradientAccumulationPlugin,
+        InitProcessGroupKwargs,
+    )
 
     on_cpu = not torch.cuda.is_available()
+    precision = "no" if on_cpu else recipe.train.mixed_precision
+    handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=_needs_unused(recipe))]
+    deepspeed = None
+    if recipe.train.backend == "deepspeed":
+        single_process_environment()
+        if on_cpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else accelerate and DeepSpeed disagree
+        deepspeed = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, plan, precision, universal))
+    world_size = plan.world_size
     accelerator = Accelerator(
-        cpu=on_cpu,
-        mixed_precision="no" if on_cpu else recipe.train.mixed_precision,
+        cpu=on_cpu and deepspeed is None,
+        mixed_precision=precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=grad_accum, sync_with_dataloader=False
+            num_steps=plan.grad_accum, sync_with_dataloader=False
         ),
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_needs_unused(recipe))],
+        kwargs_handlers=handlers,
+        deepspeed_plugin=deepspeed,
     )
     if accelerator.num_processes != world_size:
         raise RuntimeError(

@@ -48,7 +48,9 @@ class Trainer:
         self.stop = stop if stop is not None else StopRequest()  # falsy until signalled
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.batch_plan = plan_batch(recipe.train.global_batch_size, world, recipe.train.max_micro_batch_size)
-        self.accelerator = accelerator = make_accelerator(recipe, world, self.batch_plan.grad_accum)
+        saved_world = checkpoint.peek_world_size(self.checkpoints)
+        self.universal = recipe.train.backend == "deepspeed" and saved_world not in (None, world)
+        self.accelerator = accelerator = make_accelerator(recipe, self.batch_plan, self.universal)
         self.rank = accelerator.process_index
         with accelerator.main_process_first():
             ensure_corpus(recipe, accelerator.is_main_process)
@@ -92,7 +94,16 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------
     def _resume(self, folder: Path) -> int:
         """Load model, optimizer, scheduler, scaler and RNG; the data position is the step itself."""
-        self.accelerator.load_state(str(folder))
+        source = folder
+        if self.universal:  # ZeRO shards of another world size: convert once, on rank 0
+            source = folder.parent / f".universal-{folder.name}"
+            if self.accelerator.is_main_process:
+                checkpoint.to_universal(folder)
+            self.accelerator.wait_for_everyone()
+        self.accelerator.load_state(str(source))
+        # accelerate restores its micro-step counter, which is only right for the accumulation it was saved
+        # with; checkpoints are taken on optimizer-step boundaries, so on any world size it restarts at 0.
+        self.accelerator.step = 0
         state = checkpoint.read_state(folder)
         self.nonfinite_total = state["nonfinite_total"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
@@ -161,7 +172,10 @@ class Trainer:
     def _update(self) -> float:
         """Clip, step (unless the gradients are not finite) and schedule; all ranks agree after all-reduce."""
         limit = self.recipe.train.max_grad_norm or float("inf")
-        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
+        norm = self.accelerator.clip_grad_norm_(
+            self.model.parameters(), limit
+        )  # DeepSpeed: it clipped itself
+        norm = float("nan") if norm is None else float(norm)
         finite = bool(np.isfinite(norm))
         if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips overflowing steps itself
             self.optimizer.step()
