@@ -243,3 +243,22 @@ def test_collect_writes_table_csv_json_card_and_plot(tmp_path: Path) -> None:
     ):
         assert expected in card, expected
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_root_gets_a_summary_and_a_comparison_plot(tmp_path: Path) -> None:
+    for element in ("lr=1e-4", "lr=3e-4"):
+        synthetic_run(tmp_path / "sweep" / element)
+    done = __import__("subprocess").run(
+        [PYTHON, str(ROOT / "launch" / "collect.py"), str(tmp_path / "sweep")],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
+    headers = [cell.strip() for cell in summary[0].split("|")[1:-1]]
+    assert headers == ["Run", "Validation Loss", "Wer", "Best Wer", "Best Step", "Restarts"]
+    assert summary[2].startswith("| lr=1e-4 ") and "0.2002" in summary[2] and "| 16 " in summary[2]
+    assert (tmp_path / "sweep" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "sweep" / "lr=3e-4" / "results.md").exists()

@@ -175,3 +175,51 @@ def test_hostile_strings_are_refused_and_nothing_runs(tmp_path: Path, override: 
     assert "may only hold" in done.stderr or "not allowed" in done.stderr
     assert not (tmp_path / "PWNED").exists()
     assert not (tmp_path / "runs").exists()
+
+
+def test_torch_environment_of_a_slurm_task() -> None:
+    from asrlaunch.distenv import master_port, torch_env_from_slurm
+
+    environ = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "8",
+        "SLURM_NTASKS_PER_NODE": "4(x2)",
+        "SLURM_JOB_NODELIST": "gpu[07-08]",
+    }
+    env = torch_env_from_slurm(environ, resolve_address=lambda nodelist: f"10.0.0.7 for {nodelist}")
+    assert env == {
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "10.0.0.7 for gpu[07-08]",
+        "MASTER_PORT": str(master_port("4242")),
+    }
+    array = torch_env_from_slurm(
+        {**environ, "SLURM_ARRAY_JOB_ID": "100", "SLURM_ARRAY_TASK_ID": "3"}, resolve_address=lambda _: "x"
+    )
+    assert array["MASTER_PORT"] != env["MASTER_PORT"]  # array elements sharing a node need their own port
+    assert 20000 <= int(env["MASTER_PORT"]) < 40000
+
+
+def test_local_executor_runs_a_job_to_completion(tmp_path: Path, tones_corpus: Path) -> None:
+    done = submit(
+        str(RECIPES / "smoke.yaml"),
+        f"data.dir={tones_corpus}",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "train.max_steps=2",
+        "eval.at_start=false",
+        "--executor",
+        "local",
+        "--wait",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted local job" in done.stdout and "COMPLETED: runs/smoke" in done.stdout
+    assert (tmp_path / "runs" / "smoke" / "final" / "model.safetensors").exists()
+    again = submit(
+        str(RECIPES / "smoke.yaml"), f"data.dir={tones_corpus}", "--executor", "local", cwd=tmp_path
+    )
+    assert again.returncode == 2 and "holds a run already" in again.stderr

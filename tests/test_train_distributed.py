@@ -110,3 +110,32 @@ def test_two_process_run_writes_both_rank_logs_and_the_final_model(
         json.loads((final / "vocab.json").read_text())
     )
     assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
+
+
+def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    command = [
+        PYTHON,
+        "-m",
+        "asrlaunch.train",
+        str(RECIPES / "smoke.yaml"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        f"data.dir={tones_corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.lr=1e12",
+        "train.warmup_steps=0",
+        "train.max_grad_norm=null",
+        "train.max_consecutive_nonfinite=3",
+        "train.max_steps=40",
+        "logging.steps=1",
+        "eval.at_start=false",
+    ]
+    done = subprocess.run(
+        command, env=python_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0
+    assert "TrainingDivergedError: 3 optimizer steps in a row had non-finite gradients" in done.stderr
+    records = [r for r in read_run_logs(tmp_path / "run") if r["kind"] == "train"]
+    assert records and records[-1]["nonfinite_skipped"] >= 2

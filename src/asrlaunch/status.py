@@ -139,16 +139,26 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     return states
 
 
+def _process_alive(pid: int) -> bool:
+    """A live process; a zombie (ended, not yet reaped by the launcher that started it) counts as ended."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def local_state(job_id: str, run_dir: Path) -> JobState:
     """submitit's local executor: the job id is the process id."""
-    try:
-        os.kill(int(job_id), 0)
+    if job_id.isdigit() and _process_alive(int(job_id)):
         return JobState("RUNNING", "localhost", source="process")
-    except (ProcessLookupError, ValueError):
-        finished = (run_dir / "final" / "config.json").exists()
-        return JobState("COMPLETED" if finished else "FAILED", "localhost", source="process")
-    except PermissionError:
-        return JobState("RUNNING", "localhost", source="process")
+    finished = (run_dir / "final" / "trainer_state.json").exists()
+    return JobState("COMPLETED" if finished else "FAILED", "localhost", source="process")
 
 
 def tail_records(path: Path) -> list[dict[str, Any]]:
@@ -243,6 +253,7 @@ HEADER = (
     "ELAPSED",
     "RESTARTS",
     "RESUMED AT",
+    "STOPS",
     "STEP",
     "EPOCH",
     "LOSS",
@@ -250,6 +261,12 @@ HEADER = (
     "SAMPLES/S",
     "ETA",
 )
+
+
+def stop_summary(stops: Sequence[str]) -> str:
+    """`preemption x2, timeout x1`: timeouts and preemptions are counted apart."""
+    counts = {kind: stops.count(kind) for kind in dict.fromkeys(stops)}
+    return ", ".join(f"{kind} x{count}" for kind, count in counts.items()) or "-"
 
 
 def format_table(statuses: Sequence[RunStatus]) -> str:
@@ -265,6 +282,7 @@ def format_table(statuses: Sequence[RunStatus]) -> str:
                 s.job.elapsed or "-",
                 _fmt(s.job.restarts),
                 ",".join(str(start) for _, start in s.starts[1:]) or "-",
+                stop_summary(s.stops),
                 step,
                 _fmt(s.epoch, ".2f"),
                 _fmt(s.loss, ".4f"),
