@@ -25,7 +25,7 @@ cluster-stop:
 	bash slurm/cluster.sh stop
 
 demo: venv cluster   ## the smoke recipe on the local SLURM cluster, waiting for its end
-	$(PY) launch/submit.py recipes/smoke.yaml --wait
+	$(PY) launch/submit.py recipes/smoke.yaml run.name=smoke-$$(date +%Y%m%d-%H%M%S) --wait
 
 lint: venv
 	$(PY) -m ruff check .

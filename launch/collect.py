@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             print(render_table([row.values() for row in result["rows"]]))
             print(f"wrote {run_dir}/results.md, results.csv, results.json, curves.png, final/README.md\n")
             if args.compare:
-                print(compare_tables(Path(args.compare).read_text(), result["rows"]) + "\n")
+                try:
+                    print(compare_tables(Path(args.compare).read_text(), result["rows"]) + "\n")
+                except (OSError, ValueError) as error:
+                    print(f"error: --compare {args.compare}: {error}", file=sys.stderr)
+                    return 2
         if len(run_dirs) > 1 and results:
             summary = sweep_summary(results)
             (path / "summary.md").write_text(summary)

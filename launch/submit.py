@@ -15,8 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from asrlaunch.cluster import (
     RunSpec,
     SubmitError,
@@ -25,10 +23,12 @@ from asrlaunch.cluster import (
     resolve_runs,
     sbatch_text,
     submit,
+    submitit_folder,
     wait_for,
 )
 from asrlaunch.plan import BatchPlanError
-from asrlaunch.recipe import RecipeError
+from asrlaunch.recipe import RecipeError, read_recipe_file
+from asrlaunch.status import TERMINAL, collect_status
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
 
@@ -75,20 +75,27 @@ def load_specs(args: argparse.Namespace) -> list[RunSpec]:
         recipe_file = run_dir / "recipe.yaml"
         if not recipe_file.exists():
             raise SubmitError(f"{run_dir} is not a run directory (no recipe.yaml)")
-        specs = resolve_runs(yaml.safe_load(recipe_file.read_text()), str(recipe_file), args.overrides, [])
+        if args.sweep:
+            raise SubmitError("--resume continues one run; it takes no --sweep")
+        ensure_stopped(run_dir)
+        specs = resolve_runs(read_recipe_file(recipe_file), str(recipe_file), args.overrides, [])
         return [RunSpec(specs[0].recipe, specs[0].overrides, run_dir)]
     path = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
-    if not path.exists():
-        raise RecipeError(f"{path}: recipe file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
-    return resolve_runs(raw, str(path), args.overrides, args.sweep)
+    return resolve_runs(read_recipe_file(path), str(path), args.overrides, args.sweep)
+
+
+def ensure_stopped(run_dir: Path) -> None:
+    """Two jobs must never write one run: --resume waits until the run's last job has ended."""
+    (status,) = collect_status([run_dir])
+    if status.job_id and status.job.state not in TERMINAL and status.job.state != "UNKNOWN":
+        raise SubmitError(
+            f"{run_dir}: its job {status.job_id} is {status.job.state}; cancel it "
+            f"(scancel {status.job_id}) or let it finish before --resume"
+        )
 
 
 def dry_run(specs: list[RunSpec], as_json: bool) -> None:
-    folder = specs[0].run_dir / "submitit" if len(specs) == 1 else specs[0].run_dir.parent / "submitit"
-    script = sbatch_text(specs[0].recipe, folder, len(specs))
+    script = sbatch_text(specs[0].recipe, submitit_folder(specs), len(specs))
     runs = [
         {"run_dir": str(s.run_dir), "overrides": list(s.overrides), **plan_for(s.recipe).to_dict()}
         for s in specs

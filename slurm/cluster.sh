@@ -142,8 +142,11 @@ start_accounting() {
 
 wait_idle() {
   for _ in $(seq 150); do
-    states=$(sinfo -h -N -o '%T' 2>/dev/null | sort -u | tr '\n' ' ')
-    [ "$states" = "idle " ] && { log "up: ${#NODES[@]} nodes idle ($DIR)"; return 0; }
+    # up: every node answers (idle, or running jobs already), none unknown, down or drained
+    states=$(sinfo -h -N -o '%T' 2>/dev/null | sort -u)
+    if [ -n "$states" ] && ! grep -qvE '^(idle|mixed|allocated|completing)$' <<<"$states"; then
+      log "up: ${#NODES[@]} nodes ($(tr '\n' ' ' <<<"$states")) in $DIR"; return 0
+    fi
     sleep 0.2
   done
   log "nodes did not become idle: $(sinfo -N 2>&1)"; return 1

@@ -28,3 +28,30 @@ def python_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def engine_command(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> list[str]:
+    """The engine on the smoke recipe as users start it: plain Python for one process, torchrun (gloo) for
+    more; the corpus cache lives beside the run directory."""
+    launcher = (
+        [PYTHON]
+        if processes == 1
+        else [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+        ]
+    )
+    return [
+        *launcher,
+        "-m",
+        "asrlaunch.train",
+        str(RECIPES / "smoke.yaml"),
+        "--run-dir",
+        str(run_dir),
+        f"data.dir={corpus}",
+        f"data.cache_dir={run_dir.parent / 'cache'}",
+        *overrides,
+    ]

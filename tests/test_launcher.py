@@ -223,3 +223,17 @@ def test_local_executor_runs_a_job_to_completion(tmp_path: Path, tones_corpus: P
         str(RECIPES / "smoke.yaml"), f"data.dir={tones_corpus}", "--executor", "local", cwd=tmp_path
     )
     assert again.returncode == 2 and "holds a run already" in again.stderr
+
+
+def test_dry_run_works_off_the_cluster(tmp_path: Path) -> None:
+    """No srun, no sinfo on PATH (a laptop): the plan and the sbatch script still show."""
+    done = subprocess.run(
+        [PYTHON, SUBMIT, str(RECIPES / "timit32.yaml"), "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        env=python_env(PATH=str(Path(PYTHON).parent)),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "srun --unbuffered" in json.loads(done.stdout)["sbatch"]

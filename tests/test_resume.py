@@ -15,7 +15,7 @@ from asrlaunch import checkpoint
 from asrlaunch.collect import merge_records
 from asrlaunch.logs import read_run_logs
 
-from .conftest import PYTHON, RECIPES, python_env
+from .conftest import engine_command, python_env
 
 pytestmark = pytest.mark.slow
 DROPOUT_ON = (
@@ -29,20 +29,10 @@ DROPOUT_ON = (
 
 
 def command(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> list[str]:
-    launcher = (
-        [PYTHON]
-        if processes == 1
-        else [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    )
-    return [
-        *launcher,
-        "-m",
-        "asrlaunch.train",
-        str(RECIPES / "smoke.yaml"),
-        "--run-dir",
-        str(run_dir),
-        f"data.dir={corpus}",
-        f"data.cache_dir={run_dir.parent / 'cache'}",
+    return engine_command(
+        run_dir,
+        corpus,
+        processes,
         "train.max_steps=12",
         "train.max_micro_batch_size=4",
         "checkpoint.save_steps=5",
@@ -52,7 +42,7 @@ def command(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> lis
         "eval.steps=100",
         "eval.at_start=false",
         *overrides,
-    ]
+    )
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:

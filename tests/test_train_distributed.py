@@ -10,38 +10,22 @@ import pytest
 
 from asrlaunch.logs import read_run_logs
 
-from .conftest import PYTHON, RECIPES, python_env
+from .conftest import engine_command, python_env
 
 pytestmark = pytest.mark.slow
 
 
 def train(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> list[dict]:
     """Run the engine as users do: plain Python for one process, torchrun (gloo) for more."""
-    launcher = (
-        [PYTHON]
-        if processes == 1
-        else [
-            PYTHON,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={processes}",
-        ]
-    )
-    command = [
-        *launcher,
-        "-m",
-        "asrlaunch.train",
-        str(RECIPES / "smoke.yaml"),
-        "--run-dir",
-        str(run_dir),
-        f"data.dir={corpus}",
-        f"data.cache_dir={run_dir.parent / 'cache'}",
+    command = engine_command(
+        run_dir,
+        corpus,
+        processes,
         "train.max_micro_batch_size=4",
         "logging.sample_ids=true",
         "eval.at_start=false",
         *overrides,
-    ]
+    )
     done = subprocess.run(
         command, env=python_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
     )
@@ -115,15 +99,10 @@ def test_two_process_run_writes_both_rank_logs_and_the_final_model(
 def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(
     tmp_path: Path, tones_corpus: Path
 ) -> None:
-    command = [
-        PYTHON,
-        "-m",
-        "asrlaunch.train",
-        str(RECIPES / "smoke.yaml"),
-        "--run-dir",
-        str(tmp_path / "run"),
-        f"data.dir={tones_corpus}",
-        f"data.cache_dir={tmp_path / 'cache'}",
+    command = engine_command(
+        tmp_path / "run",
+        tones_corpus,
+        1,
         "train.lr=1e12",
         "train.warmup_steps=0",
         "train.max_grad_norm=null",
@@ -131,7 +110,7 @@ def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(
         "train.max_steps=40",
         "logging.steps=1",
         "eval.at_start=false",
-    ]
+    )
     done = subprocess.run(
         command, env=python_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
     )

@@ -132,9 +132,8 @@ The following hyperparameters were used during training:
 
 
 def usage(run: MergedRun) -> dict[str, float]:
-    """Wall time of all attempts, and device hours (world size x wall time)."""
-    world = max((m.get("world_size", 1) for m in run.meta), default=1)
-    return {"wall_time_s": run.wall_time_s, "device_hours": world * run.wall_time_s / 3600}
+    """Wall time of all attempts, and device hours (each attempt's world size x its wall time)."""
+    return {"wall_time_s": run.wall_time_s, "device_hours": run.device_seconds / 3600}
 
 
 def write_results(run_dir: Path, run: MergedRun, rows: Sequence[ResultRow]) -> None:

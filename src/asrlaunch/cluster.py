@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from asrlaunch.plan import StepPlan, plan_batch, plan_steps
-from asrlaunch.recipe import SAFE_NAME, Recipe, RecipeError, merge, parse_overrides, recipe_from_dict
+from asrlaunch.recipe import Recipe, RecipeError, merge, parse_overrides, recipe_from_dict
 
 EXECUTORS = ("auto", "slurm", "local")
 
@@ -66,15 +67,23 @@ def expand_sweep(sweeps: Sequence[str]) -> list[tuple[str, ...]]:
         key, sep, values = sweep.partition("=")
         if not sep or not key or not values:
             raise RecipeError(f"sweep {sweep!r} must look like section.key=v1,v2 (e.g. train.lr=1e-4,3e-4)")
+        if key.startswith(("cluster.", "run.")):
+            raise RecipeError(
+                f"sweep over {key}: the elements of a job array share one job shape and one "
+                "sweep root; submit separate runs instead"
+            )
         axes.append([f"{key}={value}" for value in values.split(",")])
     return [tuple(combo) for combo in itertools.product(*axes)] if axes else [()]
 
 
 def element_name(overrides: Sequence[str]) -> str:
-    """A directory name for one sweep element: `lr=0.0003_seed=2`; only safe characters survive."""
-    parts = [item.split(".")[-1] for item in overrides]
+    """A directory name for one sweep element: `lr=0.0003_seed=2`; other characters become `-`."""
+    parts = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parts.append(f"{key.split('.')[-1]}={value}")
     name = "_".join(parts) or "run"
-    return "".join(c if SAFE_NAME.match(c) or c in "=_" else "-" for c in name)
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)
 
 
 def resolve_runs(
@@ -88,6 +97,12 @@ def resolve_runs(
         root = Path(recipe.run.output_root) / recipe.run.name
         run_dir = root / element_name(element) if sweeps else root
         specs.append(RunSpec(recipe, (*overrides, *element), run_dir))
+    names = [spec.run_dir for spec in specs]
+    if len(set(names)) != len(names):
+        raise RecipeError(
+            f"sweep elements share a directory name ({', '.join(map(str, names))}): "
+            "use values that differ in more than punctuation"
+        )
     return specs
 
 
@@ -96,7 +111,8 @@ def plan_for(recipe: Recipe, train_samples: int | None = None) -> StepPlan:
     batch = plan_batch(
         recipe.train.global_batch_size, recipe.cluster.world_size, recipe.train.max_micro_batch_size
     )
-    samples = train_samples or recipe.data.expected_train_size or recipe.data.max_train_samples
+    known = [n for n in (recipe.data.expected_train_size, recipe.data.max_train_samples) if n is not None]
+    samples = train_samples or (min(known) if known else None)
     if samples is None:
         raise RecipeError("data.expected_train_size: set it (TIMIT: 4620) so the launcher can plan the steps")
     return plan_steps(batch, samples, recipe.train.epochs, recipe.train.warmup_steps, recipe.train.max_steps)
@@ -143,15 +159,27 @@ def make_executor(kind: str, folder: Path, recipe: Recipe, array_size: int = 1) 
 
 
 def sbatch_text(recipe: Recipe, folder: Path, array_size: int = 1) -> str:
-    """The exact sbatch script submitit would submit for this recipe (the dry-run shows it)."""
-    executor = make_executor("slurm", folder, recipe, array_size)._executor
+    """The exact sbatch script submitit would submit for this recipe (the dry-run shows it).
+
+    Rendered by submitit's own SlurmExecutor, told that srun exists, so a dry run works off the cluster too.
+    """
+    from submitit.slurm.slurm import SlurmExecutor
+
+    class Preview(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 2
+
+    executor = Preview(folder, max_num_timeout=recipe.cluster.max_requeues)
+    generic = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe).items()}
+    executor.update_parameters(**executor._convert_parameters(generic), array_parallelism=max(1, array_size))
     if array_size > 1:
         executor.parameters["map_count"] = array_size
     return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
 
 
 def prepare_run_dir(spec: RunSpec, plan: StepPlan, resume: bool = False) -> None:
-    """Create the run directory with the resolved recipe and plan; never overwrite another run's."""
+    """Create the run directory with the resolved recipe and plan (submit() checked it is free)."""
     recipe_file = spec.run_dir / "recipe.yaml"
     if recipe_file.exists() and not resume:
         raise SubmitError(
@@ -175,23 +203,45 @@ def record_job(run_dir: Path, job_id: str, executor: str, overrides: Sequence[st
 
 
 def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tuple[RunSpec, str]]:
-    """Submit the runs: one job, or one job array for a sweep. Returns (run, job id) pairs."""
+    """Submit the runs: one job, or one job array for a sweep. Returns (run, job id) pairs.
+
+    Everything is checked before the first directory is written; if the submission itself fails, the
+    directories it created are removed again, so the same command can simply be repeated.
+    """
     from asrlaunch.job import TrainJob
 
     plans = [plan_for(spec.recipe) for spec in specs]
-    for spec, plan in zip(specs, plans, strict=True):
-        prepare_run_dir(spec, plan, resume)
-    folder = specs[0].run_dir / "submitit" if len(specs) == 1 else specs[0].run_dir.parent / "submitit"
-    executor = make_executor(kind, folder, specs[0].recipe, len(specs))
-    run_dirs = [str(spec.run_dir.resolve()) for spec in specs]
-    jobs = (
-        executor.map_array(TrainJob(), run_dirs)
-        if len(specs) > 1
-        else [executor.submit(TrainJob(), run_dirs[0])]
-    )
+    for spec in specs:
+        if (spec.run_dir / "recipe.yaml").exists() and not resume:
+            raise SubmitError(
+                f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
+                "or continue it with --resume"
+            )
+    created = [spec.run_dir for spec in specs if not spec.run_dir.exists()]
+    try:
+        for spec, plan in zip(specs, plans, strict=True):
+            prepare_run_dir(spec, plan, resume)
+        executor = make_executor(kind, submitit_folder(specs), specs[0].recipe, len(specs))
+        run_dirs = [str(spec.run_dir.resolve()) for spec in specs]
+        jobs = (
+            executor.map_array(TrainJob(), run_dirs)
+            if len(specs) > 1
+            else [executor.submit(TrainJob(), run_dirs[0])]
+        )
+    except Exception as error:
+        for run_dir in created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise SubmitError(
+            f"submission failed ({type(error).__name__}: {error}); nothing was submitted"
+        ) from error
     for spec, job in zip(specs, jobs, strict=True):
         record_job(spec.run_dir, str(job.job_id), kind, spec.overrides)
     return [(spec, str(job.job_id)) for spec, job in zip(specs, jobs, strict=True)]
+
+
+def submitit_folder(specs: Sequence[RunSpec]) -> Path:
+    """submitit's folder: in the run directory, or for a sweep in the sweep's root (one array, one folder)."""
+    return specs[0].run_dir / "submitit" if len(specs) == 1 else specs[0].run_dir.parent / "submitit"
 
 
 def wait_for(submitted: Sequence[tuple[RunSpec, str]], kind: str, poll_s: float = 2.0) -> int:
@@ -199,9 +249,14 @@ def wait_for(submitted: Sequence[tuple[RunSpec, str]], kind: str, poll_s: float 
     from asrlaunch.status import TERMINAL, collect_status
 
     run_dirs = [spec.run_dir for spec, _ in submitted]
+    unknown_polls = 0
     while True:
         statuses = collect_status(run_dirs)
         if all(s.job.state in TERMINAL for s in statuses):
+            break
+        # A job the scheduler no longer knows (purged, no accounting) will not come back.
+        unknown_polls = unknown_polls + 1 if any(s.job.state == "UNKNOWN" for s in statuses) else 0
+        if unknown_polls * poll_s > 60:
             break
         time.sleep(poll_s)
     for status in statuses:

@@ -32,17 +32,20 @@ class MergedRun:
     meta: list[dict[str, Any]]  # the meta records kept, all ranks, all attempts
     restarts: list[int]  # the step each later attempt resumed from
     wall_time_s: float  # summed over attempts, first to last record of each (queue time excluded)
+    device_seconds: float  # each attempt's wall time times its world size
 
 
 def _identity(meta: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes two logs the same run: name, model, data and training recipe (not the world size)."""
+    """What makes two logs the same run: name, model, data, seed and global batch. Not the world size, nor
+    what a resume may change (max_steps, the backend)."""
     recipe = meta.get("recipe", {})
-    train = {k: v for k, v in recipe.get("train", {}).items() if k != "backend"}
+    train = recipe.get("train", {})
     return (
         recipe.get("run", {}).get("name"),
         repr(recipe.get("model")),
         recipe.get("data", {}).get("dir"),
-        repr(sorted(train.items())),
+        train.get("seed"),
+        train.get("global_batch_size"),
     )
 
 
@@ -66,11 +69,13 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
     losses: dict[int, dict[int, float]] = {}  # step -> rank -> loss
     evals: dict[int, dict[str, float]] = {}
     restarts = []
-    wall = 0.0
+    wall = device = 0.0
     for attempt in sorted(by_attempt):
         recs = by_attempt[attempt]
         times = [float(r["time"]) for r in recs]
         wall += max(times) - min(times)
+        world = max((r.get("world_size", 1) for r in recs if is_start(r)), default=1)
+        device += world * (max(times) - min(times))
         starts = [r.get("resumed_from") or 0 for r in recs if is_start(r)]
         start = min(starts) if starts else min(r["step"] for r in recs) - 1
         if attempt != min(by_attempt):
@@ -91,6 +96,7 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
         meta=metas,
         restarts=restarts,
         wall_time_s=wall,
+        device_seconds=device,
     )
 
 
@@ -193,10 +199,12 @@ def collect_run(run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     run = read_run(run_dir)
+    if not run.meta:
+        raise ValueError(f"{run_dir}: no rank logged its start (meta record); nothing to describe")
     rows = result_rows(run)
     write_results(run_dir, run, rows)
     plot_curves(run_dir / "curves.png", {run_dir.name: run})
-    name = run.meta[-1]["recipe"]["run"]["name"] if run.meta else run_dir.name
+    name = run.meta[-1]["recipe"]["run"]["name"]
     (run_dir / "final").mkdir(exist_ok=True)
     (run_dir / "final" / "README.md").write_text(model_card(name, run, rows))
     return {"run_dir": str(run_dir), **result_json(run, rows), "rows": rows, "run": run}

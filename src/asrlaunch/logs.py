@@ -20,7 +20,7 @@ KINDS = ("meta", "train", "eval")
 REQUIRED = ("kind", "step", "epoch", "rank", "attempt", "time")
 
 
-def current_attempt() -> int:
+def slurm_restart_count() -> int:
     """SLURM_RESTART_COUNT is unset on a job's first run, then 1, 2, 3 after each requeue."""
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
@@ -29,7 +29,7 @@ def next_attempt(log: Path) -> int:
     """The attempt number of a new start: one more than any in the log (a resubmitted job's restart count
     starts again at 0), and never less than SLURM's restart count."""
     seen = [r["attempt"] for r in read_records(log) if r["kind"] == "meta"] if log.exists() else []
-    return max(current_attempt(), max(seen) + 1 if seen else 0)
+    return max(slurm_restart_count(), max(seen) + 1 if seen else 0)
 
 
 def rank_log_path(run_dir: str | Path, rank: int) -> Path:
@@ -43,8 +43,10 @@ class RankLog:
         self.path = rank_log_path(run_dir, rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
-        self.attempt = current_attempt() if attempt is None else attempt
+        self.attempt = slurm_restart_count() if attempt is None else attempt
         self._file: TextIO = self.path.open("a", encoding="utf-8")
+        if self._file.tell() and not self.path.read_bytes().endswith(b"\n"):
+            self._file.write("\n")  # a writer killed mid-line: end its torn line, start ours on a new one
 
     def write(self, kind: str, step: int, epoch: float, **fields: Any) -> dict[str, Any]:
         if kind not in KINDS:
@@ -73,7 +75,8 @@ class RankLog:
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of one log file; a torn last line (a writer killed mid-line) is skipped with a warning."""
+    """Records of one log file. A torn line (a writer killed mid-line; later attempts append after it) is
+    skipped with a warning naming it."""
     path = Path(path)
     with path.open(encoding="utf-8", errors="replace") as file:
         lines = file.readlines()
@@ -83,10 +86,9 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):
-                warnings.warn(f"{path}:{number}: skipping a truncated last line", stacklevel=2)
-                continue
-            raise ValueError(f"{path}:{number}: not a JSON record: {line[:80]!r}") from None
+            where = "last line" if number == len(lines) else "line"
+            warnings.warn(f"{path}:{number}: skipping a truncated {where} {line[:60]!r}", stacklevel=2)
+            continue
         missing = [key for key in REQUIRED if key not in record]
         if missing:
             raise ValueError(f"{path}:{number}: record lacks {', '.join(missing)}")

@@ -37,6 +37,11 @@ class RunSection(_Section):
     name: str = "run"
     output_root: str = "runs"
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
@@ -75,7 +80,7 @@ class SynthSection(_Section):
 
 class DataSection(_Section):
     dir: str
-    # Where the prepared (decoded, normalised, tokenised) table is cached; default <output_root>/.data-cache.
+    # Where the prepared table is cached; default ~/.cache/asrlaunch/prepared
     cache_dir: str | None = None
     # Training-set size assumed by the launcher's plan before the data is read (TIMIT: 4620).
     expected_train_size: int | None = Field(None, ge=1)
@@ -106,6 +111,11 @@ class TrainSection(_Section):
     # Optimizer steps whose gradients are not finite are skipped; this many in a row end the run.
     max_consecutive_nonfinite: int = Field(20, ge=1)
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads an unquoted `no` as false
 
     @field_validator("adam_betas")
     @classmethod
@@ -268,8 +278,8 @@ def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe
         raise RecipeError(f"{source}: {error.error_count()} problem(s):\n{problems}") from None
 
 
-def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
-    """Read a recipe file, apply `key=value` overrides and validate everything, reporting all problems."""
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a recipe file, with a one-line error for a missing file or bad YAML."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -279,4 +289,9 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
-    return recipe_from_dict(merge(raw, parse_overrides(overrides)), str(path))
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
+    """Read a recipe file, apply `key=value` overrides and validate everything, reporting all problems."""
+    return recipe_from_dict(merge(read_recipe_file(path), parse_overrides(overrides)), str(path))

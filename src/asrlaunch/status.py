@@ -1,6 +1,7 @@
 """One line per run: SLURM state (squeue, then sacct, then `squeue -t all`) and progress from the logs.
 
-Launcher side: no torch, one scheduler query per source for all runs, only the tail of each log read.
+Launcher side: no torch, one scheduler query per source for all runs; of each log, the tail is parsed for
+progress and only the `meta` lines of the rest (starts and stops).
 """
 
 from __future__ import annotations
@@ -198,11 +199,18 @@ def progress_from_logs(status: RunStatus) -> None:
 
 def meta_records(path: Path) -> list[dict[str, Any]]:
     """Only the meta records of a log (cheap: other lines are not parsed)."""
+    records = []
     try:
         with path.open("rb") as file:
-            return [json.loads(line) for line in file if line.startswith(b'{"kind": "meta"')]
-    except (OSError, ValueError):
+            for line in file:
+                if line.startswith(b'{"kind": "meta"'):
+                    try:
+                        records.append(json.loads(line))
+                    except ValueError:  # a torn line
+                        continue
+    except OSError:
         return []
+    return records
 
 
 def expand_run_dirs(paths: Sequence[str | Path]) -> list[Path]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from asrlaunch import checkpoint
 from asrlaunch.distenv import adopt_launcher_environment
-from asrlaunch.logs import RankLog, next_attempt, rank_log_path
+from asrlaunch.logs import RankLog, next_attempt, rank_log_path, slurm_restart_count
 from asrlaunch.plan import StepPlan, plan_batch, plan_steps
 from asrlaunch.recipe import Recipe, RecipeError, load_recipe
 from asrlaunch.signals import JobInterrupted, StopRequest, classify_stop, requeue_job
@@ -137,12 +137,15 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def _interrupt(self, step: int) -> None:
+        from accelerate.utils import broadcast_object_list
+
         self.save_checkpoint(step)
-        reason = classify_stop(self.recipe.cluster.signal_delay_s)
-        requeued = False
+        decided: list[Any] = [None, False]  # rank 0 classifies and requeues; every rank logs the same
         if self.accelerator.is_main_process:
-            restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-            requeued = requeue_job(restarts, self.recipe.cluster.max_requeues)
+            decided[0] = classify_stop(self.recipe.cluster.signal_delay_s)
+            decided[1] = requeue_job(slurm_restart_count(), self.recipe.cluster.max_requeues)
+        broadcast_object_list(decided)
+        reason, requeued = decided
         self.log.write("meta", step, self.plan.epoch_at(step), event=reason, requeued=requeued)
         self.log.close()
         raise JobInterrupted(step, reason, requeued)
@@ -271,7 +274,7 @@ class Trainer:
             device=str(self.accelerator.device),
             resumed_from=start_step or None,
             job_id=os.environ.get("SLURM_JOB_ID"),
-            slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            slurm_restart_count=slurm_restart_count(),
             nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
             host=os.uname().nodename,
         )
@@ -304,7 +307,7 @@ def run_training(recipe: Recipe, run_dir: Path) -> None:
     if already_finished(run_dir):
         print(f"{run_dir} finished already ({run_dir / 'final'}); nothing to train", flush=True)
         return
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    restarts = slurm_restart_count()
     if restarts > recipe.cluster.max_requeues:
         raise RuntimeError(
             f"restarted {restarts} times, more than cluster.max_requeues="

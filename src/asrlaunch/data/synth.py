@@ -13,6 +13,7 @@ Two engines:
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -143,11 +144,14 @@ def generate_corpus(
     if engine == "espeak" and not espeak_available():
         raise RuntimeError("the espeak engine needs espeak-ng and sox (apt-get install espeak-ng sox)")
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")  # jobs of a sweep may race to create it
     shutil.rmtree(partial, ignore_errors=True)
     for split, count, offset in (("TRAIN", train, 1), ("TEST", test, 2)):
         write_split(partial, split, count, np.random.default_rng([seed, offset]), engine, fmt, lowercase)
-    partial.rename(out)
+    try:
+        partial.rename(out)
+    except OSError:  # another job finished first; the corpus is the same (same seed)
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
