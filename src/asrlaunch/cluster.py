@@ -178,14 +178,9 @@ def sbatch_text(recipe: Recipe, folder: Path, array_size: int = 1) -> str:
     return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
 
 
-def prepare_run_dir(spec: RunSpec, plan: StepPlan, resume: bool = False) -> None:
+def prepare_run_dir(spec: RunSpec, plan: StepPlan) -> None:
     """Create the run directory with the resolved recipe and plan (submit() checked it is free)."""
     recipe_file = spec.run_dir / "recipe.yaml"
-    if recipe_file.exists() and not resume:
-        raise SubmitError(
-            f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
-            "or continue it with --resume"
-        )
     for sub in ("logs", "checkpoints", "submitit"):
         (spec.run_dir / sub).mkdir(parents=True, exist_ok=True)
     recipe_file.write_text(spec.recipe.to_yaml())
@@ -220,7 +215,7 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
     created = [spec.run_dir for spec in specs if not spec.run_dir.exists()]
     try:
         for spec, plan in zip(specs, plans, strict=True):
-            prepare_run_dir(spec, plan, resume)
+            prepare_run_dir(spec, plan)
         executor = make_executor(kind, submitit_folder(specs), specs[0].recipe, len(specs))
         run_dirs = [str(spec.run_dir.resolve()) for spec in specs]
         jobs = (

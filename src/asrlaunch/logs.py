@@ -36,6 +36,12 @@ def rank_log_path(run_dir: str | Path, rank: int) -> Path:
     return Path(run_dir) / "logs" / f"rank{rank}.jsonl"
 
 
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1)
+
+
 class RankLog:
     """Appends one JSON object per line and flushes it, so a killed job loses at most one line."""
 
@@ -44,9 +50,10 @@ class RankLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.attempt = slurm_restart_count() if attempt is None else attempt
+        torn = self.path.exists() and self.path.stat().st_size > 0 and _last_byte(self.path) != b"\n"
         self._file: TextIO = self.path.open("a", encoding="utf-8")
-        if self._file.tell() and not self.path.read_bytes().endswith(b"\n"):
-            self._file.write("\n")  # a writer killed mid-line: end its torn line, start ours on a new one
+        if torn:  # a writer killed mid-line: end its torn line, start ours on a new one
+            self._file.write("\n")
 
     def write(self, kind: str, step: int, epoch: float, **fields: Any) -> dict[str, Any]:
         if kind not in KINDS:
