@@ -112,17 +112,33 @@ EOF
   if [ ! -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; then ln -sfn "$CONF" /etc/slurm/slurm.conf; fi
 }
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file counts only while its pid runs the daemon it names: after a reboot, or on a machine restored
+# from a snapshot, pid files and sockets are left over and their pids may belong to any other process.
+alive() {  # alive PID_FILE DAEMON
+  [ -f "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]
+}
+
+# A leftover socket file looks like a live server to a client but refuses connections (ECONNREFUSED).
+wait_for_mariadb() {
+  for _ in $(seq 300); do
+    mariadb-admin --socket="$DIR/run/mysql.sock" -u root ping >/dev/null 2>&1 && return 0
+    alive "$DIR/run/mariadb.pid" mariadbd || [ ! -f "$DIR/run/mariadb.pid" ] || break
+    sleep 0.2
+  done
+  log "MariaDB did not start; the end of $DIR/log/mariadb.log:"; tail -n 20 "$DIR/log/mariadb.log" >&2
+  return 1
+}
 
 start_munge() {
-  alive "$DIR/run/munged.pid" && return
+  alive "$DIR/run/munged.pid" munged && return
   [ -f "$DIR/munge/munge.key" ] || { dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 2>/dev/null; chmod 400 "$DIR/munge/munge.key"; }
   munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
     --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
 }
 
 start_accounting() {
-  if ! alive "$DIR/run/mariadb.pid"; then
+  if ! alive "$DIR/run/mariadb.pid" mariadbd; then
+    rm -f "$DIR/run/mariadb.pid" "$DIR/run/mysql.sock"
     if [ ! -d "$DIR/mysql/mysql" ]; then
       mariadb-install-db --user=root --datadir="$DIR/mysql" --auth-root-authentication-method=socket \
         --skip-test-db >"$DIR/log/mariadb-install.log" 2>&1
@@ -130,13 +146,13 @@ start_accounting() {
     setsid mariadbd --no-defaults --user=root --datadir="$DIR/mysql" --socket="$DIR/run/mysql.sock" \
       --port=13306 --bind-address=127.0.0.1 --pid-file="$DIR/run/mariadb.pid" \
       >"$DIR/log/mariadb.log" 2>&1 </dev/null &
-    for _ in $(seq 100); do [ -S "$DIR/run/mysql.sock" ] && break; sleep 0.2; done
+    wait_for_mariadb
     mariadb --socket="$DIR/run/mysql.sock" -u root -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
       CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
       CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
       GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
   fi
-  alive "$DIR/run/slurmdbd.pid" || slurmdbd
+  alive "$DIR/run/slurmdbd.pid" slurmdbd || slurmdbd
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/16819) 2>/dev/null && break; sleep 0.2; done
 }
 
@@ -157,17 +173,20 @@ start() {
   write_config
   start_munge
   [ "$ACCOUNTING" = 1 ] && start_accounting
-  alive "$DIR/run/slurmctld.pid" || slurmctld
-  for node in "${NODES[@]}"; do alive "$DIR/run/slurmd-$node.pid" || slurmd -N "$node"; done
+  alive "$DIR/run/slurmctld.pid" slurmctld || slurmctld
+  for node in "${NODES[@]}"; do alive "$DIR/run/slurmd-$node.pid" slurmd || slurmd -N "$node"; done
   wait_idle
 }
 
 stop() {
-  scancel --full -u root >/dev/null 2>&1 || true
-  for pid_file in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid" \
-                  "$DIR/run/mariadb.pid" "$DIR/run/munged.pid"; do
-    if alive "$pid_file"; then
-      pid=$(cat "$pid_file"); kill "$pid" 2>/dev/null || true
+  alive "$DIR/run/slurmctld.pid" slurmctld && { scancel --full -u root >/dev/null 2>&1 || true; }
+  local daemons=()
+  for node in "${NODES[@]}"; do daemons+=("slurmd-$node.pid slurmd"); done
+  daemons+=("slurmctld.pid slurmctld" "slurmdbd.pid slurmdbd" "mariadb.pid mariadbd" "munged.pid munged")
+  for entry in "${daemons[@]}"; do
+    read -r pid_file name <<<"$entry"
+    if alive "$DIR/run/$pid_file" "$name"; then
+      pid=$(cat "$DIR/run/$pid_file"); kill "$pid" 2>/dev/null || true
       for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     fi
   done
@@ -181,7 +200,7 @@ case "${1:-}" in
   restart) stop; start ;;
   wipe) stop; rm -rf "$DIR"; [ -L /etc/slurm/slurm.conf ] && rm -f /etc/slurm/slurm.conf; log "wiped $DIR" ;;
   status) sinfo ;;
-  dbd-stop) alive "$DIR/run/slurmdbd.pid" && kill "$(cat "$DIR/run/slurmdbd.pid")"; sleep 0.5; log "slurmdbd stopped (sacct fails now)" ;;
+  dbd-stop) alive "$DIR/run/slurmdbd.pid" slurmdbd && kill "$(cat "$DIR/run/slurmdbd.pid")"; sleep 0.5; log "slurmdbd stopped (sacct fails now)" ;;
   dbd-start) start_accounting; log "slurmdbd started" ;;
   *) echo "usage: $0 {install|start|stop|restart|wipe|status|dbd-stop|dbd-start}" >&2; exit 2 ;;
 esac
