@@ -73,6 +73,30 @@ def run_and_kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> N
     assert not (run_dir / "final").exists()
 
 
+def kill_while_writing_a_checkpoint(cmd: list[str], run_dir: Path, tries: int = 5) -> None:
+    """kill -9 the process group while a checkpoint is half written: as soon as its partial folder holds
+    a file. A kill that lands just after the rename is retried (the next start resumes and saves again)."""
+    checkpoints = run_dir / "checkpoints"
+    for _ in range(tries):
+        process = subprocess.Popen(
+            cmd,
+            env=python_env(OMP_NUM_THREADS="1"),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 300
+        while not any(any(p.iterdir()) for p in checkpoints.glob(".step-*.partial")):
+            assert process.poll() is None, "training ended before a checkpoint was caught mid-write"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        if list(checkpoints.glob(".step-*.partial")):
+            return
+    pytest.fail(f"no kill landed inside a checkpoint write in {tries} tries")
+
+
 def keep_only_checkpoint(run_dir: Path, step: int) -> None:
     """Resume from exactly `step`, whatever the killed run reached (the kill races with training)."""
     import shutil
@@ -183,6 +207,32 @@ def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
     assert not torn.exists()  # stale partial folders are cleaned at the next save
 
 
+def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    import torch
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run(command(straight, tones_corpus, 1))
+    cmd = command(killed, tones_corpus, 1, "checkpoint.save_steps=1", "checkpoint.keep_last=2")
+    kill_while_writing_a_checkpoint(cmd, killed)
+    checkpoints = killed / "checkpoints"
+    (partial,) = checkpoints.glob(".step-*.partial")
+    torn_step = int(partial.name.split("-")[1].split(".")[0])
+    found = checkpoint.newest_complete(checkpoints)
+    previous = found[0].name if found else None
+    assert torn_step not in [s for s, _ in checkpoint.list_checkpoints(checkpoints)]
+
+    resumed = run(cmd)
+    if previous is None:  # killed while writing the very first checkpoint: a fresh start
+        assert "resuming from" not in resumed.stdout
+    else:
+        assert f"resuming from {checkpoints / previous}" in resumed.stdout
+    a, b = weights(straight), weights(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(straight) == step_losses(killed)
+
+
 def test_final_model_transcribes_with_a_pipeline(tmp_path: Path, tones_corpus: Path) -> None:
     from transformers import pipeline
 
@@ -229,5 +279,23 @@ def test_deepspeed_zero2_resumes_exactly_and_on_another_world_size(
         / sum(float(a[k].norm() ** 2) for k in a) ** 0.5
     )
     assert total < 1e-5
+    for step, loss in step_losses(plain).items():
+        assert step_losses(changed)[step] == pytest.approx(loss, rel=1e-5)
+
+    # The newest checkpoint (world size 1) is corrupt; its fallback has the ZeRO shards of 2 processes.
+    # Which loader to use follows the checkpoint that passes verification, not the newest one on disk.
+    (changed / "final" / "trainer_state.json").unlink()
+    assert [s for s, _ in checkpoint.list_checkpoints(changed / "checkpoints")] == [10, 5]
+    target = next((checkpoint.step_dir(changed / "checkpoints", 10) / "pytorch_model").rglob("*.pt"))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    again = run(command(changed, tones_corpus, 1, *deepspeed))
+    assert "checksum differs" in again.stderr
+    resumed_line = next(line for line in again.stdout.splitlines() if line.startswith("resuming from"))
+    assert (
+        "step-000005 (step 5," in resumed_line and "saved by 2 processes, ZeRO state through" in resumed_line
+    )
+    assert sample_ids(plain) == sample_ids(changed)
     for step, loss in step_losses(plain).items():
         assert step_losses(changed)[step] == pytest.approx(loss, rel=1e-5)

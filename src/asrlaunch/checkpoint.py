@@ -142,17 +142,6 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
     return final
 
 
-def peek_world_size(checkpoints: Path) -> int | None:
-    """The world size of the newest checkpoint that has a manifest (read only, no verification)."""
-    for _, folder in list_checkpoints(checkpoints):
-        if (folder / MANIFEST).exists():
-            try:
-                return int(json.loads((folder / MANIFEST).read_text()).get("world_size", 0)) or None
-            except ValueError:
-                continue
-    return None
-
-
 def to_universal(folder: Path) -> Path:
     """A ZeRO checkpoint converted to DeepSpeed's universal format, loadable on any world size.
 

@@ -64,9 +64,7 @@ def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
         generate_corpus(data_dir, spec.train, spec.test, engine=spec.engine, seed=spec.seed)
 
 
-def deepspeed_config(
-    recipe: Recipe, plan: BatchPlan, precision: str, universal: bool = False
-) -> dict[str, Any]:
+def deepspeed_config(recipe: Recipe, plan: BatchPlan, precision: str) -> dict[str, Any]:
     """The batch plan passed through as DeepSpeed's micro-batch and accumulation; small buckets, because
     the default 5e8-element buckets cost seconds per step on CPU."""
     return {
@@ -83,9 +81,14 @@ def deepspeed_config(
         "bf16": {"enabled": precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # our torch AdamW: no FusedAdam build
         "steps_per_print": 10**9,
-        # Resuming on another world size: ZeRO shards are loaded from the universal (unsharded) format.
-        "checkpoint": {"load_universal": universal},
+        "checkpoint": {"load_universal": False},  # see load_universal_checkpoints
     }
+
+
+def load_universal_checkpoints(accelerator: Any) -> None:
+    """Resuming on another world size: DeepSpeed loads ZeRO state from the universal (unsharded) format.
+    `prepare` reads the plugin's config, so this must come before it."""
+    accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"]["load_universal"] = True
 
 
 def single_process_environment() -> None:
@@ -109,7 +112,7 @@ def single_process_environment() -> None:
     )
 
 
-def make_accelerator(recipe: Recipe, plan: BatchPlan, universal: bool = False) -> Any:
+def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import (
@@ -128,7 +131,7 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan, universal: bool = False) -
         if on_cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else accelerate and DeepSpeed disagree
-        deepspeed = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, plan, precision, universal))
+        deepspeed = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, plan, precision))
     world_size = plan.world_size
     accelerator = Accelerator(
         cpu=on_cpu and deepspeed is None,

@@ -42,16 +42,34 @@ class Trainer:
         from asrlaunch.data.sampler import GlobalOrder
         from asrlaunch.data.timit import load_corpus
         from asrlaunch.model import build_model, build_optimizer, build_scheduler
-        from asrlaunch.runtime import default_cache_dir, ensure_corpus, make_accelerator
+        from asrlaunch.runtime import (
+            default_cache_dir,
+            ensure_corpus,
+            load_universal_checkpoints,
+            make_accelerator,
+        )
 
         self.recipe, self.run_dir = recipe, run_dir
         self.stop = stop if stop is not None else StopRequest()  # falsy until signalled
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.batch_plan = plan_batch(recipe.train.global_batch_size, world, recipe.train.max_micro_batch_size)
-        saved_world = checkpoint.peek_world_size(self.checkpoints)
-        self.universal = recipe.train.backend == "deepspeed" and saved_world not in (None, world)
-        self.accelerator = accelerator = make_accelerator(recipe, self.batch_plan, self.universal)
+        self.accelerator = accelerator = make_accelerator(recipe, self.batch_plan)
         self.rank = accelerator.process_index
+        # Rank 0 decides the attempt and the verified checkpoint to resume from, so every rank agrees;
+        # before `prepare`, because ZeRO shards of another world size need DeepSpeed's universal loader.
+        decided: list[Any] = [None, None, None]
+        if accelerator.is_main_process:
+            found = checkpoint.newest_complete(self.checkpoints)
+            decided = [
+                next_attempt(rank_log_path(run_dir, 0)),
+                str(found[0]) if found else None,
+                found[1].get("world_size") if found else None,
+            ]
+        broadcast_object_list(decided)
+        attempt, resume_from, self.saved_world = decided
+        self.universal = recipe.train.backend == "deepspeed" and self.saved_world not in (None, world)
+        if self.universal:
+            load_universal_checkpoints(accelerator)
         with accelerator.main_process_first():
             ensure_corpus(recipe, accelerator.is_main_process)
             self.corpus = load_corpus(
@@ -76,16 +94,10 @@ class Trainer:
         optimizer = build_optimizer(model, recipe.train)
         scheduler = build_scheduler(optimizer, recipe.train, self.plan.total_steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
-        # Rank 0 decides the attempt number and the checkpoint to resume from, so every rank agrees.
-        decided: list[Any] = [None, None]
-        if accelerator.is_main_process:
-            found = checkpoint.newest_complete(self.checkpoints)
-            decided = [next_attempt(rank_log_path(run_dir, 0)), str(found[0]) if found else None]
-        broadcast_object_list(decided)
-        self.log = RankLog(run_dir, self.rank, attempt=decided[0])
+        self.log = RankLog(run_dir, self.rank, attempt=attempt)
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self.window: list[float] = []
-        self.start_step = self._resume(Path(decided[1])) if decided[1] else 0
+        self.start_step = self._resume(Path(resume_from)) if resume_from else 0
 
     @property
     def checkpoints(self) -> Path:
@@ -109,7 +121,12 @@ class Trainer:
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.window = list(state["loss_window"])
         if self.accelerator.is_main_process:
-            print(f"resuming from {folder} (step {state['step']}, epoch {state['epoch']:.2f})", flush=True)
+            how = ", ZeRO state through DeepSpeed's universal format" if self.universal else ""
+            print(
+                f"resuming from {folder} (step {state['step']}, epoch {state['epoch']:.2f}, "
+                f"saved by {self.saved_world} processes{how})",
+                flush=True,
+            )
         return int(state["step"])
 
     def save_checkpoint(self, step: int) -> Path:
