@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.cluster import element_name, expand_sweep, resolve_runs, sbatch_text
+from asrlaunch import checkpoint
+from asrlaunch.cluster import element_name, expand_sweep, make_executor, resolve_runs, sbatch_text
+from asrlaunch.logs import read_run_logs
 from asrlaunch.recipe import RecipeError, load_recipe
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
@@ -223,6 +225,37 @@ def test_local_executor_runs_a_job_to_completion(tmp_path: Path, tones_corpus: P
         str(RECIPES / "smoke.yaml"), f"data.dir={tones_corpus}", "--executor", "local", cwd=tmp_path
     )
     assert again.returncode == 2 and "holds a run already" in again.stderr
+
+
+def test_local_executor_gets_the_recipes_time_limit_and_signal_delay(tmp_path: Path) -> None:
+    recipe = load_recipe(RECIPES / "smoke.yaml", ["cluster.time_min=7", "cluster.signal_delay_s=42"])
+    parameters = make_executor("local", tmp_path, recipe).parameters
+    assert parameters["timeout_min"] == 7 and parameters["signal_delay_s"] == 42
+    assert parameters["tasks_per_node"] == recipe.cluster.tasks_per_node
+
+
+def test_local_executor_signals_before_its_time_limit(tmp_path: Path, tones_corpus: Path) -> None:
+    """cluster.signal_delay_s reaches local jobs too: USR2 that long before the time limit, a checkpoint at
+    the next step boundary, and the job ends unfinished (there is no SLURM to requeue it)."""
+    done = submit(
+        str(RECIPES / "smoke.yaml"),
+        f"data.dir={tones_corpus}",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "train.max_steps=5000",
+        "eval.at_start=false",
+        "cluster.time_min=1",
+        "cluster.signal_delay_s=35",
+        "--executor",
+        "local",
+        "--wait",
+        cwd=tmp_path,
+    )
+    run_dir = tmp_path / "runs" / "smoke"
+    stops = [r for r in read_run_logs(run_dir) if r.get("event") == "signal"]
+    assert len(stops) == 1 and stops[0]["requeued"] is False, done.stdout + done.stderr
+    newest_step, _ = checkpoint.list_checkpoints(run_dir / "checkpoints")[0]
+    assert newest_step == stops[0]["step"]
+    assert not (run_dir / "final").exists()
 
 
 def test_dry_run_works_off_the_cluster(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from asrlaunch.plan import StepPlan, plan_batch, plan_steps
 from asrlaunch.recipe import Recipe, RecipeError, merge, parse_overrides, recipe_from_dict
 
 EXECUTORS = ("auto", "slurm", "local")
+LOCAL_PARAMETERS = ("name", "nodes", "timeout_min", "tasks_per_node", "gpus_per_node", "signal_delay_s")
 
 
 class SubmitError(RuntimeError):
@@ -145,9 +146,12 @@ def executor_parameters(recipe: Recipe) -> dict[str, Any]:
 def make_executor(kind: str, folder: Path, recipe: Recipe, array_size: int = 1) -> Any:
     import submitit
 
+    executor: Any
     if kind == "local":
-        executor = submitit.AutoExecutor(folder=folder, cluster="local")
-        params = {k: v for k, v in executor_parameters(recipe).items() if not k.startswith("slurm_")}
+        # LocalExecutor itself: AutoExecutor refuses its signal_delay_s (USR2 before the time limit).
+        executor = submitit.LocalExecutor(folder=folder)
+        params = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe).items()}
+        params = {k: v for k, v in params.items() if k in LOCAL_PARAMETERS}
     else:
         executor = submitit.AutoExecutor(
             folder=folder, cluster="slurm", slurm_max_num_timeout=recipe.cluster.max_requeues
