@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from asrlaunch import checkpoint
 from asrlaunch.cluster import element_name, expand_sweep, make_executor, resolve_runs, sbatch_text
 from asrlaunch.logs import read_run_logs
 from asrlaunch.recipe import RecipeError, load_recipe
+from asrlaunch.status import local_state
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 
@@ -232,6 +235,29 @@ def test_local_executor_gets_the_recipes_time_limit_and_signal_delay(tmp_path: P
     parameters = make_executor("local", tmp_path, recipe).parameters
     assert parameters["timeout_min"] == 7 and parameters["signal_delay_s"] == 42
     assert parameters["tasks_per_node"] == recipe.cluster.tasks_per_node
+
+
+def test_local_status_follows_the_controller_process_not_any_pid(tmp_path: Path) -> None:
+    controller = subprocess.Popen(  # argv as submitit's local controller has it
+        [sys.executable, "-c", "import time; time.sleep(60)", "-m", "submitit.local._local", str(tmp_path)]
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while b"submitit.local._local" not in Path(f"/proc/{controller.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the child did not exec"  # until then it is pytest's copy
+            time.sleep(0.01)
+        assert local_state(str(controller.pid), tmp_path).state == "RUNNING"
+        controller.kill()
+        time.sleep(0.5)  # not reaped yet: a zombie
+        assert local_state(str(controller.pid), tmp_path).state == "FAILED"
+    finally:
+        controller.kill()
+        controller.wait()
+    # a pid reused by another program is not the job
+    assert local_state(str(os.getpid()), tmp_path).state == "FAILED"
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "trainer_state.json").write_text("{}")
+    assert local_state(str(os.getpid()), tmp_path).state == "COMPLETED"
 
 
 def test_local_executor_signals_before_its_time_limit(tmp_path: Path, tones_corpus: Path) -> None:

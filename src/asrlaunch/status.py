@@ -140,23 +140,24 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, JobState]:
     return states
 
 
-def _process_alive(pid: int) -> bool:
-    """A live process; a zombie (ended, not yet reaped by the launcher that started it) counts as ended."""
+LOCAL_CONTROLLER = "submitit.local._local"  # the module submitit's local executor runs as the job's process
+
+
+def _local_job_alive(pid: int) -> bool:
+    """The local job's controller still runs. A zombie (ended, not yet reaped by the launcher that started it)
+    counts as ended, and so does a pid that now belongs to another program (reused after the job ended)."""
+    proc = Path(f"/proc/{pid}")
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        state = (proc / "stat").read_text().split(")")[-1].split()[0]
+        command = (proc / "cmdline").read_bytes().split(b"\0")
     except OSError:
-        return True
+        return False
+    return state != "Z" and LOCAL_CONTROLLER.encode() in command
 
 
 def local_state(job_id: str, run_dir: Path) -> JobState:
     """submitit's local executor: the job id is the process id."""
-    if job_id.isdigit() and _process_alive(int(job_id)):
+    if job_id.isdigit() and _local_job_alive(int(job_id)):
         return JobState("RUNNING", "localhost", source="process")
     finished = (run_dir / "final" / "trainer_state.json").exists()
     return JobState("COMPLETED" if finished else "FAILED", "localhost", source="process")
