@@ -158,8 +158,20 @@ def test_replayed_steps_equal_an_uninterrupted_run() -> None:
 
 
 def test_logs_of_two_runs_are_refused() -> None:
-    with pytest.raises(MixedRunsError, match="different runs"):
+    with pytest.raises(MixedRunsError, match=r"different runs .*differ in run\.name\)"):
         merge_records([meta(0, 0, None), meta(1, 0, None, name="other")])
+    # two elements of a sweep share their run name: their recipes still tell them apart
+    first, second = meta(0, 0, None), meta(0, 1, 4)
+    second["recipe"] = {**first["recipe"], "train": {**first["recipe"]["train"], "lr": 3e-4}}
+    with pytest.raises(MixedRunsError, match=r"differ in train\.lr\)"):
+        merge_records([first, second])
+    # a resume may change the job shape, the stop step and the backend: still one run
+    second["recipe"] = {
+        **first["recipe"],
+        "cluster": {"nodes": 4},
+        "train": {**first["recipe"]["train"], "max_steps": 99, "backend": "deepspeed"},
+    }
+    merge_records([first, second])
 
 
 def test_reference_table_roundtrips_byte_for_byte() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ import soundfile
 from asrlaunch.data import timit
 from asrlaunch.data.synth import generate_corpus
 from asrlaunch.data.timit import DataError, build_vocab, load_corpus, normalize_text, scan_split
+
+from .conftest import PYTHON, RECIPES, python_env
 
 
 def test_normalisation_follows_the_hf_recipe() -> None:
@@ -115,3 +118,29 @@ def test_bad_corpora_name_the_file(tmp_path: Path) -> None:
     txt.write_text("no offsets here\n")
     with pytest.raises(DataError, match=rf"{txt}: expected '<start> <end> <sentence>'"):
         load_corpus(root, cache)
+
+
+def test_the_engine_reports_a_bad_corpus_without_a_traceback(tmp_path: Path) -> None:
+    """As users meet it: `python -m asrlaunch.train` on a corpus with an 8 kHz file."""
+    root = generate_corpus(tmp_path / "corpus", train=5, test=2)
+    wav = _one_wav(root)
+    audio, _ = soundfile.read(wav)
+    soundfile.write(wav, audio, 8000, format="NIST", subtype="PCM_16")
+    done = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "asrlaunch.train",
+            str(RECIPES / "smoke.yaml"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            f"data.dir={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"error: {wav}: sample rate 8000 Hz, expected 16000" in done.stderr

@@ -35,18 +35,51 @@ class MergedRun:
     device_seconds: float  # each attempt's wall time times its world size
 
 
-def _identity(meta: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes two logs the same run: name, model, data, seed and global batch. Not the world size, nor
-    what a resume may change (max_steps, the backend)."""
-    recipe = meta.get("recipe", {})
-    train = recipe.get("train", {})
-    return (
-        recipe.get("run", {}).get("name"),
-        repr(recipe.get("model")),
-        recipe.get("data", {}).get("dir"),
-        train.get("seed"),
-        train.get("global_batch_size"),
-    )
+# What a resume may change without making it another run: the job shape, how often it logs, evaluates and
+# saves, when it stops, how it is distributed. Everything else in the recipe (model, data, optimisation, seed,
+# run name) must agree between the logs of one run, so that two elements of a sweep are never merged.
+MAY_CHANGE_ON_RESUME = (
+    "cluster",
+    "logging",
+    "eval",
+    "checkpoint",
+    "data.cache_dir",
+    "train.max_steps",
+    "train.backend",
+    "train.zero_stage",
+    "train.max_micro_batch_size",
+    "train.num_workers",
+)
+
+
+def _identity(meta: dict[str, Any]) -> dict[str, str]:
+    """The recipe as dotted keys -> values, without what a resume may change."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if prefix in MAY_CHANGE_ON_RESUME:
+            return
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            flat[prefix] = repr(value)
+
+    walk("", meta.get("recipe", {}))
+    return flat
+
+
+def check_one_run(metas: Sequence[dict[str, Any]]) -> None:
+    """MixedRunsError naming the recipe keys in which the logs' start records disagree."""
+    identities = [_identity(m) for m in metas]
+    keys = sorted({k for ident in identities for k in ident})
+    differ = [k for k in keys if len({ident.get(k) for ident in identities}) > 1]
+    if differ:
+        shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")
+        raise MixedRunsError(
+            f"logs of different runs are mixed in one folder (their recipes differ in {shown}): "
+            "move each run's logs to its own run directory"
+        )
 
 
 def is_start(record: dict[str, Any]) -> bool:
@@ -60,12 +93,7 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
     for record in records:
         by_attempt[int(record.get("attempt", 0))].append(record)
     metas = [r for recs in by_attempt.values() for r in recs if is_start(r)]
-    if len({_identity(m) for m in metas}) > 1:
-        names = sorted({str(m.get("recipe", {}).get("run", {}).get("name")) for m in metas})
-        raise MixedRunsError(
-            f"logs of different runs are mixed in one folder ({', '.join(names)}): "
-            "move each run's logs to its own run directory"
-        )
+    check_one_run(metas)
     losses: dict[int, dict[int, float]] = {}  # step -> rank -> loss
     evals: dict[int, dict[str, float]] = {}
     restarts = []

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 
 from asrlaunch import checkpoint
+from asrlaunch.data.timit import DataError
 from asrlaunch.distenv import adopt_launcher_environment
 from asrlaunch.logs import RankLog, next_attempt, rank_log_path, slurm_restart_count
-from asrlaunch.plan import StepPlan, plan_batch, plan_steps
+from asrlaunch.plan import BatchPlanError, StepPlan, plan_batch, plan_steps
 from asrlaunch.recipe import Recipe, RecipeError, load_recipe
 from asrlaunch.signals import JobInterrupted, StopRequest, classify_stop, requeue_job
 
@@ -31,6 +32,10 @@ DONE_MARKER = "trainer_state.json"  # in final/: the run reached its last step
 
 class TrainingDivergedError(RuntimeError):
     """Too many optimizer steps in a row had non-finite gradients."""
+
+
+class RequeueLimitError(RuntimeError):
+    """The job was restarted more often than cluster.max_requeues allows."""
 
 
 class Trainer:
@@ -326,7 +331,7 @@ def run_training(recipe: Recipe, run_dir: Path) -> None:
         return
     restarts = slurm_restart_count()
     if restarts > recipe.cluster.max_requeues:
-        raise RuntimeError(
+        raise RequeueLimitError(
             f"restarted {restarts} times, more than cluster.max_requeues="
             f"{recipe.cluster.max_requeues}; resubmit with launch/submit.py --resume {run_dir}"
         )
@@ -358,6 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobInterrupted as stopped:
         print(str(stopped), file=sys.stderr, flush=True)
         return 3
+    except (DataError, BatchPlanError) as error:  # the user's input: say what to fix, no traceback
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    except (TrainingDivergedError, RequeueLimitError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
