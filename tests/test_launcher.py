@@ -140,6 +140,12 @@ def test_sweep_is_a_cross_product_with_one_dir_each() -> None:
     assert element_name(["run.name=a;b$(x)"]) == "name=a-b--x-"
     with pytest.raises(RecipeError, match="must look like"):
         expand_sweep(["train.lr"])
+    # a bare key of one section stands for it (`--sweep seed=1,2`); an ambiguous one is refused
+    assert expand_sweep(["seed=1,2"]) == [("train.seed=1",), ("train.seed=2",)]
+    with pytest.raises(RecipeError, match=r"write one of eval\.steps, logging\.steps"):
+        expand_sweep(["steps=10,20"])
+    with pytest.raises(RecipeError, match=r"sweep over cluster\.nodes"):
+        expand_sweep(["nodes=1,2"])
 
 
 def test_sweep_dry_run_shows_every_element_and_an_array(tmp_path: Path) -> None:

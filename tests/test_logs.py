@@ -17,6 +17,21 @@ def test_records_carry_the_common_fields(tmp_path: Path, monkeypatch: pytest.Mon
     assert isinstance(record["time"], float)
 
 
+def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
+    """Strict JSON lines (no NaN/Infinity tokens); the collector reads null back as NaN."""
+    import json
+    import math
+
+    from asrlaunch.collect import merge_records
+
+    with RankLog(tmp_path, 0, attempt=0) as log:
+        log.write("train", 1, 0.1, loss=float("nan"), grad_norm=float("inf"), lr=1e-4)
+    line = (tmp_path / "logs" / "rank0.jsonl").read_text()
+    record = json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} in {line}"))
+    assert record["loss"] is None and record["grad_norm"] is None and record["lr"] == 1e-4
+    assert math.isnan(merge_records([record]).train[1])
+
+
 def test_unknown_kind_is_refused(tmp_path: Path) -> None:
     with (
         RankLog(tmp_path, 0, attempt=0) as log,

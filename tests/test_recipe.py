@@ -42,9 +42,10 @@ def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
             "data.dir=/x/y",
             "train.adam_betas=[0.8, 0.9]",
             "eval.at_start=false",
+            "seed=7",  # a bare key of one section only
         ],
     )
-    assert recipe.train.max_steps == 12
+    assert recipe.train.max_steps == 12 and recipe.train.seed == 7
     assert recipe.train.lr == pytest.approx(3e-4)
     assert recipe.data.dir == "/x/y"
     assert recipe.train.adam_betas == (0.8, 0.9)

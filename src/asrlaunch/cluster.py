@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from asrlaunch.plan import StepPlan, plan_batch, plan_steps
-from asrlaunch.recipe import Recipe, RecipeError, merge, parse_overrides, recipe_from_dict
+from asrlaunch.recipe import Recipe, RecipeError, merge, parse_overrides, qualify_key, recipe_from_dict
 
 EXECUTORS = ("auto", "slurm", "local")
 LOCAL_PARAMETERS = ("name", "nodes", "timeout_min", "tasks_per_node", "gpus_per_node", "signal_delay_s")
@@ -68,6 +68,7 @@ def expand_sweep(sweeps: Sequence[str]) -> list[tuple[str, ...]]:
         key, sep, values = sweep.partition("=")
         if not sep or not key or not values:
             raise RecipeError(f"sweep {sweep!r} must look like section.key=v1,v2 (e.g. train.lr=1e-4,3e-4)")
+        key = qualify_key(key)
         if key.startswith(("cluster.", "run.")):
             raise RecipeError(
                 f"sweep over {key}: the elements of a job array share one job shape and one "

@@ -82,6 +82,11 @@ def check_one_run(metas: Sequence[dict[str, Any]]) -> None:
         )
 
 
+def _number(value: Any) -> float:
+    """A logged number; null stands for a non-finite value (the logs are strict JSON)."""
+    return float("nan") if value is None else float(value)
+
+
 def is_start(record: dict[str, Any]) -> bool:
     """The meta record a rank writes when it starts (stop events are meta records too)."""
     return record["kind"] == "meta" and not record.get("event")
@@ -113,9 +118,12 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
                 del table[step]
         for record in recs:
             if record["kind"] == "train":
-                losses.setdefault(record["step"], {})[record["rank"]] = float(record["loss"])
+                losses.setdefault(record["step"], {})[record["rank"]] = _number(record["loss"])
             elif record["kind"] == "eval" and record["rank"] == 0:
-                evals[record["step"]] = {"eval_loss": float(record["eval_loss"]), "wer": float(record["wer"])}
+                evals[record["step"]] = {
+                    "eval_loss": _number(record["eval_loss"]),
+                    "wer": _number(record["wer"]),
+                }
     plans = [m["plan"]["steps_per_epoch"] for m in metas if "plan" in m]
     return MergedRun(
         train={step: sum(ranks.values()) / len(ranks) for step, ranks in sorted(losses.items())},

@@ -9,6 +9,7 @@ meta:  world_size, plan, versions, recipe, resumed_from (at every start of every
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -42,6 +43,17 @@ def _last_byte(path: Path) -> bytes:
         return file.read(1)
 
 
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: strict JSON, readable by jq and every other parser (not only Python's)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 class RankLog:
     """Appends one JSON object per line and flushes it, so a killed job loses at most one line."""
 
@@ -67,7 +79,7 @@ class RankLog:
             "time": round(time.time(), 3),
             **fields,
         }
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(_finite(record), allow_nan=False) + "\n")
         self._file.flush()
         return record
 

@@ -238,13 +238,26 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{key}: {message} (got {error.get('input')!r})"
 
 
+def qualify_key(key: str) -> str:
+    """`seed` -> `train.seed`: a bare key that names a field of exactly one section stands for it."""
+    if "." in key or key in Recipe.model_fields:
+        return key
+    sections = [name for name in Recipe.model_fields if key in _fields_at([name, key])]
+    if len(sections) > 1:
+        choices = ", ".join(f"{section}.{key}" for section in sections)
+        raise RecipeError(f"{key!r} is a key of several sections: write one of {choices}")
+    return f"{sections[0]}.{key}" if sections else key
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
-    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars (1e-4, true, [1, 2])."""
+    """`a.b=value` strings to a nested dict; values are parsed as YAML scalars (1e-4, true, [1, 2]).
+    A bare key that belongs to one section only may leave the section out (`seed=1`)."""
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+        key = qualify_key(key)
         try:
             # Multi-line text stays text: YAML would drop everything after a `#` as a comment.
             value = yaml.safe_load(raw) if raw.strip() and "\n" not in raw else raw

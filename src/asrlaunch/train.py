@@ -225,10 +225,13 @@ class Trainer:
         progress = Progress(plan.total_steps, start, enabled=self.accelerator.is_main_process)
         if recipe.eval.at_start and start == 0:
             progress.log(self.run_eval(0))
-        window_start = time.perf_counter()
+        # samples/s: steps trained by this process since the window opened (a resumed window holds losses
+        # of the attempt before), over training time only (evaluation and checkpoints excluded)
+        window_start, timed_steps = time.perf_counter(), 0
         for step in range(start, plan.total_steps):
             loss, grad_norm, batch = self.train_step(step)
             self.window.append(loss)
+            timed_steps += 1
             done = step + 1
             if done % recipe.logging.steps == 0 or done == plan.total_steps:
                 elapsed = time.perf_counter() - window_start
@@ -240,7 +243,7 @@ class Trainer:
                         loss=round(float(np.mean(self.window)), 6),
                         lr=self.scheduler.get_last_lr()[0],
                         grad_norm=round(grad_norm, 6),
-                        samples_per_s=round(len(self.window) * plan.batch.global_batch / elapsed, 3),
+                        samples_per_s=round(timed_steps * plan.batch.global_batch / elapsed, 3),
                         nonfinite_skipped=self.nonfinite_total,
                         **(
                             {"sample_ids": [self.train_ids[int(i)] for i in batch]}
@@ -249,18 +252,20 @@ class Trainer:
                         ),
                     )
                 )
-                self.window, window_start = [], time.perf_counter()
+                self.window, window_start, timed_steps = [], time.perf_counter(), 0
             if done % recipe.eval.steps == 0 or done == plan.total_steps:
                 eval_start = time.perf_counter()
                 progress.log(self.run_eval(done))
-                window_start += time.perf_counter() - eval_start  # samples/s counts training time only
+                window_start += time.perf_counter() - eval_start
             progress.advance(done)
             if done < plan.total_steps and self._stop_agreed():
                 progress.close()
                 self._interrupt(done)
             save_every = recipe.checkpoint.save_steps
             if save_every and done % save_every == 0 and done < plan.total_steps:
+                save_start = time.perf_counter()
                 self.save_checkpoint(done)
+                window_start += time.perf_counter() - save_start
         progress.close()
         self.save_final()
 
