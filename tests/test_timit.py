@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import soundfile
 
 from asrlaunch.data import timit
-from asrlaunch.data.synth import generate_corpus
+from asrlaunch.data.synth import espeak_available, generate_corpus
 from asrlaunch.data.timit import DataError, build_vocab, load_corpus, normalize_text, scan_split
 
 from .conftest import PYTHON, RECIPES, python_env
@@ -48,6 +49,42 @@ def test_reader_handles_sphere_wav_and_name_case(
     decoded = corpus.processor.tokenizer.decode(row["labels"], group_tokens=False)
     assert decoded == row["text"]
     assert row["length"] == len(row["input_values"])
+
+
+@pytest.mark.skipif(
+    not espeak_available() and not os.environ.get("CI"), reason="espeak-ng and sox are not installed"
+)
+def test_espeak_speech_in_sphere_is_read_like_timit(tmp_path: Path) -> None:
+    """The generator's default where espeak-ng exists: spoken sentences, SPHERE files written by sox."""
+    out = tmp_path / "speech"
+    done = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "asrlaunch.data.synth",
+            "--out",
+            str(out),
+            "--train",
+            "6",
+            "--test",
+            "2",
+            "--lowercase",
+        ],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "(espeak)" in done.stdout, done.stderr
+    train = scan_split(out, "train")
+    assert len(train) == 6 and train[0].audio.read_bytes().startswith(b"NIST_1A")
+    assert train[0].audio.name.islower()
+    corpus = load_corpus(out, tmp_path / "cache")
+    assert len(corpus.train) == 6 and len(corpus.test) == 2
+    seconds = np.asarray(corpus.train["length"]) / 16000
+    assert seconds.min() > 0.5 and seconds.max() < 10  # sentences, not silence
+    sa1 = next(row for row in corpus.train if row["id"].endswith("SA1"))
+    assert sa1["text"] == "she had your dark suit in greasy wash water all year"
 
 
 def test_riff_copies_beside_sphere_files_are_not_counted_twice(tmp_path: Path) -> None:

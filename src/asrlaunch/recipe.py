@@ -74,7 +74,7 @@ class SynthSection(_Section):
 
     train: int = Field(400, ge=1)
     test: int = Field(100, ge=1)
-    engine: Literal["tones", "espeak"] = "tones"
+    engine: Literal["auto", "tones", "espeak"] = "auto"  # auto: espeak where installed, else tones
     seed: int = 0
 
 

@@ -56,12 +56,13 @@ def versions() -> dict[str, str]:
 
 def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
     """Generate the smoke corpus on first use when the recipe asks for it and `data.dir` is missing."""
-    from asrlaunch.data.synth import generate_corpus
+    from asrlaunch.data.synth import generate_corpus, resolve_engine
 
     data_dir, spec = Path(recipe.data.dir), recipe.data.generate
     if spec is not None and is_main and not data_dir.exists():
-        print(f"generating a {spec.engine} corpus in {data_dir} ({spec.train} train, {spec.test} test)")
-        generate_corpus(data_dir, spec.train, spec.test, engine=spec.engine, seed=spec.seed)
+        engine = resolve_engine(spec.engine)
+        print(f"generating a {engine} corpus in {data_dir} ({spec.train} train, {spec.test} test)")
+        generate_corpus(data_dir, spec.train, spec.test, engine=engine, seed=spec.seed)
 
 
 def deepspeed_config(recipe: Recipe, plan: BatchPlan, precision: str) -> dict[str, Any]:

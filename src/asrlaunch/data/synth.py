@@ -1,6 +1,6 @@
 """Generate a corpus in TIMIT's layout, for tests, demos and smoke runs (TIMIT itself is licensed).
 
-Two engines:
+Two engines (`auto`, the command's default, takes espeak when espeak-ng and sox are installed, else tones):
 - `espeak`: real synthetic speech (espeak-ng, several voices, speeds and pitches; SPHERE via sox).
   Realistic, but a tiny model trained from scratch does not learn it in minutes.
 - `tones`: numpy only. Each character is a short tone of its own frequency, words are separated by
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 SAMPLE_RATE = 16000
+ENGINES = ("auto", "espeak", "tones")
 # Words over twelve letters only: fewer, well-separated tones make the `tones` corpus learnable in minutes.
 WORDS = (
     "the red hat sat on a tan sled her tall dear rose said the old lion hid in the dense thin trees "
@@ -86,6 +87,15 @@ def espeak_available() -> bool:
     return shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
 
 
+def resolve_engine(engine: str) -> str:
+    """`auto` -> espeak where espeak-ng and sox are installed, else the dependency-free tones."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        return "espeak" if espeak_available() else "tones"
+    return engine
+
+
 def _speaker_ids(count: int, rng: np.random.Generator) -> list[str]:
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     ids: set[str] = set()
@@ -141,6 +151,7 @@ def generate_corpus(
     seed: int = 0,
 ) -> Path:
     """Write a TIMIT-layout corpus into `out` (created; written to a temporary folder, then renamed)."""
+    engine = resolve_engine(engine)
     if engine == "espeak" and not espeak_available():
         raise RuntimeError("the espeak engine needs espeak-ng and sox (apt-get install espeak-ng sox)")
     out = Path(out)
@@ -160,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="corpus folder to create (must not exist)")
     parser.add_argument("--train", type=int, default=400, help="training utterances")
     parser.add_argument("--test", type=int, default=100, help="test utterances")
-    parser.add_argument("--engine", choices=["tones", "espeak"], default="tones")
+    parser.add_argument(
+        "--engine", choices=ENGINES, default="auto", help="auto: espeak where espeak-ng and sox exist, else tones"
+    )
     parser.add_argument("--format", choices=["sphere", "wav"], default="sphere", dest="fmt")
     parser.add_argument("--lowercase", action="store_true", help="lower-case file and folder names")
     parser.add_argument("--seed", type=int, default=0)
@@ -168,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if Path(args.out).exists():
         parser.error(f"{args.out} exists already; choose a new folder")
     path = generate_corpus(args.out, args.train, args.test, args.engine, args.fmt, args.lowercase, args.seed)
-    print(f"wrote {args.train} train and {args.test} test utterances ({args.engine}) to {path}")
+    engine = resolve_engine(args.engine)
+    print(f"wrote {args.train} train and {args.test} test utterances ({engine}) to {path}")
     return 0
 
 
