@@ -259,14 +259,16 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     assert [m["slurm_restart_count"] for m in metas] == [0, 1, 2, 3]
 
 
-def test_cancelled_run_resumes_with_submit_resume_and_collects(tmp_path: Path, tones_corpus: Path) -> None:
-    """scancel kills a 2-task run between checkpoints; `submit.py --resume` finishes it; the collector's table
-    has one row per evaluation, the replayed steps counted once."""
+def test_preempted_then_cancelled_run_resumes_and_collects(tmp_path: Path, tones_corpus: Path) -> None:
+    """A 2-task run is preempted (requeued by itself), then killed by scancel between checkpoints and
+    re-submitted with `submit.py --resume`; the collector's table has one row per evaluation, replayed steps
+    counted once, and the table, CSV, JSON, model card and plot agree."""
     ((job_id, run_dir),) = launch(
         tmp_path,
         tones_corpus,
         "run.name=resumed",
         "cluster.nodes=2",
+        "cluster.partition=low",
         "train.global_batch_size=8",
         "train.max_micro_batch_size=4",
         "train.max_steps=400",
@@ -275,9 +277,15 @@ def test_cancelled_run_resumes_with_submit_resume_and_collects(tmp_path: Path, t
         "checkpoint.save_steps=10",
     )
     wait_for_step(run_dir, 0, 14)
+    subprocess.run(
+        ["sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3"],
+        check=True,
+        capture_output=True,
+    )
+    wait_for_step(run_dir, 1, last_train(run_dir, 0) + 14)
     subprocess.run(["scancel", job_id], check=True)
     wait_until_done([run_dir])
-    killed_at = last_train(run_dir, 0)
+    killed_at = last_train(run_dir, 1)
     done = subprocess.run(
         [PYTHON, SUBMIT, "--resume", str(run_dir), "--executor", "slurm", "--wait"],
         capture_output=True,
@@ -290,9 +298,11 @@ def test_cancelled_run_resumes_with_submit_resume_and_collects(tmp_path: Path, t
     assert "COMPLETED" in done.stdout
     (status,) = collect_status([run_dir])
     assert status.job_id != job_id and status.step == 400
-    assert [a for a, _ in status.starts] == [0, 1]
-    resumed_at = status.starts[-1][1]
-    assert resumed_at % 10 == 0 and 10 <= resumed_at <= killed_at < 400
+    assert [a for a, _ in status.starts] == [0, 1, 2]
+    preempted_at, resumed_at = (step for _, step in status.starts[1:])
+    events = [r for r in read_run_logs(run_dir) if r.get("event") and r["rank"] == 0]
+    assert [(e["event"], e["step"]) for e in events] == [("preemption", preempted_at)]
+    assert resumed_at % 10 == 0 and preempted_at < resumed_at <= killed_at < 400
     shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
     assert "COMPLETED" in shown.stdout and f" {resumed_at} " in shown.stdout
 
@@ -304,14 +314,38 @@ def test_cancelled_run_resumes_with_submit_resume_and_collects(tmp_path: Path, t
         timeout=120,
     )
     assert collected.returncode == 0, collected.stderr
+    check_results_agree(run_dir, steps=[100, 200, 300, 400], restarts=[preempted_at, resumed_at])
+    card = (run_dir / "final" / "README.md").read_text()
+    assert "- num_devices: 2" in card and "- attempts: 3" in card and "- nodes: 2" in card
+
+
+def check_results_agree(run_dir: Path, steps: list[int], restarts: list[int]) -> None:
+    """results.md, .csv, .json and the model card hold the same rows; the plot is a real picture."""
+    import csv
+
+    from matplotlib.image import imread
+
+    from asrlaunch.collect import HEADERS, NO_LOG, parse_table
+
+    headers, table = parse_table((run_dir / "results.md").read_text())
+    with (run_dir / "results.csv").open() as file:
+        csv_rows = list(csv.reader(file))
     result = json.loads((run_dir / "results.json").read_text())
-    steps = [row["Step"] for row in result["rows"]]
-    assert steps == [100, 200, 300, 400]
-    assert result["restarts"] == [resumed_at]
-    csv_rows = (run_dir / "results.csv").read_text().splitlines()[1:]
-    assert [int(line.split(",")[2]) for line in csv_rows] == steps
+    assert headers == list(HEADERS) == csv_rows[0]
+    assert [int(row[2]) for row in table] == steps == [row["Step"] for row in result["rows"]]
+    assert result["restarts"] == restarts
+    for md_row, csv_row, json_row in zip(table, csv_rows[1:], result["rows"], strict=True):
+        for header, md_value, csv_value in zip(HEADERS, md_row, csv_row, strict=True):
+            if md_value == NO_LOG:
+                assert csv_value == json_row[header] == NO_LOG
+                continue
+            assert float(md_value) == pytest.approx(float(csv_value), abs=5e-5), header
+            assert float(md_value) == pytest.approx(float(json_row[header]), abs=5e-5), header
     card = (run_dir / "final" / "README.md").read_text()
     assert (run_dir / "results.md").read_text() in card
-    assert f"- Wer: {result['final']['wer']}" in card or f"value: {result['final']['wer']}" in card
-    assert "- num_devices: 2" in card and "- attempts: 2" in card and "- nodes: 2" in card
-    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert f"value: {result['final']['wer']}" in card and f"- Wer: {table[-1][4]}" in card
+    picture = imread(run_dir / "curves.png")
+    height, width = picture.shape[:2]
+    assert height >= 300 and width >= 800
+    ink = (picture[..., :3] < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
+    assert 0.01 < ink < 0.5

@@ -48,7 +48,6 @@ MAY_CHANGE_ON_RESUME = (
     "train.backend",
     "train.zero_stage",
     "train.max_micro_batch_size",
-    "train.num_workers",
 )
 
 

@@ -110,7 +110,6 @@ class TrainSection(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     # Optimizer steps whose gradients are not finite are skipped; this many in a row end the run.
     max_consecutive_nonfinite: int = Field(20, ge=1)
-    num_workers: int = Field(0, ge=0)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -4,7 +4,7 @@ Two engines (`auto`, the command's default, takes espeak when espeak-ng and sox 
 - `espeak`: real synthetic speech (espeak-ng, several voices, speeds and pitches; SPHERE via sox).
   Realistic, but a tiny model trained from scratch does not learn it in minutes.
 - `tones`: numpy only. Each character is a short tone of its own frequency, words are separated by
-  silence; speakers differ in tempo, pitch and loudness, with background noise. A ~100k-parameter model
+  silence; speakers differ in tempo, pitch and loudness, with background noise. A ~0.2M-parameter model
   learns it in a couple of minutes on a CPU, which is what a smoke run needs to show that training works.
 
     python -m asrlaunch.data.synth --out data/synth --train 400 --test 100
