@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from asrlaunch.collect import (
+    NO_LOG,
     MixedRunsError,
+    ResultRow,
+    compare_tables,
     merge_records,
     parse_table,
     read_run,
@@ -215,6 +218,22 @@ def test_table_matches_transformers_modelcard_field_by_field(tmp_path: Path) -> 
     assert make_markdown_table(lines) == render_table([r.values() for r in rows])
 
 
+def test_compare_shows_every_column_of_the_reference_beside_ours() -> None:
+    rows = [ResultRow(3.1, 0.69, 100, 3.0, 1.0), ResultRow(NO_LOG, 1.38, 200, 2.5, 0.9)]
+    lines = compare_tables(REFERENCE.read_text(), rows).splitlines()
+    assert [cell.strip() for cell in lines[0].split("|")[1:]] == ["train loss", "epoch", "val loss", "WER"]
+    by_step = {line.split("|")[0].strip(): [c.split() for c in line.split("|")[1:]] for line in lines[2:]}
+    assert by_step["100"] == [
+        ["3.2001", "3.1000", "-0.1001"],
+        ["0.6900", "0.6900", "+0.0000"],
+        ["3.1346", "3.0000", "-0.1346"],
+        ["1.0000", "1.0000", "+0.0000"],
+    ]
+    assert by_step["200"][0] == ["2.9621", "-", "-"]  # no training loss logged on our side
+    assert by_step["2900"][3] == ["0.2167", "-", "-"]  # a step this run did not reach
+    assert len(lines) == 2 + 29
+
+
 def test_collect_writes_table_csv_json_card_and_plot(tmp_path: Path) -> None:
     synthetic_run(tmp_path)
     done = __import__("subprocess").run(
@@ -225,7 +244,7 @@ def test_collect_writes_table_csv_json_card_and_plot(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "restarts at steps: [6, 10]" in done.stdout and "ref loss" in done.stdout
+    assert "restarts at steps: [6, 10]" in done.stdout and "val loss" in done.stdout
     table = (tmp_path / "results.md").read_text()
     assert table == (GOLDEN / "collect_4ranks_3attempts.md").read_text()
     csv_lines = (tmp_path / "results.csv").read_text().splitlines()
@@ -254,6 +273,11 @@ def test_collect_writes_table_csv_json_card_and_plot(tmp_path: Path) -> None:
         table,
     ):
         assert expected in card, expected
+
+    def headings(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("##")]
+
+    assert headings(card) == headings(REFERENCE.read_text())  # the reference's sections, in its order
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -55,6 +55,7 @@ def _framework_versions(versions: dict[str, str]) -> str:
         "transformers": "Transformers",
         "torch": "Pytorch",
         "datasets": "Datasets",
+        "tokenizers": "Tokenizers",
         "accelerate": "Accelerate",
     }
     return "\n".join(f"- {names[k]} {versions[k]}" for k in names if k in versions)
@@ -106,6 +107,11 @@ It achieves the following results on the evaluation set:
 
 wav2vec2 with a CTC head over a character vocabulary, trained with asrlaunch (global batch
 {meta["plan"]["global_batch"]} on {meta["plan"]["world_size"]} process(es)).
+
+## Intended uses & limitations
+
+English speech recognition on read speech like the training corpus, 16 kHz audio; lower-case characters
+without punctuation, greedy CTC decoding with no language model. Not evaluated on other domains.
 
 ## Training and evaluation data
 

@@ -265,30 +265,38 @@ def sweep_summary(results: Sequence[dict[str, Any]]) -> str:
     return render_table(rows, ("Run", "Validation Loss", "Wer", "Best Wer", "Best Step", "Restarts"))
 
 
+COMPARED = {"Training Loss": "train loss", "Epoch": "epoch", "Validation Loss": "val loss", "Wer": "WER"}
+
+
+def _number_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):  # "No log", or a step missing on one side
+        return None
+
+
+def _compared(ref: Any, mine: Any) -> str:
+    a, b = _number_or_none(ref), _number_or_none(mine)
+    cells = [f"{x:>7.4f}" if x is not None else f"{'-':>7}" for x in (a, b)]
+    cells.append(f"{b - a:>+7.4f}" if a is not None and b is not None else f"{'-':>7}")
+    return " ".join(cells)
+
+
 def compare_tables(reference: str, rows: Sequence[ResultRow]) -> str:
-    """The reference card's table beside ours, step by step, with the differences."""
+    """The reference card's table beside ours, step by step: every column as reference, ours, difference."""
     headers, ref_rows = parse_table(reference)
-    ours = {row.step: row for row in rows}
+    ours = {row.step: dict(zip(HEADERS, row.values(), strict=True)) for row in rows}
     step_col = headers.index("Step")
     lines = [
-        f"{'Step':>6} | {'ref loss':>9} {'our loss':>9} {'diff':>9} | "
-        f"{'ref WER':>8} {'our WER':>8} {'diff':>8}"
+        f"{'':>6} | " + " | ".join(f"{name:^23}" for name in COMPARED.values()),
+        f"{'Step':>6} | " + " | ".join(f"{'ref':>7} {'ours':>7} {'diff':>7}" for _ in COMPARED),
     ]
     for ref in ref_rows:
         step = int(ref[step_col])
-        ref_loss, ref_wer = float(ref[headers.index("Validation Loss")]), float(ref[headers.index("Wer")])
-        mine = ours.get(step)
-        if mine is None:
-            lines.append(
-                f"{step:>6} | {ref_loss:>9.4f} {'-':>9} {'-':>9} | {ref_wer:>8.4f} {'-':>8} {'-':>8}"
-            )
-            continue
-        lines.append(
-            f"{step:>6} | {ref_loss:>9.4f} {mine.validation_loss:>9.4f} "
-            f"{mine.validation_loss - ref_loss:>+9.4f} | {ref_wer:>8.4f} {mine.wer:>8.4f} "
-            f"{mine.wer - ref_wer:>+8.4f}"
-        )
+        mine = ours.get(step, {})
+        cells = [_compared(ref[headers.index(header)], mine.get(header)) for header in COMPARED]
+        lines.append(f"{step:>6} | " + " | ".join(cells))
     extra = sorted(set(ours) - {int(r[step_col]) for r in ref_rows})
     if extra:
         lines.append(f"steps only in this run: {', '.join(map(str, extra))}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)

@@ -42,6 +42,7 @@ def collate(rows: Any, indices: np.ndarray, pad_to: int) -> Batch:
 def versions() -> dict[str, str]:
     import accelerate
     import datasets
+    import tokenizers
     import torch
     import transformers
 
@@ -50,6 +51,7 @@ def versions() -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,
+        "tokenizers": tokenizers.__version__,
         "accelerate": accelerate.__version__,
     }
 
