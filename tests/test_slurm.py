@@ -142,10 +142,14 @@ def test_sweep_is_one_job_array_and_both_complete(tmp_path: Path, tones_corpus: 
 
 
 def test_status_without_accounting_falls_back_to_squeue(tmp_path: Path, tones_corpus: Path) -> None:
-    ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=noacct")
+    ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=noacct", "train.max_steps=60")
     subprocess.run(["bash", str(CLUSTER), "dbd-stop"], check=True, capture_output=True)
     try:
         assert subprocess.run(["sacct", "-j", job_id], capture_output=True).returncode != 0
+        wait_for_step(run_dir, 0, 2)  # running, and logging: state from squeue, progress from the logs
+        (running,) = collect_status([run_dir])
+        assert running.job.state == "RUNNING" and running.job.source == "squeue", running
+        assert running.job.nodes.startswith("node") and running.step is not None and running.step >= 2
         states = wait_until_done([run_dir])
         (status,) = collect_status([run_dir])
         assert states[run_dir] == "COMPLETED"
