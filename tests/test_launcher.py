@@ -243,6 +243,15 @@ def test_local_executor_runs_a_job_to_completion(tmp_path: Path, tones_corpus: P
         str(RECIPES / "smoke.yaml"), f"data.dir={tones_corpus}", "--executor", "local", cwd=tmp_path
     )
     assert again.returncode == 2 and "holds a run already" in again.stderr
+    # the finished run submitted again: the job exits at once, successfully, and trains nothing
+    run_dir = tmp_path / "runs" / "smoke"
+    records = read_run_logs(run_dir)
+    resubmitted = submit("--resume", str(run_dir), "--executor", "local", "--wait", cwd=tmp_path)
+    assert resubmitted.returncode == 0, resubmitted.stdout + resubmitted.stderr
+    assert f"COMPLETED: {run_dir}" in resubmitted.stdout
+    assert read_run_logs(run_dir) == records
+    job_output = "".join(p.read_text() for p in (run_dir / "submitit").glob("*_0_log.out"))
+    assert job_output.count("finished already") == 1
 
 
 def test_local_executor_gets_the_recipes_time_limit_and_signal_delay(tmp_path: Path) -> None:
