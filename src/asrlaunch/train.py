@@ -245,6 +245,7 @@ class Trainer:
                         grad_norm=round(grad_norm, 6),
                         samples_per_s=round(timed_steps * plan.batch.global_batch / elapsed, 3),
                         nonfinite_skipped=self.nonfinite_total,
+                        **self._peak_memory(),
                         **(
                             {"sample_ids": [self.train_ids[int(i)] for i in batch]}
                             if recipe.logging.sample_ids
@@ -268,6 +269,14 @@ class Trainer:
                 window_start += time.perf_counter() - save_start
         progress.close()
         self.save_final()
+
+    def _peak_memory(self) -> dict[str, float]:
+        """On a GPU: the most device memory this process has held since it started, in GiB."""
+        import torch
+
+        if self.accelerator.device.type != "cuda":
+            return {}
+        return {"max_memory_gib": round(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30, 3)}
 
     def run_eval(self, step: int) -> dict[str, Any] | None:
         from asrlaunch.evaluate import evaluate
