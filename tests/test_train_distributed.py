@@ -85,7 +85,9 @@ def test_two_process_run_writes_both_rank_logs_and_the_final_model(
         for record in lines:
             assert {"kind", "step", "epoch", "rank", "attempt", "time"} <= set(record)
         for record in (r for r in lines if r["kind"] == "train"):
-            assert {"loss", "lr", "grad_norm", "samples_per_s"} <= set(record)
+            assert {"loss", "lr", "grad_norm", "samples_per_s", "nonfinite_skipped"} <= set(record)
+            assert record["ctc_infinite"] == 0  # the smoke model leaves every transcript enough frames
+            assert "max_memory_gib" not in record  # a GPU figure
     evals = [r for r in records if r["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["rank"] == 0 and {"eval_loss", "wer"} <= set(evals[0])
     final = run_dir / "final"
@@ -119,3 +121,32 @@ def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(
     assert "error: 3 optimizer steps in a row had non-finite gradients" in done.stderr
     records = [r for r in read_run_logs(tmp_path / "run") if r["kind"] == "train"]
     assert records and records[-1]["nonfinite_skipped"] >= 2
+
+
+def test_ctc_min_frames_counts_a_blank_between_repeats() -> None:
+    from asrlaunch.model import ctc_min_frames
+
+    assert ctc_min_frames([]) == 0
+    assert ctc_min_frames([1, 2, 3]) == 3
+    assert ctc_min_frames([1, 1, 2, 2, 2]) == 5 + 3  # "aabbb": a blank inside each pair of equal labels
+
+
+def test_utterances_too_short_for_their_transcript_are_counted_not_fatal(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """A conv stack that downsamples 8x more leaves fewer CTC frames than characters: such utterances have an
+    infinite loss, which ctc_zero_infinity zeroes; the run counts them and trains on."""
+    records = train(
+        tmp_path / "run",
+        tones_corpus,
+        1,
+        "train.max_steps=2",
+        "logging.steps=1",
+        "model.config.conv_dim=[32, 32, 32, 32]",
+        "model.config.conv_kernel=[10, 8, 8, 8]",
+        "model.config.conv_stride=[5, 8, 8, 8]",
+    )
+    steps = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert 0 < steps[0]["ctc_infinite"] < steps[1]["ctc_infinite"] <= 64
+    assert all(r["loss"] is not None for r in steps) and steps[-1]["nonfinite_skipped"] == 0

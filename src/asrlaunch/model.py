@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,6 +22,12 @@ def _ctc_head(vocab: dict[str, int], pad_id: int) -> dict[str, Any]:
         "ctc_loss_reduction": "mean",
         "ctc_zero_infinity": True,
     }
+
+
+def ctc_min_frames(labels: Sequence[int]) -> int:
+    """The fewest output frames a CTC path can emit `labels` in: one per label, plus a blank between two
+    equal neighbours. With fewer frames the loss is infinite (then zeroed by `ctc_zero_infinity`)."""
+    return len(labels) + sum(1 for a, b in itertools.pairwise(labels) if a == b)
 
 
 def build_model(section: ModelSection, vocab: dict[str, int], pad_id: int) -> Wav2Vec2ForCTC:

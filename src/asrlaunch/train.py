@@ -46,7 +46,7 @@ class Trainer:
 
         from asrlaunch.data.sampler import GlobalOrder
         from asrlaunch.data.timit import load_corpus
-        from asrlaunch.model import build_model, build_optimizer, build_scheduler
+        from asrlaunch.model import build_model, build_optimizer, build_scheduler, ctc_min_frames
         from asrlaunch.runtime import (
             default_cache_dir,
             ensure_corpus,
@@ -86,6 +86,7 @@ class Trainer:
         train = self.corpus.train
         self.train_rows = train.with_format("numpy", columns=["input_values", "labels"])
         self.train_ids = list(train["id"])
+        self.ctc_min_frames = np.array([ctc_min_frames(labels) for labels in train["labels"]])
         self.plan: StepPlan = plan_steps(
             self.batch_plan,
             len(train),
@@ -100,7 +101,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, recipe.train, self.plan.total_steps)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.log = RankLog(run_dir, self.rank, attempt=attempt)
-        self.nonfinite_total = self.nonfinite_in_a_row = 0
+        self.nonfinite_total = self.nonfinite_in_a_row = self.ctc_infinite_total = 0
         self.window: list[float] = []
         self.start_step = self._resume(Path(resume_from)) if resume_from else 0
 
@@ -124,6 +125,7 @@ class Trainer:
         state = checkpoint.read_state(folder)
         self.nonfinite_total = state["nonfinite_total"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.ctc_infinite_total = state.get("ctc_infinite_total", 0)
         self.window = list(state["loss_window"])
         if self.accelerator.is_main_process:
             how = ", ZeRO state through DeepSpeed's universal format" if self.universal else ""
@@ -142,6 +144,7 @@ class Trainer:
             "world_size": self.batch_plan.world_size,
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "ctc_infinite_total": self.ctc_infinite_total,
             "loss_window": self.window,
             "attempt": self.log.attempt,
         }
@@ -180,6 +183,7 @@ class Trainer:
 
         accelerator = self.accelerator
         batch, pad_to = self.order.batch(step), self.order.pad_length(step)
+        self.ctc_infinite_total += int((self.ctc_min_frames[batch] > self._output_frames(pad_to)).sum())
         losses, grad_norm = [], float("nan")
         for indices in rank_micro_batches(batch, self.batch_plan, self.rank):
             inputs = collate(self.train_rows, indices, pad_to)
@@ -193,6 +197,13 @@ class Trainer:
                     grad_norm = self._update()
             losses.append(float(loss.detach()))
         return float(np.mean(losses)), grad_norm, batch
+
+    def _output_frames(self, samples: int) -> int:
+        """CTC frames the model emits for `samples` of audio (every micro-batch of a step is padded alike)."""
+        import torch
+
+        model = self.accelerator.unwrap_model(self.model)
+        return int(model._get_feat_extract_output_lengths(torch.tensor(samples)))
 
     def _update(self) -> float:
         """Clip, step (unless the gradients are not finite) and schedule; all ranks agree after all-reduce."""
@@ -245,6 +256,7 @@ class Trainer:
                         grad_norm=round(grad_norm, 6),
                         samples_per_s=round(timed_steps * plan.batch.global_batch / elapsed, 3),
                         nonfinite_skipped=self.nonfinite_total,
+                        ctc_infinite=self.ctc_infinite_total,
                         **self._peak_memory(),
                         **(
                             {"sample_ids": [self.train_ids[int(i)] for i in batch]}
