@@ -308,7 +308,7 @@ def test_preempted_then_cancelled_run_resumes_and_collects(tmp_path: Path, tones
     assert [(e["event"], e["step"]) for e in events] == [("preemption", preempted_at)]
     assert resumed_at % 10 == 0 and preempted_at < resumed_at <= killed_at < 400
     shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
-    assert "COMPLETED" in shown.stdout and f" {resumed_at} " in shown.stdout
+    assert "COMPLETED" in shown.stdout and f" {preempted_at},{resumed_at} " in shown.stdout
 
     collected = subprocess.run(
         [PYTHON, str(ROOT / "launch" / "collect.py"), str(run_dir)],
