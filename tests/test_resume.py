@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,8 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def run_and_kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:
-    """Start training, kill -9 the whole process group once checkpoint `step` is complete."""
-    manifest = checkpoint.step_dir(run_dir / "checkpoints", step) / checkpoint.MANIFEST
+def kill_when(cmd: list[str], ready: Callable[[], bool], what: str, poll_s: float = 0.05) -> None:
+    """Start training in its own process group and kill -9 the whole group as soon as `ready()` holds."""
     process = subprocess.Popen(
         cmd,
         env=python_env(OMP_NUM_THREADS="1"),
@@ -64,12 +64,18 @@ def run_and_kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> N
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
-    while not manifest.exists():
-        assert process.poll() is None, "training ended before the checkpoint was written"
+    while not ready():
+        assert process.poll() is None, f"training ended before {what}"
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(poll_s)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def run_and_kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> None:
+    """Start training, kill -9 the whole process group once checkpoint `step` is complete."""
+    manifest = checkpoint.step_dir(run_dir / "checkpoints", step) / checkpoint.MANIFEST
+    kill_when(cmd, manifest.exists, "the checkpoint was written")
     assert not (run_dir / "final").exists()
 
 
@@ -77,21 +83,12 @@ def kill_while_writing_a_checkpoint(cmd: list[str], run_dir: Path, tries: int = 
     """kill -9 the process group while a checkpoint is half written: as soon as its partial folder holds
     a file. A kill that lands just after the rename is retried (the next start resumes and saves again)."""
     checkpoints = run_dir / "checkpoints"
+
+    def half_written() -> bool:
+        return any(any(p.iterdir()) for p in checkpoints.glob(".step-*.partial"))
+
     for _ in range(tries):
-        process = subprocess.Popen(
-            cmd,
-            env=python_env(OMP_NUM_THREADS="1"),
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 300
-        while not any(any(p.iterdir()) for p in checkpoints.glob(".step-*.partial")):
-            assert process.poll() is None, "training ended before a checkpoint was caught mid-write"
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill_when(cmd, half_written, "a checkpoint was caught mid-write", poll_s=0.001)
         if list(checkpoints.glob(".step-*.partial")):
             return
     pytest.fail(f"no kill landed inside a checkpoint write in {tries} tries")

@@ -13,7 +13,7 @@ import pytest
 from asrlaunch.logs import read_run_logs
 from asrlaunch.status import TERMINAL, collect_status
 
-from .conftest import PYTHON, RECIPES, ROOT, python_env
+from .conftest import PYTHON, RECIPES, ROOT, engine_command, python_env
 
 SUBMIT, STATUS = str(ROOT / "launch" / "submit.py"), str(ROOT / "launch" / "status.py")
 CLUSTER = ROOT / "slurm" / "cluster.sh"
@@ -180,6 +180,15 @@ def wait_for_step(run_dir: Path, attempt: int, at_least: int, timeout: float = 2
     raise AssertionError(f"attempt {attempt} did not reach step {at_least}: {collect_status([run_dir])}")
 
 
+def preempt_with_a_high_priority_job() -> None:
+    """A short job on the `high` partition that needs every node: SLURM preempts (requeues) `low` jobs."""
+    subprocess.run(
+        ["sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3"],
+        check=True,
+        capture_output=True,
+    )
+
+
 def scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
 
@@ -199,18 +208,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     ]
     straight = tmp_path / "straight"
     done = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "asrlaunch.train",
-            str(RECIPES / "smoke.yaml"),
-            "--run-dir",
-            str(straight),
-            f"data.dir={tones_corpus}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "eval.at_start=false",
-            *overrides,
-        ],
+        engine_command(straight, tones_corpus, 1, "eval.at_start=false", *overrides),
         env=python_env(OMP_NUM_THREADS="1"),
         capture_output=True,
         text=True,
@@ -228,11 +226,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     )
     # 1. preemption by a high-priority job that needs every node
     wait_for_step(run_dir, 0, 3)
-    subprocess.run(
-        ["sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3"],
-        check=True,
-        capture_output=True,
-    )
+    preempt_with_a_high_priority_job()
     # 2. a user signal, as `scancel --signal` delivers it
     wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
@@ -281,11 +275,7 @@ def test_preempted_then_cancelled_run_resumes_and_collects(tmp_path: Path, tones
         "checkpoint.save_steps=10",
     )
     wait_for_step(run_dir, 0, 14)
-    subprocess.run(
-        ["sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3"],
-        check=True,
-        capture_output=True,
-    )
+    preempt_with_a_high_priority_job()
     wait_for_step(run_dir, 1, last_train(run_dir, 0) + 14)
     subprocess.run(["scancel", job_id], check=True)
     wait_until_done([run_dir])

@@ -15,7 +15,7 @@ from asrlaunch.data import timit
 from asrlaunch.data.synth import espeak_available, generate_corpus
 from asrlaunch.data.timit import DataError, build_vocab, load_corpus, normalize_text, scan_split
 
-from .conftest import PYTHON, RECIPES, python_env
+from .conftest import PYTHON, engine_command, python_env
 
 
 def test_normalisation_follows_the_hf_recipe() -> None:
@@ -164,16 +164,7 @@ def test_the_engine_reports_a_bad_corpus_without_a_traceback(tmp_path: Path) -> 
     audio, _ = soundfile.read(wav)
     soundfile.write(wav, audio, 8000, format="NIST", subtype="PCM_16")
     done = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "asrlaunch.train",
-            str(RECIPES / "smoke.yaml"),
-            "--run-dir",
-            str(tmp_path / "run"),
-            f"data.dir={root}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-        ],
+        engine_command(tmp_path / "run", root, 1),
         env=python_env(),
         capture_output=True,
         text=True,
