@@ -257,13 +257,14 @@ def test_collect_writes_table_csv_json_card_and_plot(tmp_path: Path) -> None:
         "- train_batch_size: 8",
         "- eval_batch_size: 1",
         "- seed: 42",
-        "- optimizer: AdamW with betas=(0.9,0.999) and epsilon=1e-08",
+        "- optimizer: Adam with betas=(0.9,0.999) and epsilon=1e-08",  # the Trainer's words for its AdamW
         "- lr_scheduler_type: linear",
         "- lr_scheduler_warmup_steps: 2",
         "- num_epochs: 1.6",
-        "- distributed_type: multi-CPU",
+        "- distributed_type: multi-GPU",  # the Trainer's words for any process group, on CPUs too
         "- num_devices: 4",
         "- total_train_batch_size: 32",
+        "- total_eval_batch_size: 4",
         "- nodes: 2",
         "- attempts: 3",
         "- Loss: 0.802",

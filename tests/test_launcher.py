@@ -54,6 +54,20 @@ def test_dry_run_json_gives_the_plan(tmp_path: Path, nodes: int, gpus: int, micr
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
+def test_timit32_dry_run_shows_the_reference_scripts_model_settings(tmp_path: Path) -> None:
+    done = submit(str(RECIPES / "timit32.yaml"), "--dry-run", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    recipe = json.loads(done.stdout)["recipe"]
+    overrides = recipe["model"]["overrides"]
+    dropouts = ("attention", "activation", "hidden", "feat_proj", "final")
+    dropouts = tuple(f"{name}_dropout" for name in dropouts)
+    assert {key: overrides[key] for key in dropouts} == dict.fromkeys(dropouts, 0.0)
+    masking = (overrides["mask_time_prob"], overrides["mask_time_length"], overrides["layerdrop"])
+    assert masking == (0.05, 10, 0.0)
+    assert recipe["logging"]["steps"] == 10 and recipe["eval"]["steps"] == 100
+    assert recipe["data"]["text_normalization"] == "reference"
+
+
 def test_micro_batch_limit_becomes_accumulation(tmp_path: Path) -> None:
     done = submit(
         str(RECIPES / "timit32.yaml"), "train.max_micro_batch_size=8", "--dry-run", "--json", cwd=tmp_path

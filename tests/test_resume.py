@@ -296,3 +296,16 @@ def test_deepspeed_zero2_resumes_exactly_and_on_another_world_size(
     assert sample_ids(plain) == sample_ids(changed)
     for step, loss in step_losses(plain).items():
         assert step_losses(changed)[step] == pytest.approx(loss, rel=1e-5)
+
+
+def test_deepspeed_trains_in_bf16_on_cpu(tmp_path: Path, tones_corpus: Path) -> None:
+    """DeepSpeed holds the model in bf16 and does not autocast: the audio is cast to the engine's dtype (as
+    the Trainer's _prepare_input), else the first convolution fails on a dtype mismatch."""
+    run_dir = tmp_path / "bf16"
+    bf16 = ("train.backend=deepspeed", "train.mixed_precision=bf16", "train.max_steps=3")
+    rest = ("train.max_micro_batch_size=8", "logging.steps=1", "eval.steps=3", "eval.at_start=false")
+    run(engine_command(run_dir, tones_corpus, 1, *bf16, *rest))
+    records = read_run_logs(run_dir)
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 3 and all(isinstance(x, float) for x in losses)
+    assert [r["eval_samples"] for r in records if r["kind"] == "eval"] == [16]

@@ -13,7 +13,8 @@ import soundfile
 
 from asrlaunch.data import timit
 from asrlaunch.data.synth import espeak_available, generate_corpus
-from asrlaunch.data.timit import DataError, build_vocab, load_corpus, normalize_text, scan_split
+from asrlaunch.data.text import build_vocab, normalize_text
+from asrlaunch.data.timit import DataError, load_corpus, scan_split
 
 from .conftest import PYTHON, engine_command, python_env
 

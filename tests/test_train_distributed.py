@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from asrlaunch.collect import collect_run
 from asrlaunch.logs import read_run_logs
 
 from .conftest import engine_command, python_env
@@ -92,6 +94,31 @@ def test_two_process_run_writes_both_rank_logs_and_the_final_model(
     assert len(evals) == 1 and evals[0]["rank"] == 0 and {"eval_loss", "wer"} <= set(evals[0])
     final = run_dir / "final"
     assert (final / "model.safetensors").exists() and (final / "vocab.json").exists()
+    collect_run(run_dir)
+    card = (final / "README.md").read_text()
+    lines = card.split("used during training:\n")[1].split("\n\n")[0].splitlines()
+    assert lines[:13] == [  # transformers' extract_hyperparameters_from_trainer, in its order
+        "- learning_rate: 0.003",
+        "- train_batch_size: 4",
+        "- eval_batch_size: 1",
+        "- seed: 42",
+        "- distributed_type: multi-GPU",
+        "- num_devices: 2",
+        "- gradient_accumulation_steps: 4",
+        "- total_train_batch_size: 32",
+        "- total_eval_batch_size: 2",
+        "- optimizer: Adam with betas=(0.9,0.999) and epsilon=1e-08",
+        "- lr_scheduler_type: linear",
+        "- lr_scheduler_warmup_steps: 50",
+        "- training_steps: 4",
+    ]
+    assert [line.split(":")[0] for line in lines[13:]] == [
+        "- nodes",
+        "- attempts",
+        "- restarts (resumed from step)",
+        "- wall_time_s",
+        "- device_hours",
+    ]
     assert json.loads((final / "config.json").read_text())["vocab_size"] == len(
         json.loads((final / "vocab.json").read_text())
     )
@@ -121,6 +148,11 @@ def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(
     assert "error: 3 optimizer steps in a row had non-finite gradients" in done.stderr
     records = [r for r in read_run_logs(tmp_path / "run") if r["kind"] == "train"]
     assert records and records[-1]["nonfinite_skipped"] >= 2
+    # As the Trainer: a skipped step does not advance the schedule (linear decay without warmup: the lr
+    # falls at every applied step and stays put at every skipped one).
+    for before, after in itertools.pairwise(records):
+        skipped = after["nonfinite_skipped"] > before["nonfinite_skipped"]
+        assert (after["lr"] == before["lr"]) if skipped else (after["lr"] < before["lr"])
 
 
 def test_ctc_min_frames_counts_a_blank_between_repeats() -> None:

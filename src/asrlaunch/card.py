@@ -13,41 +13,60 @@ from asrlaunch.collect import HEADERS, MergedRun, ResultRow, format_value, rende
 DATASET = {"timit": "TIMIT_ASR - NA", "default": "GENERATED_TIMIT_LAYOUT - synthetic"}
 
 
-def hyperparameters(meta: dict[str, Any], attempts: int) -> list[tuple[str, Any]]:
-    """The keys transformers writes into a card, then what distributed runs and requeues add."""
+def hyperparameters(meta: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The lines transformers' `extract_hyperparameters_from_trainer` (4.15, the reference card's version)
+    writes for the same settings, in its order: per-device batch sizes, `distributed_type`/`num_devices`
+    whenever a process group exists, totals only where they differ, its optimizer wording (the Trainer's
+    AdamW printed as "Adam"), no warmup line for no warmup, "Native AMP" only for fp16 autocast (not under
+    DeepSpeed)."""
     recipe, plan = meta["recipe"], meta["plan"]
     train = recipe["train"]
-    betas = tuple(train["adam_betas"])
-    optimizer = "Adam" if train["optimizer"] == "adam" else "AdamW"
+    world, micro, accum = plan["world_size"], plan["micro_batch"], plan["grad_accum"]
+    eval_batch = recipe["eval"]["batch_size"]
+    on_gpu = "cuda" in str(meta.get("device"))
     items: list[tuple[str, Any]] = [
         ("learning_rate", train["lr"]),
-        ("train_batch_size", plan["micro_batch"]),
-        ("eval_batch_size", recipe["eval"]["batch_size"]),
+        ("train_batch_size", micro),
+        ("eval_batch_size", eval_batch),
         ("seed", train["seed"]),
     ]
-    if plan["world_size"] > 1:
-        items += [
-            ("distributed_type", "multi-GPU" if "cuda" in str(meta.get("device")) else "multi-CPU"),
-            ("num_devices", plan["world_size"]),
-        ]
-    if plan["grad_accum"] > 1:
-        items.append(("gradient_accumulation_steps", plan["grad_accum"]))
-    if plan["world_size"] > 1 or plan["grad_accum"] > 1:
-        items.append(("total_train_batch_size", plan["global_batch"]))
-    items += [
-        ("optimizer", f"{optimizer} with betas=({betas[0]},{betas[1]}) and epsilon={train['adam_eps']:g}"),
-        ("lr_scheduler_type", train["lr_scheduler"]),
-        ("lr_scheduler_warmup_steps", train["warmup_steps"]),
-    ]
+    backend = train.get("backend", "ddp")
+    if world > 1 or backend == "deepspeed":
+        items.append(("distributed_type", "multi-GPU"))  # the Trainer's words for any process group, CPU too
+    if world > 1:
+        items.append(("num_devices", world))
+    if accum > 1:
+        items.append(("gradient_accumulation_steps", accum))
+    if micro * world * accum != micro:
+        items.append(("total_train_batch_size", micro * world * accum))
+    if eval_batch * world != eval_batch:
+        items.append(("total_eval_batch_size", eval_batch * world))
+    betas = train["adam_betas"]
+    items.append(("optimizer", f"Adam with betas=({betas[0]},{betas[1]}) and epsilon={train['adam_eps']}"))
+    items.append(("lr_scheduler_type", train["lr_scheduler"]))
+    if train["warmup_steps"]:
+        items.append(("lr_scheduler_warmup_steps", train["warmup_steps"]))
     items.append(
         ("training_steps", plan["total_steps"])
         if train.get("max_steps")
         else ("num_epochs", float(train["epochs"]))
     )
-    if train["mixed_precision"] != "no" and "cuda" in str(meta.get("device")):
+    if train["mixed_precision"] == "fp16" and on_gpu and backend == "ddp":
         items.append(("mixed_precision_training", "Native AMP"))
-    items += [("nodes", meta.get("nodes", 1)), ("attempts", attempts)]
     return items
+
+
+def run_facts(run: MergedRun) -> list[tuple[str, Any]]:
+    """What the Trainer's card lacks: where and how long the run trained, across its attempts."""
+    meta = run.meta[-1]
+    spent = usage(run)
+    return [
+        ("nodes", meta.get("nodes", 1)),
+        ("attempts", len(run.restarts) + 1),
+        ("restarts (resumed from step)", ", ".join(map(str, run.restarts)) or "none"),
+        ("wall_time_s", f"{spent['wall_time_s']:.0f}"),
+        ("device_hours", f"{spent['device_hours']:.3f}"),
+    ]
 
 
 def _framework_versions(versions: dict[str, str]) -> str:
@@ -84,8 +103,7 @@ def model_card(name: str, run: MergedRun, rows: Sequence[ResultRow]) -> str:
         if final
         else " []"
     )
-    params = "\n".join(f"- {key}: {value}" for key, value in hyperparameters(meta, len(run.restarts) + 1))
-    spent = usage(run)
+    params = "\n".join(f"- {key}: {value}" for key, value in [*hyperparameters(meta), *run_facts(run)])
     return f"""---
 license: apache-2.0
 tags:
@@ -123,9 +141,6 @@ Train {meta["plan"]["train_samples"]} utterances; evaluation at batch size 1 on 
 
 The following hyperparameters were used during training:
 {params}
-- restarts (resumed from step): {", ".join(map(str, run.restarts)) or "none"}
-- wall_time_s: {spent["wall_time_s"]:.0f}
-- device_hours: {spent["device_hours"]:.3f}
 
 ### Training results
 

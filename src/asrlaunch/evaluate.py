@@ -24,6 +24,7 @@ def evaluate(
     table: datasets.Dataset,
     processor: Wav2Vec2Processor,
     accelerator: Accelerator,
+    input_dtype: torch.dtype = torch.float32,
 ) -> EvalResult | None:
     """Greedy CTC decoding of rank r's share (r, r + world, ...); WER computed once, on rank 0.
 
@@ -36,7 +37,7 @@ def evaluate(
     with torch.no_grad(), accelerator.autocast():
         for index in mine:
             row = rows[index]
-            inputs = torch.as_tensor(row["input_values"], device=accelerator.device)[None]
+            inputs = torch.as_tensor(row["input_values"], device=accelerator.device, dtype=input_dtype)[None]
             labels = torch.as_tensor(row["labels"], dtype=torch.long, device=accelerator.device)[None]
             output = model(input_values=inputs, labels=labels)
             prediction = processor.batch_decode(output.logits.argmax(dim=-1))[0]

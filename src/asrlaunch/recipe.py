@@ -86,6 +86,9 @@ class DataSection(_Section):
     expected_train_size: int | None = Field(None, ge=1)
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    # `reference`: the reference script's cleaning, final word delimiter and vocabulary order (its unescaped
+    # regex also deletes apostrophes and digits); `clean`: keeps apostrophes and digits. See data/text.py.
+    text_normalization: Literal["reference", "clean"] = "clean"
     generate: SynthSection | None = None
 
 

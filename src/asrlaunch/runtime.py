@@ -126,7 +126,7 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
     )
 
     on_cpu = not torch.cuda.is_available()
-    precision = "no" if on_cpu else recipe.train.mixed_precision
+    precision = effective_precision(recipe.train.mixed_precision, on_cpu)
     handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=_needs_unused(recipe))]
     deepspeed = None
     if recipe.train.backend == "deepspeed":
@@ -152,6 +152,22 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
             f"{accelerator.num_processes}: launch with torchrun/srun, not `accelerate launch --cpu`"
         )
     return accelerator
+
+
+def effective_precision(requested: str, on_cpu: bool) -> str:
+    """fp16 needs a GPU (a CPU run trains in fp32); bf16 runs on CPUs too (autocast, or DeepSpeed's bf16)."""
+    return "no" if on_cpu and requested == "fp16" else requested
+
+
+def input_dtype(accelerator: Any) -> Any:
+    """The dtype of float inputs. DeepSpeed holds the model itself in fp16/bf16 and does not autocast, so
+    the audio must be cast to it, as the Trainer's `_prepare_input` does; otherwise autocast casts."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
 def _needs_unused(recipe: Recipe) -> bool:

@@ -50,6 +50,7 @@ class Trainer:
         from asrlaunch.runtime import (
             default_cache_dir,
             ensure_corpus,
+            input_dtype,
             load_universal_checkpoints,
             make_accelerator,
         )
@@ -59,6 +60,7 @@ class Trainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.batch_plan = plan_batch(recipe.train.global_batch_size, world, recipe.train.max_micro_batch_size)
         self.accelerator = accelerator = make_accelerator(recipe, self.batch_plan)
+        self.input_dtype = input_dtype(accelerator)
         self.rank = accelerator.process_index
         # Rank 0 decides the attempt and the verified checkpoint to resume from, so every rank agrees;
         # before `prepare`, because ZeRO shards of another world size need DeepSpeed's universal loader.
@@ -82,6 +84,7 @@ class Trainer:
                 recipe.data.cache_dir or default_cache_dir(),
                 recipe.data.max_train_samples,
                 recipe.data.max_eval_samples,
+                recipe.data.text_normalization,
             )
         train = self.corpus.train
         self.train_rows = train.with_format("numpy", columns=["input_values", "labels"])
@@ -189,7 +192,7 @@ class Trainer:
             inputs = collate(self.train_rows, indices, pad_to)
             with accelerator.accumulate(self.model), accelerator.autocast():
                 loss = self.model(
-                    input_values=inputs.input_values.to(accelerator.device),
+                    input_values=inputs.input_values.to(accelerator.device, self.input_dtype),
                     labels=inputs.labels.to(accelerator.device),
                 ).loss
                 accelerator.backward(loss)
@@ -216,7 +219,8 @@ class Trainer:
         if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips overflowing steps itself
             self.optimizer.step()
         skipped = not finite or self.accelerator.optimizer_step_was_skipped
-        self.scheduler.step()
+        if not skipped:  # as the Trainer: a step that left the weights alone does not advance the schedule
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_total += int(skipped)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
@@ -293,7 +297,9 @@ class Trainer:
     def run_eval(self, step: int) -> dict[str, Any] | None:
         from asrlaunch.evaluate import evaluate
 
-        result = evaluate(self.model, self.corpus.test, self.corpus.processor, self.accelerator)
+        result = evaluate(
+            self.model, self.corpus.test, self.corpus.processor, self.accelerator, self.input_dtype
+        )
         if result is None:
             return None
         return self.log.write(

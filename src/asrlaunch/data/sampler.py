@@ -14,7 +14,10 @@ import numpy as np
 
 from asrlaunch.plan import BatchPlan
 
-# Length grouping sorts within chunks of this many global batches (transformers uses 50 too).
+# Length grouping sorts within chunks of this many global batches. A deliberate design, not the Trainer's:
+# its LengthGroupedSampler sorts megabatches of min(len // (batch * 4), 50) per-device batches (36 for TIMIT
+# at 32), longest first, in megabatch order; ours sorts chunks of 50 *global* batches and shuffles the
+# batches, so the order is the same on every world size.
 GROUP_CHUNK_BATCHES = 50
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,12 +22,19 @@ if TYPE_CHECKING:
     import datasets
     from transformers import Wav2Vec2Processor
 
+from asrlaunch.data.text import (
+    PAD,
+    UNK,
+    WORD_DELIMITER,
+    Normalization,
+    Transcript,
+    build_vocab,
+    transcript,
+)
+
 SAMPLE_RATE = 16000
 SPLITS = ("train", "test")
-# What the Hugging Face TIMIT recipe strips before building the character vocabulary.
-PUNCTUATION = re.compile(r"[,?.!\-;:\"]")
-WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
-CACHE_FORMAT = 1  # bump when the prepared table changes shape
+CACHE_FORMAT = 2  # bump when the prepared table changes shape
 
 
 class DataError(ValueError):
@@ -43,22 +49,17 @@ class Utterance:
     transcript: Path
 
 
-def normalize_text(text: str) -> str:
-    return " ".join(PUNCTUATION.sub("", text.lower()).split())
-
-
 def read_transcript(path: Path) -> str:
-    """A .TXT line is `<start sample> <end sample> <sentence>`; the offsets are dropped."""
+    """A .TXT line is `<start sample> <end sample> <sentence>`; the offsets are dropped and the words joined
+    by single spaces, as the `timit_asr` dataset the reference run used reads them."""
     try:
-        fields = path.read_text(errors="replace").strip().split(maxsplit=2)
+        first_line = (path.read_text(errors="replace").splitlines() or [""])[0]
     except OSError as error:
         raise DataError(f"{path}: cannot read transcript ({error.strerror})") from None
+    fields = first_line.split()
     if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
         raise DataError(f"{path}: expected '<start> <end> <sentence>', got {' '.join(fields)!r}")
-    text = normalize_text(fields[2])
-    if not text:
-        raise DataError(f"{path}: the sentence is empty after normalisation")
-    return text
+    return " ".join(fields[2:])
 
 
 def _child(folder: Path, name: str) -> Path | None:
@@ -117,15 +118,6 @@ def read_audio(path: Path) -> np.ndarray:
     return audio[:, 0]
 
 
-def build_vocab(texts: list[str]) -> dict[str, int]:
-    """Character vocabulary as the HF recipe builds it: sorted characters, space as `|`, then unk and pad."""
-    chars = sorted({c for text in texts for c in text} - {" "})
-    vocab = {c: i for i, c in enumerate([*chars, WORD_DELIMITER])}
-    vocab[UNK] = len(vocab)
-    vocab[PAD] = len(vocab)
-    return vocab
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Ranks that write the same file at once must not tear it: write a private file, then rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -136,9 +128,11 @@ def write_atomic(path: Path, text: str) -> None:
 def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
+    # One folder per vocabulary: runs sharing a cache may build different ones at the same time.
+    folder = folder / f"processor-{hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     vocab_file = folder / "vocab.json"
-    write_atomic(vocab_file, json.dumps(vocab, indent=1, sort_keys=True))
+    write_atomic(vocab_file, json.dumps(vocab, indent=1))
     tokenizer = Wav2Vec2CTCTokenizer(
         str(vocab_file), unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER
     )
@@ -149,9 +143,9 @@ def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
     return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
 
 
-def _fingerprint(utterances: list[Utterance], vocab: dict[str, int]) -> str:
-    """Changes when any file, the vocabulary or the table format changes; reads no audio."""
-    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, vocab]).encode())
+def _fingerprint(utterances: list[Utterance], vocab: dict[str, int], mode: Normalization) -> str:
+    """Changes when any file, the vocabulary, the normalisation or the table format changes; reads no audio."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, vocab, mode]).encode())
     for utt in utterances:
         for path in (utt.audio, utt.transcript):
             stat = path.stat()
@@ -159,17 +153,19 @@ def _fingerprint(utterances: list[Utterance], vocab: dict[str, int]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _rows(utterances: list[Utterance], texts: list[str], processor: Wav2Vec2Processor) -> Iterator[dict[str, Any]]:
+def _rows(
+    utterances: list[Utterance], texts: list[Transcript], processor: Wav2Vec2Processor
+) -> Iterator[dict[str, Any]]:
     for utt, text in zip(utterances, texts, strict=True):
         audio = read_audio(utt.audio)
         values = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE).input_values[0]
-        labels = processor.tokenizer(text.replace(" ", WORD_DELIMITER)).input_ids
-        yield {"id": utt.id, "text": text, "input_values": values, "labels": labels, "length": len(audio)}
+        labels = processor.tokenizer(text.target).input_ids
+        yield {"id": utt.id, "text": text.reference, "input_values": values, "labels": labels, "length": len(audio)}
 
 
 def prepare_split(
     utterances: list[Utterance],
-    texts: list[str],
+    texts: list[Transcript],
     processor: Wav2Vec2Processor,
     cache_dir: Path,
     key: str,
@@ -211,22 +207,31 @@ class PreparedCorpus:
     vocab: dict[str, int]
 
 
+def read_transcripts(utterances: list[Utterance], mode: Normalization) -> list[Transcript]:
+    texts = [transcript(read_transcript(u.transcript), mode) for u in utterances]
+    for utt, text in zip(utterances, texts, strict=True):
+        if not text.reference:
+            raise DataError(f"{utt.transcript}: the sentence is empty after normalisation ({mode})")
+    return texts
+
+
 def load_corpus(
     root: str | Path,
     cache_dir: str | Path,
     max_train: int | None = None,
     max_test: int | None = None,
+    normalization: Normalization = "clean",
 ) -> PreparedCorpus:
     """Scan, normalise and prepare both splits; the vocabulary spans both, as in the HF recipe."""
     cache_dir = Path(cache_dir)
     splits = {"train": scan_split(root, "train")[:max_train], "test": scan_split(root, "test")[:max_test]}
-    texts = {name: [read_transcript(u.transcript) for u in utts] for name, utts in splits.items()}
-    vocab = build_vocab(texts["train"] + texts["test"])
+    texts = {name: read_transcripts(utts, normalization) for name, utts in splits.items()}
+    vocab = build_vocab((t.target for name in SPLITS for t in texts[name]), normalization)
     processor = make_processor(vocab, cache_dir)
     tables = {
         name: prepare_split(
             splits[name], texts[name], processor, cache_dir,
-            f"{name}-{_fingerprint(splits[name], vocab)}",
+            f"{name}-{_fingerprint(splits[name], vocab, normalization)}",
         )
         for name in SPLITS
     }
