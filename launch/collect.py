@@ -12,9 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from asrlaunch.card import plot_curves
-from asrlaunch.collect import MixedRunsError, collect_run, compare_tables, render_table, sweep_summary
-from asrlaunch.status import expand_run_dirs
+from asrlaunch.cli import clean_warnings, error
+from asrlaunch.collect import MixedRunsError, compare_tables, render_table, run_result
+from asrlaunch.report import write_run_report, write_sweep_report
+from asrlaunch.rundir import RunDir, SweepDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,35 +27,43 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", metavar="MODEL_CARD", help="print a model card's results table beside ours"
     )
     args = parser.parse_args(argv)
+    clean_warnings()
+    reference = None
+    if args.compare:
+        try:
+            reference = Path(args.compare).read_text()
+        except OSError as problem:
+            error(f"--compare {args.compare}: {problem.strerror}")
+            return 2
     exit_code = 0
     for path in map(Path, args.paths):
-        run_dirs = expand_run_dirs([path])
+        run_dirs = [RunDir(path)] if RunDir(path).is_run() else SweepDir(path).elements()
         if not run_dirs:
-            print(f"error: {path}: no run directory (with recipe.yaml) here", file=sys.stderr)
+            error(f"{path}: no run directory (with {RunDir(path).recipe.name}) here")
             return 2
         results = []
         for run_dir in run_dirs:
             try:
-                result = collect_run(run_dir)
-            except (FileNotFoundError, MixedRunsError, ValueError) as error:
-                print(f"error: {error}", file=sys.stderr)
+                result = run_result(run_dir)
+            except (FileNotFoundError, MixedRunsError, ValueError) as problem:
+                error(problem)
                 exit_code = 2
                 continue
             results.append(result)
-            print(f"# {run_dir}  (restarts at steps: {result['restarts'] or 'none'})")
-            print(render_table([row.values() for row in result["rows"]]))
-            print(f"wrote {run_dir}/results.md, results.csv, results.json, curves.png, final/README.md\n")
-            if args.compare:
+            written = write_run_report(result)
+            print(f"# {run_dir}  (restarts at steps: {result.run.restarts or 'none'})")
+            print(render_table([row.values() for row in result.rows]))
+            print(f"wrote {', '.join(str(p) for p in written)}\n")
+            if reference is not None:
                 try:
-                    print(compare_tables(Path(args.compare).read_text(), result["rows"]) + "\n")
-                except (OSError, ValueError) as error:
-                    print(f"error: --compare {args.compare}: {error}", file=sys.stderr)
+                    print(compare_tables(reference, result.rows) + "\n")
+                except ValueError as problem:
+                    error(f"--compare {args.compare}: {problem}")
                     return 2
         if len(run_dirs) > 1 and results:
-            summary = sweep_summary(results)
-            (path / "summary.md").write_text(summary)
-            plot_curves(path / "curves.png", {Path(r["run_dir"]).name: r["run"] for r in results})
-            print(f"# sweep {path}\n{summary}\nwrote {path}/summary.md and {path}/curves.png")
+            sweep = SweepDir(path)
+            written = write_sweep_report(sweep, results)
+            print(f"# sweep {path}\n{sweep.summary.read_text()}\nwrote {', '.join(str(p) for p in written)}")
     return exit_code
 
 

@@ -8,11 +8,13 @@ Never imports torch: it answers in about a second.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
+from asrlaunch.cli import clean_warnings, error
+from asrlaunch.rundir import RunDir
 from asrlaunch.status import collect_status, format_table
 
 
@@ -31,18 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
     args = parser.parse_args(argv)
+    clean_warnings()
     while True:
         statuses = collect_status(args.run_dirs)
         if not statuses:
-            print(f"error: no run directory (with recipe.yaml) in {' '.join(args.run_dirs)}", file=sys.stderr)
+            error(f"no run directory (with {RunDir(Path()).recipe.name}) in {' '.join(args.run_dirs)}")
             return 2
         if args.json:
             for status in statuses:
-                print(
-                    json.dumps(
-                        {**dataclasses.asdict(status), "run_dir": str(status.run_dir), "eta_s": status.eta_s}
-                    )
-                )
+                print(json.dumps(status.to_json()))
         else:
             if args.watch:
                 print("\033[2J\033[H", end="")

@@ -15,20 +15,13 @@ import json
 import sys
 from pathlib import Path
 
-from asrlaunch.cluster import (
-    RunSpec,
-    SubmitError,
-    choose_executor,
-    plan_for,
-    resolve_runs,
-    sbatch_text,
-    submit,
-    submitit_folder,
-    wait_for,
-)
+from asrlaunch.cli import clean_warnings, error
+from asrlaunch.cluster import SubmitError, choose_executor, plan_for, sbatch_text, submit
 from asrlaunch.plan import BatchPlanError
 from asrlaunch.recipe import RecipeError, read_recipe_file
-from asrlaunch.status import TERMINAL, collect_status
+from asrlaunch.rundir import RunDir
+from asrlaunch.status import RunStatus, collect_status, wait_for
+from asrlaunch.sweep import RunSpec, resolve_runs, submitit_folder
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
 
@@ -71,23 +64,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_specs(args: argparse.Namespace) -> list[RunSpec]:
     if args.resume:
-        run_dir = Path(args.resume)
-        recipe_file = run_dir / "recipe.yaml"
-        if not recipe_file.exists():
-            raise SubmitError(f"{run_dir} is not a run directory (no recipe.yaml)")
+        run_dir = RunDir(Path(args.resume))
+        if not run_dir.is_run():
+            raise SubmitError(f"{run_dir} is not a run directory (no {run_dir.recipe.name})")
         if args.sweep:
             raise SubmitError("--resume continues one run; it takes no --sweep")
         ensure_stopped(run_dir)
-        specs = resolve_runs(read_recipe_file(recipe_file), str(recipe_file), args.overrides, [])
+        specs = resolve_runs(read_recipe_file(run_dir.recipe), str(run_dir.recipe), args.overrides, [])
         return [RunSpec(specs[0].recipe, specs[0].overrides, run_dir)]
     path = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
     return resolve_runs(read_recipe_file(path), str(path), args.overrides, args.sweep)
 
 
-def ensure_stopped(run_dir: Path) -> None:
+def ensure_stopped(run_dir: RunDir) -> None:
     """Two jobs must never write one run: --resume waits until the run's last job has ended."""
-    (status,) = collect_status([run_dir])
-    if status.job_id and status.job.state not in TERMINAL and status.job.state != "UNKNOWN":
+    (status,) = collect_status([run_dir.path])
+    if status.job_id and not status.job.ended and status.job.state != "UNKNOWN":
         raise SubmitError(
             f"{run_dir}: its job {status.job_id} is {status.job.state}; cancel it "
             f"(scancel {status.job_id}) or let it finish before --resume"
@@ -125,6 +117,7 @@ def dry_run(specs: list[RunSpec], as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    clean_warnings()
     try:
         specs = load_specs(args)
         for spec in specs:
@@ -134,20 +127,32 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         kind = choose_executor(args.executor)
         submitted = submit(specs, kind, resume=bool(args.resume))
-    except (RecipeError, BatchPlanError, SubmitError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (RecipeError, BatchPlanError, SubmitError) as problem:
+        error(problem)
         return 2
     for spec, job_id in submitted:
         print(f"submitted {kind} job {job_id}: {spec.run_dir}")
     first = submitted[0][1].split("_")[0]
-    dirs = " ".join(sorted({str(s.run_dir if len(specs) == 1 else s.run_dir.parent) for s, _ in submitted}))
+    dirs = " ".join(
+        sorted({str(s.run_dir.path if len(specs) == 1 else s.run_dir.path.parent) for s, _ in submitted})
+    )
     if kind == "slurm":
         print(f"watch it:  squeue -j {first}   |   python launch/status.py {dirs} --watch")
     else:
         print(f"watch it:  python launch/status.py {dirs} --watch")
     if args.wait:
-        return wait_for(submitted, kind)
+        return report_end(wait_for([spec.run_dir for spec, _ in submitted]))
     return 0
+
+
+def report_end(statuses: list[RunStatus]) -> int:
+    """Each run's final state and where its results are; 0 only when every run completed."""
+    for status in statuses:
+        run_dir = status.run_dir
+        wer = f", final WER {status.wer:.4f}" if status.wer is not None else ""
+        print(f"{status.job.state}: {run_dir}{wer}")
+        print(f"  model: {run_dir.final}   logs: {run_dir.logs}   job output: {run_dir.submitit}")
+    return 0 if all(s.job.state == "COMPLETED" for s in statuses) else 1
 
 
 if __name__ == "__main__":

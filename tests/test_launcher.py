@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from asrlaunch import checkpoint
-from asrlaunch.cluster import element_name, expand_sweep, make_executor, resolve_runs, sbatch_text
+from asrlaunch.cluster import make_executor, sbatch_text
 from asrlaunch.logs import read_run_logs
 from asrlaunch.recipe import RecipeError, load_recipe
-from asrlaunch.status import local_state
+from asrlaunch.rundir import RunDir
+from asrlaunch.scheduler import local_state
+from asrlaunch.sweep import element_name, expand_sweep, resolve_runs
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 from .test_collect import synthetic_run
@@ -284,18 +286,18 @@ def test_local_status_follows_the_controller_process_not_any_pid(tmp_path: Path)
         while b"submitit.local._local" not in Path(f"/proc/{controller.pid}/cmdline").read_bytes():
             assert time.monotonic() < deadline, "the child did not exec"  # until then it is pytest's copy
             time.sleep(0.01)
-        assert local_state(str(controller.pid), tmp_path).state == "RUNNING"
+        assert local_state(str(controller.pid), RunDir(tmp_path)).state == "RUNNING"
         controller.kill()
         time.sleep(0.5)  # not reaped yet: a zombie
-        assert local_state(str(controller.pid), tmp_path).state == "FAILED"
+        assert local_state(str(controller.pid), RunDir(tmp_path)).state == "FAILED"
     finally:
         controller.kill()
         controller.wait()
     # a pid reused by another program is not the job
-    assert local_state(str(os.getpid()), tmp_path).state == "FAILED"
-    (tmp_path / "final").mkdir()
-    (tmp_path / "final" / "trainer_state.json").write_text("{}")
-    assert local_state(str(os.getpid()), tmp_path).state == "COMPLETED"
+    assert local_state(str(os.getpid()), RunDir(tmp_path)).state == "FAILED"
+    RunDir(tmp_path).final.mkdir()
+    RunDir(tmp_path).finished_marker.write_text("{}")
+    assert local_state(str(os.getpid()), RunDir(tmp_path)).state == "COMPLETED"
 
 
 def test_local_executor_signals_before_its_time_limit(tmp_path: Path, tones_corpus: Path) -> None:

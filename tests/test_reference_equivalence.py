@@ -19,11 +19,11 @@ import soundfile
 import torch
 import yaml
 
+from asrlaunch.data.batches import collate
 from asrlaunch.data.synth import espeak_audio, espeak_available
 from asrlaunch.data.timit import load_corpus
 from asrlaunch.model import build_model
 from asrlaunch.recipe import load_recipe
-from asrlaunch.runtime import collate
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 

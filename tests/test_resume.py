@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -15,8 +13,9 @@ import pytest
 from asrlaunch import checkpoint
 from asrlaunch.collect import merge_records
 from asrlaunch.logs import read_run_logs
+from asrlaunch.rundir import RunDir
 
-from .conftest import engine_command, python_env
+from .conftest import engine_command, kill_tree, python_env
 
 pytestmark = pytest.mark.slow
 DROPOUT_ON = (
@@ -55,7 +54,7 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def kill_when(cmd: list[str], ready: Callable[[], bool], what: str, poll_s: float = 0.05) -> None:
-    """Start training in its own process group and kill -9 the whole group as soon as `ready()` holds."""
+    """Start training and kill -9 its whole process tree (torchrun and its workers) once `ready()` holds."""
     process = subprocess.Popen(
         cmd,
         env=python_env(OMP_NUM_THREADS="1"),
@@ -68,7 +67,7 @@ def kill_when(cmd: list[str], ready: Callable[[], bool], what: str, poll_s: floa
         assert process.poll() is None, f"training ended before {what}"
         assert time.monotonic() < deadline
         time.sleep(poll_s)
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_tree(process.pid)
     process.wait()
 
 
@@ -178,7 +177,7 @@ def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
 
     checkpoints = run_dir / "checkpoints"
     assert [s for s, _ in checkpoint.list_checkpoints(checkpoints)] == [10, 5]
-    (run_dir / "final" / "trainer_state.json").unlink()  # pretend the run did not finish
+    RunDir(run_dir).finished_marker.unlink()  # pretend the run did not finish
     # a writer killed mid-checkpoint leaves a partial folder (never a step folder with a manifest) ...
     torn = checkpoints / ".step-000011.partial"
     torn.mkdir()
@@ -241,7 +240,7 @@ def test_final_model_transcribes_with_a_pipeline(tmp_path: Path, tones_corpus: P
     audio = read_audio(scan_split(tones_corpus, "test")[0].audio)
     result = asr({"raw": audio, "sampling_rate": 16000})
     assert isinstance(result["text"], str)
-    state = json.loads((run_dir / "final" / "trainer_state.json").read_text())
+    state = json.loads(RunDir(run_dir).finished_marker.read_text())
     assert state == {"step": 2, "done": True}
 
 
@@ -281,7 +280,7 @@ def test_deepspeed_zero2_resumes_exactly_and_on_another_world_size(
 
     # The newest checkpoint (world size 1) is corrupt; its fallback has the ZeRO shards of 2 processes.
     # Which loader to use follows the checkpoint that passes verification, not the newest one on disk.
-    (changed / "final" / "trainer_state.json").unlink()
+    RunDir(changed).finished_marker.unlink()
     assert [s for s, _ in checkpoint.list_checkpoints(changed / "checkpoints")] == [10, 5]
     target = next((checkpoint.step_dir(changed / "checkpoints", 10) / "pytorch_model").rglob("*.pt"))
     data = bytearray(target.read_bytes())

@@ -76,7 +76,7 @@ def squeue_ids() -> set[str]:
 def wait_until_done(run_dirs: list[Path], timeout: float = 400) -> dict[Path, str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = {s.run_dir: s.job.state for s in collect_status(run_dirs)}
+        states = {s.run_dir.path: s.job.state for s in collect_status(run_dirs)}
         if all(state in TERMINAL for state in states.values()):
             return states
         time.sleep(2)
@@ -89,13 +89,12 @@ def test_two_node_job_runs_and_completes(tmp_path: Path, tones_corpus: Path) -> 
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         (status,) = collect_status([run_dir])
-        if status.job.state == "RUNNING":
-            assert job_id in squeue_ids()
+        # squeue, our library and our CLI agree while it runs (a job ending between two looks is no finding)
+        if status.job.state == "RUNNING" and status.job.source == "squeue" and job_id in squeue_ids():
             shown = subprocess.run(
                 [PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env()
             )
-            assert "RUNNING" in shown.stdout and job_id in shown.stdout
-            seen_running = True
+            seen_running = seen_running or ("RUNNING" in shown.stdout and job_id in shown.stdout)
         if status.job.state in TERMINAL:
             break
         time.sleep(1)

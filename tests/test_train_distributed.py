@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.collect import collect_run
+from asrlaunch.collect import run_result
 from asrlaunch.logs import read_run_logs
+from asrlaunch.report import write_run_report
+from asrlaunch.rundir import RunDir
 
 from .conftest import engine_command, python_env
 
@@ -94,7 +96,7 @@ def test_two_process_run_writes_both_rank_logs_and_the_final_model(
     assert len(evals) == 1 and evals[0]["rank"] == 0 and {"eval_loss", "wer"} <= set(evals[0])
     final = run_dir / "final"
     assert (final / "model.safetensors").exists() and (final / "vocab.json").exists()
-    collect_run(run_dir)
+    write_run_report(run_result(RunDir(run_dir)))
     card = (final / "README.md").read_text()
     lines = card.split("used during training:\n")[1].split("\n\n")[0].splitlines()
     assert lines[:13] == [  # transformers' extract_hyperparameters_from_trainer, in its order

@@ -1,14 +1,10 @@
-"""The run's deliverables: results.{md,csv,json}, final/README.md (model card) and curves.png. No torch."""
+"""The model card's text (final/README.md) in the layout of the reference card. Pure: report.py writes it."""
 
 from __future__ import annotations
 
-import csv
-import json
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from asrlaunch.collect import HEADERS, MergedRun, ResultRow, format_value, render_table, result_json
+from asrlaunch.collect import MergedRun, RunResult, format_value, render_table
 
 DATASET = {"timit": "TIMIT_ASR - NA", "default": "GENERATED_TIMIT_LAYOUT - synthetic"}
 
@@ -57,15 +53,15 @@ def hyperparameters(meta: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def run_facts(run: MergedRun) -> list[tuple[str, Any]]:
-    """What the Trainer's card lacks: where and how long the run trained, across its attempts."""
-    meta = run.meta[-1]
-    spent = usage(run)
+    """What the Trainer's card lacks: where and how long the run trained, across its attempts. Wall time is
+    summed over attempts (first to last record of each, queue time excluded); device hours weigh each
+    attempt's wall time by its world size."""
     return [
-        ("nodes", meta.get("nodes", 1)),
+        ("nodes", run.meta[-1].get("nodes", 1)),
         ("attempts", len(run.restarts) + 1),
         ("restarts (resumed from step)", ", ".join(map(str, run.restarts)) or "none"),
-        ("wall_time_s", f"{spent['wall_time_s']:.0f}"),
-        ("device_hours", f"{spent['device_hours']:.3f}"),
+        ("wall_time_s", f"{run.wall_time_s:.0f}"),
+        ("device_hours", f"{run.device_seconds / 3600:.3f}"),
     ]
 
 
@@ -80,8 +76,9 @@ def _framework_versions(versions: dict[str, str]) -> str:
     return "\n".join(f"- {names[k]} {versions[k]}" for k in names if k in versions)
 
 
-def model_card(name: str, run: MergedRun, rows: Sequence[ResultRow]) -> str:
+def model_card(result: RunResult) -> str:
     """final/README.md in the layout of the reference card (Trainer-generated), plus run facts it lacks."""
+    run, rows = result.run, result.rows
     meta = run.meta[-1]
     recipe = meta["recipe"]
     base = (
@@ -91,7 +88,7 @@ def model_card(name: str, run: MergedRun, rows: Sequence[ResultRow]) -> str:
     )
     base_link = f"[{base}](https://huggingface.co/{base})" if recipe["model"]["config"] is None else base
     dataset = DATASET["timit"] if recipe["data"].get("generate") is None else DATASET["default"]
-    final = rows[-1] if rows else None
+    final = result.final
     results = (
         f"- Loss: {format_value(final.validation_loss)}\n- Wer: {format_value(final.wer)}"
         if final
@@ -111,11 +108,11 @@ tags:
 - timit_asr
 - generated_from_trainer
 model-index:
-- name: {name}
+- name: {result.name}
   results:{wer_result}
 ---
 
-# {name}
+# {result.name}
 
 This model is a fine-tuned version of {base_link} on the {dataset} dataset.
 It achieves the following results on the evaluation set:
@@ -150,53 +147,3 @@ The following hyperparameters were used during training:
 
 {_framework_versions(meta.get("versions", {}))}
 """
-
-
-def usage(run: MergedRun) -> dict[str, float]:
-    """Wall time of all attempts, and device hours (each attempt's world size x its wall time)."""
-    return {"wall_time_s": run.wall_time_s, "device_hours": run.device_seconds / 3600}
-
-
-def write_results(run_dir: Path, run: MergedRun, rows: Sequence[ResultRow]) -> None:
-    (run_dir / "results.md").write_text(render_table([r.values() for r in rows]))
-    with (run_dir / "results.csv").open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(HEADERS)
-        writer.writerows(r.values() for r in rows)
-    (run_dir / "results.json").write_text(json.dumps(result_json(run, rows), indent=1) + "\n")
-
-
-def plot_curves(path: Path, runs: dict[str, MergedRun]) -> None:
-    """Training loss, validation loss and WER against step; dotted lines where an attempt resumed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (loss_axis, wer_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, run in runs.items():
-        prefix = f"{label}: " if len(runs) > 1 else ""
-        loss_axis.plot(list(run.train), list(run.train.values()), label=f"{prefix}training loss")
-        loss_axis.plot(
-            list(run.evals),
-            [e["eval_loss"] for e in run.evals.values()],
-            "o-",
-            markersize=3,
-            label=f"{prefix}validation loss",
-        )
-        wer_axis.plot(
-            list(run.evals), [e["wer"] for e in run.evals.values()], "o-", markersize=3, label=f"{prefix}WER"
-        )
-        for step in run.restarts:
-            for axis in (loss_axis, wer_axis):
-                axis.axvline(step, color="grey", linestyle=":", linewidth=1)
-    if any(run.restarts for run in runs.values()):
-        wer_axis.plot([], [], color="grey", linestyle=":", label="restart (resumed here)")
-    loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
-    wer_axis.set(xlabel="step", ylabel="WER", title="word error rate")
-    for axis in (loss_axis, wer_axis):
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)

@@ -20,6 +20,7 @@ from typing import Any
 
 MANIFEST, STATE = "manifest.json", "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+STALE = (".step-*.partial", ".universal-step-*")  # partial_dir and universal_dir folders
 FORMAT = 1
 
 
@@ -29,6 +30,16 @@ class CheckpointError(RuntimeError):
 
 def step_dir(checkpoints: Path, step: int) -> Path:
     return checkpoints / f"step-{step:06d}"
+
+
+def partial_dir(checkpoints: Path, step: int) -> Path:
+    """Where a checkpoint is written before it is complete (never loaded)."""
+    return checkpoints / f".step-{step:06d}.partial"
+
+
+def universal_dir(folder: Path) -> Path:
+    """Beside a ZeRO checkpoint: its conversion to DeepSpeed's universal format (the original stays as is)."""
+    return folder.parent / f".universal-{folder.name}"
 
 
 def _sha256(path: Path) -> str:
@@ -115,7 +126,7 @@ def prune(checkpoints: Path, keep_last: int) -> None:
     complete = [p for _, p in list_checkpoints(checkpoints) if (p / MANIFEST).exists()]
     for folder in complete[keep_last:]:
         shutil.rmtree(folder, ignore_errors=True)
-    for stale in [*checkpoints.glob(".step-*.partial"), *checkpoints.glob(".universal-step-*")]:
+    for stale in [p for pattern in STALE for p in checkpoints.glob(pattern)]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -125,7 +136,7 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
     """Every rank calls this at the same step boundary (accelerate writes per-rank RNG and shards)."""
-    partial = checkpoints / f".step-{step:06d}.partial"
+    partial = partial_dir(checkpoints, step)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -151,7 +162,7 @@ def to_universal(folder: Path) -> Path:
     import subprocess
     import sys
 
-    target = folder.parent / f".universal-{folder.name}"
+    target = universal_dir(folder)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
     done = subprocess.run(

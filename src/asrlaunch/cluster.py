@@ -1,25 +1,19 @@
-"""Recipe -> run directories -> submitit jobs on SLURM (or local processes). Launcher side: no torch.
-
-A run directory holds everything about one run: the resolved recipe, the batch plan, submitit's folder
-(pickles, sbatch script, per-task stdout/stderr), logs/, checkpoints/, final/ and job.json (how to find
-its job). A sweep is one SLURM job array; each element is a run of its own under <output_root>/<sweep>/.
+"""Runs -> submitit jobs on SLURM (or local processes): executor choice, job parameters, the sbatch preview,
+run directory creation and submission with rollback. Launcher side: no torch. Watching jobs is status.py's.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import re
 import shutil
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from asrlaunch.plan import StepPlan, plan_batch, plan_steps
-from asrlaunch.recipe import Recipe, RecipeError, merge, parse_overrides, qualify_key, recipe_from_dict
+from asrlaunch.recipe import Recipe, RecipeError
+from asrlaunch.sweep import RunSpec, submitit_folder
 
 EXECUTORS = ("auto", "slurm", "local")
 LOCAL_PARAMETERS = ("name", "nodes", "timeout_min", "tasks_per_node", "gpus_per_node", "signal_delay_s")
@@ -27,15 +21,6 @@ LOCAL_PARAMETERS = ("name", "nodes", "timeout_min", "tasks_per_node", "gpus_per_
 
 class SubmitError(RuntimeError):
     """The submission cannot go ahead as asked (executor, run directory, sweep)."""
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One run to submit: its resolved recipe, the overrides that made it, and its directory."""
-
-    recipe: Recipe
-    overrides: tuple[str, ...]
-    run_dir: Path
 
 
 def slurm_available() -> bool:
@@ -59,53 +44,6 @@ def choose_executor(requested: str) -> str:
             "`bash slurm/cluster.sh start`, or use --executor local"
         )
     return requested
-
-
-def expand_sweep(sweeps: Sequence[str]) -> list[tuple[str, ...]]:
-    """`--sweep train.lr=1e-4,3e-4 --sweep train.seed=1,2` -> the cross product of override tuples."""
-    axes = []
-    for sweep in sweeps:
-        key, sep, values = sweep.partition("=")
-        if not sep or not key or not values:
-            raise RecipeError(f"sweep {sweep!r} must look like section.key=v1,v2 (e.g. train.lr=1e-4,3e-4)")
-        key = qualify_key(key)
-        if key.startswith(("cluster.", "run.")):
-            raise RecipeError(
-                f"sweep over {key}: the elements of a job array share one job shape and one "
-                "sweep root; submit separate runs instead"
-            )
-        axes.append([f"{key}={value}" for value in values.split(",")])
-    return [tuple(combo) for combo in itertools.product(*axes)] if axes else [()]
-
-
-def element_name(overrides: Sequence[str]) -> str:
-    """A directory name for one sweep element: `lr=0.0003_seed=2`; other characters become `-`."""
-    parts = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        parts.append(f"{key.split('.')[-1]}={value}")
-    name = "_".join(parts) or "run"
-    return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)
-
-
-def resolve_runs(
-    base: dict[str, Any], source: str, overrides: Sequence[str], sweeps: Sequence[str]
-) -> list[RunSpec]:
-    """Every run of a submission, validated before anything is written or submitted."""
-    common = merge(base, parse_overrides(overrides))
-    specs = []
-    for element in expand_sweep(sweeps):
-        recipe = recipe_from_dict(merge(common, parse_overrides(element)), source)
-        root = Path(recipe.run.output_root) / recipe.run.name
-        run_dir = root / element_name(element) if sweeps else root
-        specs.append(RunSpec(recipe, (*overrides, *element), run_dir))
-    names = [spec.run_dir for spec in specs]
-    if len(set(names)) != len(names):
-        raise RecipeError(
-            f"sweep elements share a directory name ({', '.join(map(str, names))}): "
-            "use values that differ in more than punctuation"
-        )
-    return specs
 
 
 def plan_for(recipe: Recipe, train_samples: int | None = None) -> StepPlan:
@@ -164,9 +102,12 @@ def make_executor(kind: str, folder: Path, recipe: Recipe, array_size: int = 1) 
 
 
 def sbatch_text(recipe: Recipe, folder: Path, array_size: int = 1) -> str:
-    """The exact sbatch script submitit would submit for this recipe (the dry-run shows it).
+    """The exact sbatch script submitit would submit for this recipe (the dry run shows it).
 
-    Rendered by submitit's own SlurmExecutor, told that srun exists, so a dry run works off the cluster too.
+    submitit has no public API for this: we use its SlurmExecutor's `_convert_parameters`,
+    `_make_submission_file_text` and `_submitit_command_str`, and override `affinity` (which asks srun) so
+    a dry run works off the cluster too. These are private members; pyproject pins submitit below its next
+    minor release, and tests/golden/timit32_2x4.sbatch catches a change of their output.
     """
     from submitit.slurm.slurm import SlurmExecutor
 
@@ -185,21 +126,9 @@ def sbatch_text(recipe: Recipe, folder: Path, array_size: int = 1) -> str:
 
 def prepare_run_dir(spec: RunSpec, plan: StepPlan) -> None:
     """Create the run directory with the resolved recipe and plan (submit() checked it is free)."""
-    recipe_file = spec.run_dir / "recipe.yaml"
-    for sub in ("logs", "checkpoints", "submitit"):
-        (spec.run_dir / sub).mkdir(parents=True, exist_ok=True)
-    recipe_file.write_text(spec.recipe.to_yaml())
-    (spec.run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
-
-
-def record_job(run_dir: Path, job_id: str, executor: str, overrides: Sequence[str]) -> None:
-    """Append the job to <run_dir>/job.json (a run keeps every job that worked on it)."""
-    path = run_dir / "job.json"
-    history = json.loads(path.read_text())["jobs"] if path.exists() else []
-    history.append(
-        {"job_id": job_id, "executor": executor, "submitted": time.time(), "overrides": list(overrides)}
-    )
-    path.write_text(json.dumps({"jobs": history}, indent=1) + "\n")
+    spec.run_dir.create()
+    spec.run_dir.write_recipe(spec.recipe.to_yaml())
+    spec.run_dir.write_plan(plan.to_dict())
 
 
 def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tuple[RunSpec, str]]:
@@ -212,17 +141,17 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
 
     plans = [plan_for(spec.recipe) for spec in specs]
     for spec in specs:
-        if (spec.run_dir / "recipe.yaml").exists() and not resume:
+        if spec.run_dir.is_run() and not resume:
             raise SubmitError(
                 f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
                 "or continue it with --resume"
             )
-    created = [spec.run_dir for spec in specs if not spec.run_dir.exists()]
+    created = [spec.run_dir.path for spec in specs if not spec.run_dir.path.exists()]
     try:
         for spec, plan in zip(specs, plans, strict=True):
             prepare_run_dir(spec, plan)
         executor = make_executor(kind, submitit_folder(specs), specs[0].recipe, len(specs))
-        run_dirs = [str(spec.run_dir.resolve()) for spec in specs]
+        run_dirs = [str(spec.run_dir.path.resolve()) for spec in specs]
         jobs = (
             executor.map_array(TrainJob(), run_dirs)
             if len(specs) > 1
@@ -235,35 +164,12 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
             f"submission failed ({type(error).__name__}: {error}); nothing was submitted"
         ) from error
     for spec, job in zip(specs, jobs, strict=True):
-        record_job(spec.run_dir, str(job.job_id), kind, spec.overrides)
-    return [(spec, str(job.job_id)) for spec, job in zip(specs, jobs, strict=True)]
-
-
-def submitit_folder(specs: Sequence[RunSpec]) -> Path:
-    """submitit's folder: in the run directory, or for a sweep in the sweep's root (one array, one folder)."""
-    return specs[0].run_dir / "submitit" if len(specs) == 1 else specs[0].run_dir.parent / "submitit"
-
-
-def wait_for(submitted: Sequence[tuple[RunSpec, str]], kind: str, poll_s: float = 2.0) -> int:
-    """Block until every job has ended; print each run's state and where its results are."""
-    from asrlaunch.status import TERMINAL, collect_status
-
-    run_dirs = [spec.run_dir for spec, _ in submitted]
-    unknown_polls = 0
-    while True:
-        statuses = collect_status(run_dirs)
-        if all(s.job.state in TERMINAL for s in statuses):
-            break
-        # A job the scheduler no longer knows (purged, no accounting) will not come back.
-        unknown_polls = unknown_polls + 1 if any(s.job.state == "UNKNOWN" for s in statuses) else 0
-        if unknown_polls * poll_s > 60:
-            break
-        time.sleep(poll_s)
-    for status in statuses:
-        wer = f", final WER {status.wer:.4f}" if status.wer is not None else ""
-        print(f"{status.job.state}: {status.run_dir}{wer}")
-        print(
-            f"  model: {status.run_dir / 'final'}   logs: {status.run_dir / 'logs'}   "
-            f"job output: {status.run_dir / 'submitit'}"
+        spec.run_dir.record_job(
+            {
+                "job_id": str(job.job_id),
+                "executor": kind,
+                "submitted": time.time(),
+                "overrides": list(spec.overrides),
+            }
         )
-    return 0 if all(s.job.state == "COMPLETED" for s in statuses) else 1
+    return [(spec, str(job.job_id)) for spec, job in zip(specs, jobs, strict=True)]

@@ -1,8 +1,10 @@
-"""Per-rank logs of every attempt -> the model card's results table, CSV, JSON. Pure functions, no torch.
+"""Per-rank logs of every attempt -> the model card's results table and its comparison. No torch.
 
-Merging: attempts are taken in order; an attempt that resumed from step s replaces every record of the
-earlier attempts after s (the steps it replayed), so the last attempt wins. The train loss of a step is the
-mean over the ranks that logged it; evaluation comes from rank 0.
+Everything here is a pure function of records, except `read_run` and `run_result`, which read a run's
+logs (and write nothing); `report.py` writes the results files. Merging: attempts are taken in order; an
+attempt that resumed from step s replaces every record of the earlier attempts after s (the steps it
+replayed), so the last attempt wins. The train loss of a step is the mean over the ranks that logged it;
+evaluation comes from rank 0.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from asrlaunch.logs import read_records
+from asrlaunch.logs import is_start, read_run_logs
+from asrlaunch.rundir import RunDir
 
 HEADERS = ("Training Loss", "Epoch", "Step", "Validation Loss", "Wer")
 NO_LOG = "No log"
@@ -86,11 +89,6 @@ def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def is_start(record: dict[str, Any]) -> bool:
-    """The meta record a rank writes when it starts (stop events are meta records too)."""
-    return record["kind"] == "meta" and not record.get("event")
-
-
 def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
     """Merge the records of all ranks and attempts of one run (see the module docstring)."""
     by_attempt: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -135,18 +133,18 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
     )
 
 
-def read_run(run_dir: str | Path) -> MergedRun:
-    """Read every rank's log of a run; a rank the meta records promise but that has no log is warned of."""
-    logs = sorted((Path(run_dir) / "logs").glob("rank*.jsonl"))
+def read_run(run_dir: str | Path | RunDir) -> MergedRun:
+    """Read and merge every rank's log of a run; a rank the meta records promise but that has no log is
+    warned of."""
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    logs = run.rank_logs()
     if not logs:
-        raise FileNotFoundError(f"{run_dir}: no logs/rank*.jsonl (is this a run directory?)")
-    records = [record for path in logs for record in read_records(path)]
-    merged = merge_records(records)
-    present = {int(p.stem.removeprefix("rank")) for p in logs}
+        raise FileNotFoundError(f"{run}: no rank logs in {run.logs} (is this a run directory?)")
+    merged = merge_records(read_run_logs(run))
     expected = max((m.get("world_size", 1) for m in merged.meta), default=1)
-    for rank in sorted(set(range(expected)) - present):
+    for rank in sorted(set(range(expected)) - set(logs)):
         warnings.warn(
-            f"{run_dir}: no log of rank {rank} (logs/rank{rank}.jsonl); its losses are left out", stacklevel=2
+            f"{run}: no log of rank {rank} ({run.rank_log(rank)}); its losses are left out", stacklevel=2
         )
     return merged
 
@@ -213,53 +211,57 @@ def parse_table(markdown: str) -> tuple[list[str], list[list[str]]]:
     return block[0], block[2:]
 
 
-def rows_as_dicts(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
-    return [dict(zip(HEADERS, row.values(), strict=True)) for row in rows]
+@dataclass(frozen=True)
+class RunResult:
+    """One run, merged: what every results file and the model card are written from."""
+
+    run_dir: RunDir
+    run: MergedRun
+    rows: list[ResultRow]
+
+    @property
+    def name(self) -> str:
+        return str(self.run.meta[-1]["recipe"]["run"]["name"])
+
+    @property
+    def final(self) -> ResultRow | None:
+        return self.rows[-1] if self.rows else None
+
+    @property
+    def best(self) -> ResultRow | None:
+        return min(self.rows, key=lambda r: r.wer) if self.rows else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": [dict(zip(HEADERS, row.values(), strict=True)) for row in self.rows],
+            "final": asdict(self.final) if self.final else None,
+            "best_wer": self.best.wer if self.best else None,
+            "best_step": self.best.step if self.best else None,
+            "restarts": self.run.restarts,
+        }
 
 
-def result_json(run: MergedRun, rows: Sequence[ResultRow]) -> dict[str, Any]:
-    final = rows[-1] if rows else None
-    return {
-        "rows": rows_as_dicts(rows),
-        "final": asdict(final) if final else None,
-        "best_wer": min((r.wer for r in rows), default=None),
-        "best_step": min(rows, key=lambda r: r.wer).step if rows else None,
-        "restarts": run.restarts,
-    }
-
-
-def collect_run(run_dir: str | Path) -> dict[str, Any]:
-    """Write results.{md,csv,json}, curves.png and final/README.md of one run; return its summary."""
-    from asrlaunch.card import model_card, plot_curves, write_results
-
-    run_dir = Path(run_dir)
+def run_result(run_dir: RunDir) -> RunResult:
+    """Read and merge a run's logs into its results (ValueError when no rank logged its start)."""
     run = read_run(run_dir)
     if not run.meta:
         raise ValueError(f"{run_dir}: no rank logged its start (meta record); nothing to describe")
-    rows = result_rows(run)
-    write_results(run_dir, run, rows)
-    plot_curves(run_dir / "curves.png", {run_dir.name: run})
-    name = run.meta[-1]["recipe"]["run"]["name"]
-    (run_dir / "final").mkdir(exist_ok=True)
-    (run_dir / "final" / "README.md").write_text(model_card(name, run, rows))
-    return {"run_dir": str(run_dir), **result_json(run, rows), "rows": rows, "run": run}
+    return RunResult(run_dir, run, result_rows(run))
 
 
-def sweep_summary(results: Sequence[dict[str, Any]]) -> str:
+def sweep_summary(results: Sequence[RunResult]) -> str:
     """One row per sweep element: its overrides, final loss and WER, best WER and its step."""
     rows = []
     for result in results:
-        run: MergedRun = result["run"]
-        overrides = Path(result["run_dir"]).name
-        final = result["final"] or {}
+        final, best = result.final, result.best
         rows.append(
             (
-                overrides,
-                final.get("validation_loss", NO_LOG),
-                final.get("wer", NO_LOG),
-                result["best_wer"] if result["best_wer"] is not None else NO_LOG,
-                result["best_step"] if result["best_step"] is not None else NO_LOG,
-                len(run.restarts),
+                result.run_dir.path.name,
+                final.validation_loss if final else NO_LOG,
+                final.wer if final else NO_LOG,
+                best.wer if best else NO_LOG,
+                best.step if best else NO_LOG,
+                len(result.run.restarts),
             )
         )
     return render_table(rows, ("Run", "Validation Loss", "Wer", "Best Wer", "Best Step", "Restarts"))

@@ -1,6 +1,8 @@
 """What a submitit task runs: one rank of a run, read from its run directory.
 
 Pickled by the launcher (which must not import torch), so torch is imported only when the job runs.
+Requeueing is ours, not submitit's: at a stop signal the trainer saves a checkpoint and rank 0 runs
+`scontrol requeue` (signals.py); submitit's own checkpoint-on-signal is replaced (see StopRequest).
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ from pathlib import Path
 
 import submitit
 
+from asrlaunch.rundir import RunDir
 from asrlaunch.signals import JobInterrupted
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """Calling it with a run directory trains that run's recipe; submitit requeues it on preemption."""
+    """Calling it with a run directory trains that run's recipe."""
 
     def __call__(self, run_dir: str) -> str:
         from asrlaunch.recipe import load_recipe
         from asrlaunch.train import run_training
 
-        path = Path(run_dir)
+        run = RunDir(Path(run_dir))
         try:
-            run_training(load_recipe(path / "recipe.yaml"), path)
+            run_training(load_recipe(run.recipe), run)
         except JobInterrupted as stopped:
             print(str(stopped), file=sys.stderr, flush=True)
             if not stopped.requeued:

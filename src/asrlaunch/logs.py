@@ -1,9 +1,14 @@
-"""Per-rank JSON-lines logs: the record schema, an appending writer and a tolerant reader. No torch.
+"""Per-rank JSON-lines logs: the record schema, an appending writer and the one reader. No torch.
 
-Every record carries `kind` ("meta", "train", "eval"), `step`, `epoch`, `rank`, `attempt` and `time`.
-train: loss, lr, grad_norm, samples_per_s (+ nonfinite_skipped, sample_ids when asked for)
-eval:  eval_loss, wer, eval_samples (rank 0 only)
-meta:  world_size, plan, versions, recipe, resumed_from (at every start of every attempt)
+Every record carries `kind` ("meta", "train", "eval"), `step` (optimizer steps done), `epoch`, `rank`,
+`attempt` and `time` (unix seconds). Non-finite numbers are written as null (strict JSON).
+meta, at every start:  world_size, plan, versions, recipe, device, resumed_from, job_id, slurm_restart_count,
+                       nodes, host
+meta, at a stop:       event (timeout, preemption, signal, failure, oom_split, checkpoint_error) and what
+                       the event says about itself (requeued, rank, exit status, the new plan, ...)
+train:                 loss, lr, grad_norm, samples_per_s, nonfinite_skipped, ctc_infinite
+                       (+ max_memory_gib on a GPU, sample_ids when asked for)
+eval (rank 0 only):    eval_loss, wer, eval_samples
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from asrlaunch.rundir import RunDir
+
 KINDS = ("meta", "train", "eval")
 REQUIRED = ("kind", "step", "epoch", "rank", "attempt", "time")
+TAIL_BYTES = 64 * 1024
 
 
 def slurm_restart_count() -> int:
@@ -26,15 +34,16 @@ def slurm_restart_count() -> int:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
-def next_attempt(log: Path) -> int:
-    """The attempt number of a new start: one more than any in the log (a resubmitted job's restart count
-    starts again at 0), and never less than SLURM's restart count."""
-    seen = [r["attempt"] for r in read_records(log) if r["kind"] == "meta"] if log.exists() else []
+def is_start(record: dict[str, Any]) -> bool:
+    """The meta record a rank writes when it starts (stop events are meta records too)."""
+    return record["kind"] == "meta" and not record.get("event")
+
+
+def next_attempt(run_dir: RunDir) -> int:
+    """The attempt number of a new start: one more than any in rank 0's log (a resubmitted job's restart
+    count starts again at 0), and never less than SLURM's restart count."""
+    seen = [r["attempt"] for r in meta_records(run_dir.rank_log(0))]
     return max(slurm_restart_count(), max(seen) + 1 if seen else 0)
-
-
-def rank_log_path(run_dir: str | Path, rank: int) -> Path:
-    return Path(run_dir) / "logs" / f"rank{rank}.jsonl"
 
 
 def _last_byte(path: Path) -> bytes:
@@ -57,8 +66,8 @@ def _finite(value: Any) -> Any:
 class RankLog:
     """Appends one JSON object per line and flushes it, so a killed job loses at most one line."""
 
-    def __init__(self, run_dir: str | Path, rank: int, attempt: int | None = None) -> None:
-        self.path = rank_log_path(run_dir, rank)
+    def __init__(self, run_dir: str | Path | RunDir, rank: int, attempt: int | None = None) -> None:
+        self.path = (run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))).rank_log(rank)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.attempt = slurm_restart_count() if attempt is None else attempt
@@ -93,20 +102,18 @@ class RankLog:
         self.close()
 
 
-def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Records of one log file. A torn line (a writer killed mid-line; later attempts append after it) is
-    skipped with a warning naming it."""
-    path = Path(path)
-    with path.open(encoding="utf-8", errors="replace") as file:
-        lines = file.readlines()
-    for number, line in enumerate(lines, start=1):
+def _parse(
+    lines: list[str], path: Path, first_number: int = 1, warn: bool = True
+) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(lines, start=first_number):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            where = "last line" if number == len(lines) else "line"
-            warnings.warn(f"{path}:{number}: skipping a truncated {where} {line[:60]!r}", stacklevel=2)
+            if warn:
+                where = "last line" if number == first_number + len(lines) - 1 else "line"
+                warnings.warn(f"{path}:{number}: skipping a truncated {where} {line[:60]!r}", stacklevel=3)
             continue
         missing = [key for key in REQUIRED if key not in record]
         if missing:
@@ -114,7 +121,39 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
         yield record
 
 
-def read_run_logs(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Records of one log file. A torn line (a writer killed mid-line; later attempts append after it) is
+    skipped with a warning naming it."""
+    path = Path(path)
+    with path.open(encoding="utf-8", errors="replace") as file:
+        lines = file.readlines()
+    yield from _parse(lines, path)
+
+
+def read_run_logs(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
     """All records of all ranks of a run, in file order per rank."""
-    files = sorted((Path(run_dir) / "logs").glob("rank*.jsonl"))
-    return [record for path in files for record in read_records(path)]
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))
+    return [record for path in run.rank_logs().values() for record in read_records(path)]
+
+
+def tail_records(path: Path, size: int = TAIL_BYTES) -> list[dict[str, Any]]:
+    """The records in the last `size` bytes of a log (a partial first or last line is dropped quietly)."""
+    try:
+        with path.open("rb") as file:
+            end = file.seek(0, os.SEEK_END)
+            file.seek(max(0, end - size))
+            lines = file.read().decode(errors="replace").splitlines()
+    except OSError:
+        return []
+    return list(_parse(lines[1:] if end > size else lines, path, warn=False))
+
+
+def meta_records(path: Path) -> list[dict[str, Any]]:
+    """The meta records of a log: starts and stop events. Every candidate line is parsed (no reliance on key
+    order); lines that cannot hold a meta record are not decoded at all."""
+    try:
+        with path.open("rb") as file:
+            candidates = [line.decode(errors="replace") for line in file if b'"meta"' in line]
+    except OSError:
+        return []
+    return [record for record in _parse(candidates, path, warn=False) if record["kind"] == "meta"]

@@ -1,49 +1,21 @@
-"""Worker-side set-up shared by the trainer: accelerator, corpus, batches, versions. Imports torch lazily."""
+"""Worker-side set-up: the accelerator (DDP or DeepSpeed ZeRO), precision and input dtype, versions."""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 
 from asrlaunch.plan import BatchPlan
 from asrlaunch.recipe import Recipe
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "asrlaunch" / "prepared"
-
-
-@dataclass
-class Batch:
-    input_values: Any
-    labels: Any
-
-
-def collate(rows: Any, indices: np.ndarray, pad_to: int) -> Batch:
-    """Zero-pad audio to `pad_to` (the global batch's longest sample) and labels with -100."""
-    import torch
-
-    picked = rows[indices.tolist()]
-    audio = torch.zeros(len(indices), pad_to)
-    label_width = max(len(labels) for labels in picked["labels"])
-    labels = torch.full((len(indices), label_width), -100, dtype=torch.long)
-    for i, (values, tokens) in enumerate(zip(picked["input_values"], picked["labels"], strict=True)):
-        audio[i, : len(values)] = torch.tensor(values)
-        labels[i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
-    return Batch(audio, labels)
 
 
 def versions() -> dict[str, str]:
     import accelerate
     import datasets
     import tokenizers
-    import torch
     import transformers
 
     return {
@@ -54,17 +26,6 @@ def versions() -> dict[str, str]:
         "tokenizers": tokenizers.__version__,
         "accelerate": accelerate.__version__,
     }
-
-
-def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
-    """Generate the smoke corpus on first use when the recipe asks for it and `data.dir` is missing."""
-    from asrlaunch.data.synth import generate_corpus, resolve_engine
-
-    data_dir, spec = Path(recipe.data.dir), recipe.data.generate
-    if spec is not None and is_main and not data_dir.exists():
-        engine = resolve_engine(spec.engine)
-        print(f"generating a {engine} corpus in {data_dir} ({spec.train} train, {spec.test} test)")
-        generate_corpus(data_dir, spec.train, spec.test, engine=engine, seed=spec.seed)
 
 
 def deepspeed_config(recipe: Recipe, plan: BatchPlan, precision: str) -> dict[str, Any]:
@@ -116,7 +77,6 @@ def single_process_environment() -> None:
 
 
 def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
-    import torch
     from accelerate import Accelerator
     from accelerate.utils import (
         DeepSpeedPlugin,
@@ -154,6 +114,14 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
     return accelerator
 
 
+def adopt_thread_limit() -> None:
+    """torch read OMP_NUM_THREADS when it was imported, which may be before distenv adopted the CPUs SLURM
+    gave the task: apply it now, so a job computes with the same threads (and sums) as it was given."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
+
+
 def effective_precision(requested: str, on_cpu: bool) -> str:
     """fp16 needs a GPU (a CPU run trains in fp32); bf16 runs on CPUs too (autocast, or DeepSpeed's bf16)."""
     return "no" if on_cpu and requested == "fp16" else requested
@@ -162,7 +130,6 @@ def effective_precision(requested: str, on_cpu: bool) -> str:
 def input_dtype(accelerator: Any) -> Any:
     """The dtype of float inputs. DeepSpeed holds the model itself in fp16/bf16 and does not autocast, so
     the audio must be cast to it, as the Trainer's `_prepare_input` does; otherwise autocast casts."""
-    import torch
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:

@@ -13,6 +13,8 @@ import signal
 import subprocess
 from types import FrameType
 
+from asrlaunch.scheduler import parse_time_left
+
 STOP_SIGNALS = (signal.SIGUSR2,)
 
 
@@ -40,19 +42,6 @@ class JobInterrupted(RuntimeError):
         self.step, self.reason, self.requeued = step, reason, requeued
         action = "requeued" if requeued else "not requeued (resubmit with launch/submit.py --resume RUN_DIR)"
         super().__init__(f"stopped at step {step} ({reason}); checkpoint saved; job {action}")
-
-
-def parse_time_left(text: str) -> float | None:
-    """squeue's %L ('1-02:03:04', '2:03:04', '3:04', 'UNLIMITED') in seconds."""
-    text = text.strip()
-    if not text or text in ("UNLIMITED", "NOT_SET", "INVALID"):
-        return None
-    days, _, clock = text.rpartition("-")
-    parts = [int(p) for p in clock.split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    hours, minutes, seconds = parts
-    return (int(days or 0) * 24 + hours) * 3600 + minutes * 60 + seconds
 
 
 def classify_stop(signal_delay_s: int) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asrlaunch.plan import BatchPlan
+from asrlaunch.plan import BatchPlan, steps_per_epoch
 
 # Length grouping sorts within chunks of this many global batches. A deliberate design, not the Trainer's:
 # its LengthGroupedSampler sorts megabatches of min(len // (batch * 4), 50) per-device batches (36 for TIMIT
@@ -38,7 +38,7 @@ def epoch_batches(
     lengths = np.asarray(lengths)
     count = len(lengths)
     rng = np.random.default_rng([seed, epoch])
-    order = np.resize(rng.permutation(count), -(-count // global_batch) * global_batch)
+    order = np.resize(rng.permutation(count), steps_per_epoch(count, global_batch) * global_batch)
     chunk = global_batch * group_chunk
     batches: list[np.ndarray] = []
     for start in range(0, len(order), chunk):
@@ -75,7 +75,7 @@ class GlobalOrder:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-len(self.lengths) // self.global_batch)
+        return steps_per_epoch(len(self.lengths), self.global_batch)
 
     def batch(self, step: int) -> np.ndarray:
         """Sample indices of optimizer step `step` (0-based)."""
@@ -100,3 +100,32 @@ def padding_efficiency(lengths: np.ndarray, steps: Sequence[np.ndarray | Sequenc
         real += int(sizes.sum())
         padded += int(sizes.max()) * len(sizes)
     return real / padded
+
+
+def eval_batches(lengths: np.ndarray | Sequence[int], max_padded_samples: int) -> list[list[int]]:
+    """Evaluation batches: utterances sorted longest first, each batch as many as fit `max_padded_samples`
+    of padded audio (its first, longest utterance times its size); an utterance longer than that alone."""
+    lengths = np.asarray(lengths)
+    batches: list[list[int]] = []
+    for index in np.argsort(-lengths, kind="stable").tolist():
+        if batches and int(lengths[batches[-1][0]]) * (len(batches[-1]) + 1) <= max_padded_samples:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def shard_batches(
+    batches: Sequence[list[int]], lengths: np.ndarray | Sequence[int], world: int
+) -> list[list[list[int]]]:
+    """Batches dealt to `world` ranks balanced by padded audio (largest first, each to the least loaded rank),
+    so no rank waits long for the slowest at the gather. Every rank computes the same deal."""
+    lengths = np.asarray(lengths)
+    costs = [int(lengths[batch[0]]) * len(batch) for batch in batches]
+    loads: list[int] = [0] * world
+    shares: list[list[list[int]]] = [[] for _ in range(world)]
+    for index in sorted(range(len(batches)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        shares[rank].append(list(batches[index]))
+        loads[rank] += costs[index]
+    return shares
