@@ -76,6 +76,12 @@ def _framework_versions(versions: dict[str, str]) -> str:
     return "\n".join(f"- {names[k]} {versions[k]}" for k in names if k in versions)
 
 
+def evaluation(recipe: dict[str, Any]) -> str:
+    if recipe["eval"].get("mode", "sequential") == "batched":
+        return "batched with results equal to batch size 1 (exact padding: masked group norm, attention mask)"
+    return "at batch size 1"
+
+
 def model_card(result: RunResult) -> str:
     """final/README.md in the layout of the reference card (Trainer-generated), plus run facts it lacks."""
     run, rows = result.run, result.rows
@@ -130,7 +136,7 @@ without punctuation, greedy CTC decoding with no language model. Not evaluated o
 
 ## Training and evaluation data
 
-Train {meta["plan"]["train_samples"]} utterances; evaluation at batch size 1 on the test split.
+Train {meta["plan"]["train_samples"]} utterances; evaluation on the test split, {evaluation(recipe)}.
 
 ## Training procedure
 

@@ -1,15 +1,49 @@
-"""Evaluation at batch 1 (no padding, as the reference card's eval_batch_size 1), sharded across ranks."""
+"""Evaluation: per-utterance loss and greedy CTC transcripts, sharded over ranks, WER once on rank 0.
+
+Two modes (`eval.mode`), with equal results:
+- `sequential`: one utterance at a time, unpadded (the reference card's eval_batch_size 1).
+- `batched` (default): utterances sorted by length into batches of at most `eval.max_batch_seconds` of padded
+  audio, balanced over ranks by audio. Exact, not merely close: wav2vec2-base's feature encoder normalises
+  each channel over time in its first layer (GroupNorm, no attention mask), so zero padding would change
+  every frame; here that norm is computed over each utterance's valid frames only (`masked_group_norm`), the
+  later conv layers see only valid frames for valid outputs, and the encoder gets the attention mask (padded
+  frames zeroed before the positional convolution, masked out of attention). Layer-norm conv stacks
+  (`feat_extract_norm: layer`) normalise per frame and need only the mask.
+
+    python -m asrlaunch.evaluate RECIPE --model RUN_DIR/final [--mode batched|sequential] [--out FILE.jsonl]
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import datasets
 import jiwer
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from torch import nn
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+
+from asrlaunch.data.sampler import eval_batches, shard_batches
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class Utterance:
+    index: int
+    loss: float
+    prediction: str
+    reference: str
 
 
 @dataclass(frozen=True)
@@ -17,39 +51,225 @@ class EvalResult:
     eval_loss: float
     wer: float
     samples: int
+    utterances: list[Utterance]
+
+
+def masked_group_norm(x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of (batch, channels, time) over each utterance's first `valid[b]` frames only: the same
+    kernel on each unpadded slice, so each utterance gets what it gets alone. Frames past `valid` are zero."""
+    groups, weight, bias, eps = norm.num_groups, norm.weight, norm.bias, norm.eps
+    pieces = [
+        nn.functional.group_norm(x[b : b + 1, :, :n], groups, weight, bias, eps)
+        for b, n in enumerate(valid.tolist())
+    ]
+    out = x.new_zeros(x.shape, dtype=pieces[0].dtype)
+    for b, piece in enumerate(pieces):
+        out[b, :, : piece.shape[-1]] = piece[0]
+    return out
+
+
+def first_conv_norm(model: Wav2Vec2ForCTC) -> nn.GroupNorm | None:
+    """The time-normalising GroupNorm of a group-norm conv stack (wav2vec2-base), None for layer norm."""
+    norm = getattr(model.wav2vec2.feature_extractor.conv_layers[0], "layer_norm", None)
+    return norm if isinstance(norm, nn.GroupNorm) else None
+
+
+@contextmanager
+def exact_padding(model: Wav2Vec2ForCTC, lengths: torch.Tensor) -> Iterator[None]:
+    """While inside, the first conv layer's GroupNorm sees only each utterance's valid frames."""
+    norm = first_conv_norm(model)
+    if norm is None:
+        yield
+        return
+    kernel, stride = model.config.conv_kernel[0], model.config.conv_stride[0]
+    valid = (lengths - kernel) // stride + 1
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+        return masked_group_norm(inputs[0], valid.to(inputs[0].device), norm).to(output.dtype)
+
+    handle = norm.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def ctc_losses(logits: torch.Tensor, labels: torch.Tensor, frames: torch.Tensor, config: Any) -> torch.Tensor:
+    """Per-utterance CTC loss, each divided by its target length: the terms whose batch mean is the model's
+    loss with `ctc_loss_reduction: mean` (log-softmax in fp32, cudnn off, as transformers computes it)."""
+    mask = (labels >= 0) & (labels != config.pad_token_id)
+    targets = labels.masked_select(mask)
+    log_probs = nn.functional.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+    with torch.backends.cudnn.flags(enabled=False):
+        losses = nn.functional.ctc_loss(
+            log_probs,
+            targets,
+            frames,
+            mask.sum(-1),
+            blank=config.pad_token_id,
+            reduction="none",
+            zero_infinity=config.ctc_zero_infinity,
+        )
+    return losses / mask.sum(-1).clamp(min=1)
+
+
+def padded(
+    values: Sequence[np.ndarray], targets: Sequence[np.ndarray], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Audio zero-padded to the longest, labels padded with -100, and the true lengths."""
+    lengths = torch.tensor([len(v) for v in values])
+    audio = torch.zeros(len(values), int(lengths.max()), dtype=dtype)
+    labels = torch.full((len(values), max(len(t) for t in targets)), -100, dtype=torch.long)
+    for i, (value, target) in enumerate(zip(values, targets, strict=True)):
+        audio[i, : len(value)] = torch.tensor(value)  # a copy: the Arrow buffer is read-only
+        labels[i, : len(target)] = torch.as_tensor(target)
+    return audio.to(device), labels.to(device), lengths.to(device)
+
+
+def evaluate_batch(
+    model: Wav2Vec2ForCTC, rows: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> tuple[list[float], list[list[int]]]:
+    """Losses and greedy token ids of a batch (columns of rows), exact whatever the padding (one utterance:
+    no padding, the model exactly as the reference calls it)."""
+    audio, labels, lengths = padded(rows["input_values"], rows["labels"], dtype, device)
+    if len(audio) == 1:
+        logits = model(input_values=audio).logits
+    else:
+        attention = (torch.arange(audio.shape[1], device=device)[None, :] < lengths[:, None]).long()
+        with exact_padding(model, lengths):
+            logits = model(input_values=audio, attention_mask=attention).logits
+    frames = torch.as_tensor(model._get_feat_extract_output_lengths(lengths)).to(torch.long)  # type: ignore[arg-type]
+    losses = ctc_losses(logits, labels, frames, model.config)
+    ids = logits.argmax(dim=-1).tolist()
+    return losses.tolist(), [row[:n] for row, n in zip(ids, frames.tolist(), strict=True)]
+
+
+def rank_eval_batches(
+    lengths: np.ndarray, mode: str, max_batch_seconds: float, rank: int, world: int
+) -> list[list[int]]:
+    """The utterance indices rank `rank` evaluates, batch by batch."""
+    if mode == "sequential":
+        return [[i] for i in range(rank, len(lengths), world)]
+    return shard_batches(eval_batches(lengths, int(max_batch_seconds * SAMPLE_RATE)), lengths, world)[rank]
 
 
 def evaluate(
-    model: Wav2Vec2ForCTC,
+    model: Any,
     table: datasets.Dataset,
     processor: Wav2Vec2Processor,
     accelerator: Accelerator,
     input_dtype: torch.dtype = torch.float32,
+    mode: str = "batched",
+    max_batch_seconds: float = 60.0,
 ) -> EvalResult | None:
-    """Greedy CTC decoding of rank r's share (r, r + world, ...); WER computed once, on rank 0.
-
-    Returns the result on rank 0 and None elsewhere.
-    """
+    """Rank r evaluates its share; the results are gathered and scored once, on rank 0 (None elsewhere)."""
+    net = accelerator.unwrap_model(model)  # no DDP forward: ranks run different numbers of batches
     rows = table.with_format("numpy", columns=["input_values", "labels", "text"])
-    mine = range(accelerator.process_index, len(rows), accelerator.num_processes)
-    model.eval()
+    lengths = np.asarray(table["length"])
+    batches = rank_eval_batches(
+        lengths, mode, max_batch_seconds, accelerator.process_index, accelerator.num_processes
+    )
+    was_training = net.training
+    net.eval()
     outcomes: list[tuple[int, float, str, str]] = []
-    with torch.no_grad(), accelerator.autocast():
-        for index in mine:
-            row = rows[index]
-            inputs = torch.as_tensor(row["input_values"], device=accelerator.device, dtype=input_dtype)[None]
-            labels = torch.as_tensor(row["labels"], dtype=torch.long, device=accelerator.device)[None]
-            output = model(input_values=inputs, labels=labels)
-            prediction = processor.batch_decode(output.logits.argmax(dim=-1))[0]
-            outcomes.append((index, float(output.loss), prediction, str(row["text"])))
-    model.train()
+    autocast = accelerator.autocast() if input_dtype == torch.float32 else nullcontext()
+    with torch.no_grad(), autocast:
+        for indices in batches:
+            picked = rows[list(indices)]  # one read for the whole batch
+            losses, ids = evaluate_batch(net, picked, input_dtype, accelerator.device)
+            predictions = processor.batch_decode(ids)
+            outcomes.extend(
+                (int(i), loss, prediction, str(text))
+                for i, loss, prediction, text in zip(
+                    indices, losses, predictions, picked["text"], strict=True
+                )
+            )
+    net.train(was_training)
     gathered = sorted(gather_object(outcomes))
     if not accelerator.is_main_process:
         return None
-    references = [reference for _, _, _, reference in gathered]
-    predictions = [prediction for _, _, prediction, _ in gathered]
+    utterances = [Utterance(*item) for item in gathered]
     return EvalResult(
-        eval_loss=sum(loss for _, loss, _, _ in gathered) / len(gathered),
-        wer=float(jiwer.wer(references, predictions)),
-        samples=len(gathered),
+        eval_loss=sum(u.loss for u in utterances) / len(utterances),
+        wer=float(jiwer.wer([u.reference for u in utterances], [u.prediction for u in utterances])),
+        samples=len(utterances),
+        utterances=utterances,
     )
+
+
+def evaluate_saved_model(
+    recipe_path: str, model_dir: Path, overrides: Sequence[str], mode: str
+) -> dict[str, Any]:
+    """Evaluate a saved model (a run's final/) on its recipe's test split, on every process of the world."""
+    import time
+
+    from asrlaunch.data.batches import prepare_corpus
+    from asrlaunch.distenv import adopt_launcher_environment
+    from asrlaunch.recipe import load_recipe
+    from asrlaunch.runtime import effective_precision
+
+    adopt_launcher_environment()
+    recipe = load_recipe(recipe_path, overrides)
+    on_cpu = not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=on_cpu, mixed_precision=effective_precision(recipe.train.mixed_precision, on_cpu)
+    )
+    with accelerator.main_process_first():
+        corpus = prepare_corpus(recipe)
+    processor = Wav2Vec2Processor.from_pretrained(model_dir)
+    if processor.tokenizer.get_vocab() != corpus.processor.tokenizer.get_vocab():
+        raise ValueError(
+            f"{model_dir}: its vocabulary differs from the one of {recipe.data.dir} ({recipe_path})"
+        )
+    model = Wav2Vec2ForCTC.from_pretrained(model_dir).to(accelerator.device)
+    started = time.perf_counter()
+    result = evaluate(
+        model, corpus.test, processor, accelerator, mode=mode, max_batch_seconds=recipe.eval.max_batch_seconds
+    )
+    seconds = time.perf_counter() - started
+    if result is None:
+        return {}
+    ids = corpus.test["id"]
+    return {
+        "eval_loss": result.eval_loss,
+        "wer": result.wer,
+        "eval_samples": result.samples,
+        "utterances_per_s": result.samples / seconds,
+        "world_size": accelerator.num_processes,
+        "utterances": [
+            {"id": ids[u.index], "loss": u.loss, "prediction": u.prediction, "reference": u.reference}
+            for u in result.utterances
+        ],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from asrlaunch.cli import clean_warnings, error
+    from asrlaunch.data.timit import DataError
+    from asrlaunch.recipe import RecipeError
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe", help="the recipe whose test split to evaluate on")
+    parser.add_argument("--model", required=True, type=Path, help="a saved model folder (a run's final/)")
+    parser.add_argument("--mode", choices=["batched", "sequential"], default="batched")
+    parser.add_argument("--out", type=Path, help="write one JSON line per utterance (id, loss, prediction)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.dir=...")
+    args = parser.parse_intermixed_args(argv)
+    clean_warnings()
+    try:
+        summary = evaluate_saved_model(args.recipe, args.model, args.overrides, args.mode)
+    except (RecipeError, DataError, ValueError, OSError) as problem:
+        error(problem)
+        return 2
+    if summary:
+        utterances = summary.pop("utterances")
+        if args.out:
+            args.out.write_text("".join(json.dumps(u) + "\n" for u in utterances))
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -42,15 +42,19 @@ def build_model(section: ModelSection, vocab: dict[str, int], pad_id: int) -> Wa
     return model
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainSection) -> torch.optim.Optimizer:
-    """Biases and normalisation weights get no weight decay, as in the transformers Trainer."""
+def build_optimizer(
+    model: torch.nn.Module, train: TrainSection, fused: bool = False
+) -> torch.optim.Optimizer:
+    """Biases and normalisation weights get no weight decay, as in the transformers Trainer. `fused`: one
+    kernel for the whole update (CUDA), instead of several per parameter tensor."""
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
         {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps)
+    extra = {"fused": True} if fused else {}
+    return optimizer_class(groups, lr=train.lr, betas=train.adam_betas, eps=train.adam_eps, **extra)
 
 
 def build_scheduler(

@@ -87,6 +87,9 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
 
     on_cpu = not torch.cuda.is_available()
     precision = effective_precision(recipe.train.mixed_precision, on_cpu)
+    if not on_cpu and recipe.train.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=_needs_unused(recipe))]
     deepspeed = None
     if recipe.train.backend == "deepspeed":

@@ -15,6 +15,7 @@ import functools
 import os
 import shutil
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from asrlaunch import checkpoint
 from asrlaunch.cli import clean_warnings, error
-from asrlaunch.data.batches import TrainData, ensure_corpus, prepare_corpus
+from asrlaunch.data.batches import Prefetcher, TrainData, ensure_corpus, prepare_corpus
 from asrlaunch.data.timit import DataError
 from asrlaunch.distenv import adopt_launcher_environment
 from asrlaunch.evaluate import evaluate
@@ -81,6 +82,8 @@ class Trainer:
         self.counters = TrainCounters()
         self.metrics = TrainMetrics(self.batch_plan.global_batch, self._peak_memory)
         self.log = RankLog(run_dir, self.rank, attempt=self.decision.attempt)
+        on_gpu = self.accelerator.device.type == "cuda"
+        self.prefetcher = Prefetcher(self.data, self.batch_plan, self.rank, background=on_gpu)
         self.start_step = self._resume(Path(self.decision.checkpoint)) if self.decision.checkpoint else 0
 
     # -- set-up ---------------------------------------------------------------------------------------------
@@ -114,7 +117,8 @@ class Trainer:
         # CTC frames per padded length, cached: the check for too-short transcripts costs nothing per step.
         output_lengths = model._get_feat_extract_output_lengths
         self._frames = functools.cache(lambda samples: int(output_lengths(samples)))
-        optimizer = build_optimizer(model, self.recipe.train)
+        fused = self.accelerator.device.type == "cuda" and self.recipe.train.backend == "ddp"
+        optimizer = build_optimizer(model, self.recipe.train, fused=fused)
         scheduler = build_scheduler(optimizer, self.recipe.train, self.plan.total_steps)
         return self.accelerator.prepare(model, optimizer, scheduler)
 
@@ -197,11 +201,14 @@ class Trainer:
         frames = self._frames(self.data.order.pad_length(step))
         self.counters.ctc_infinite_total += int((self.data.ctc_min_frames[batch] > frames).sum())
         losses, grad_norm = [], float("nan")
-        for inputs in self.data.micro_batches(step, self.batch_plan, self.rank):
+        next_step = step + 1 if step + 1 < self.plan.total_steps else None
+        for inputs in self.prefetcher.get(step, next_step):
             with accelerator.accumulate(self.model), accelerator.autocast():
                 loss = self.model(
-                    input_values=inputs.input_values.to(accelerator.device, self.input_dtype),
-                    labels=inputs.labels.to(accelerator.device),
+                    input_values=inputs.input_values.to(
+                        accelerator.device, self.input_dtype, non_blocking=True
+                    ),
+                    labels=inputs.labels.to(accelerator.device, non_blocking=True),
                 ).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -257,6 +264,7 @@ class Trainer:
             if save_every and done % save_every == 0 and done < plan.total_steps:
                 self.save_checkpoint(done)
         progress.close()
+        self.prefetcher.close()
         self.save_final()
 
     def write_train_record(self, step: int, grad_norm: float, batch: np.ndarray) -> dict[str, Any]:
@@ -282,8 +290,16 @@ class Trainer:
         return {"max_memory_gib": round(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30, 3)}
 
     def run_eval(self, step: int) -> dict[str, Any] | None:
+        started = time.perf_counter()
+        settings = self.recipe.eval
         result = evaluate(
-            self.model, self.corpus.test, self.corpus.processor, self.accelerator, self.input_dtype
+            self.model,
+            self.corpus.test,
+            self.corpus.processor,
+            self.accelerator,
+            self.input_dtype,
+            mode=settings.mode,
+            max_batch_seconds=settings.max_batch_seconds,
         )
         if result is None:
             return None
@@ -294,6 +310,7 @@ class Trainer:
             eval_loss=round(result.eval_loss, 6),
             wer=round(result.wer, 6),
             eval_samples=result.samples,
+            eval_seconds=round(time.perf_counter() - started, 3),
         )
 
     def write_meta(self, start_step: int) -> None:

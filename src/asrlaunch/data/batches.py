@@ -8,6 +8,7 @@ Worker side: imports torch.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,10 @@ class Batch:
     input_values: torch.Tensor
     labels: torch.Tensor
 
+    def pinned(self) -> Batch:
+        """In page-locked memory, so the copy to the GPU can run while the host goes on."""
+        return Batch(self.input_values.pin_memory(), self.labels.pin_memory())
+
 
 def collate(rows: Any, indices: np.ndarray, pad_to: int) -> Batch:
     """Zero-pad audio to `pad_to` (the global batch's longest sample) and labels with -100."""
@@ -39,7 +44,7 @@ def collate(rows: Any, indices: np.ndarray, pad_to: int) -> Batch:
     label_width = max(len(labels) for labels in picked["labels"])
     labels = torch.full((len(indices), label_width), -100, dtype=torch.long)
     for i, (values, tokens) in enumerate(zip(picked["input_values"], picked["labels"], strict=True)):
-        audio[i, : len(values)] = torch.as_tensor(values)
+        audio[i, : len(values)] = torch.tensor(values)
         labels[i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
     return Batch(audio, labels)
 
@@ -88,3 +93,37 @@ class TrainData:
 
         batch, pad_to = self.order.batch(step), self.order.pad_length(step)
         return [collate(self.rows, indices, pad_to) for indices in rank_micro_batches(batch, plan, rank)]
+
+
+class Prefetcher:
+    """Collates the next step's micro-batches on a background thread while the GPU computes this one.
+
+    Collation draws no random numbers, so it may run ahead without touching exact resume. A new batch plan
+    (an out-of-memory split) drops what was collated for the old one. On a CPU the "device" is the host
+    itself: there a second thread only competes with the computation for cores (and the GIL), so collation
+    stays inline (`background=False`).
+    """
+
+    def __init__(self, data: TrainData, plan: BatchPlan, rank: int, background: bool) -> None:
+        self.data, self.plan, self.rank, self.background = data, plan, rank, background
+        self.pin_memory = background
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate")
+        self._ahead: tuple[int, BatchPlan, Future[list[Batch]]] | None = None
+
+    def _collate(self, step: int, plan: BatchPlan) -> list[Batch]:
+        batches = self.data.micro_batches(step, plan, self.rank)
+        return [batch.pinned() for batch in batches] if self.pin_memory else batches
+
+    def get(self, step: int, next_step: int | None) -> list[Batch]:
+        """Step `step`'s micro-batches (collated ahead when it was foreseen); starts on `next_step`'s."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step and ahead[1] == self.plan:
+            batches = ahead[2].result()
+        else:
+            batches = self._collate(step, self.plan)
+        if next_step is not None and self.background:
+            self._ahead = (next_step, self.plan, self._pool.submit(self._collate, next_step, self.plan))
+        return batches
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,404 @@
+"""Our engine beside the reference approach (transformers' Trainer, the script's padding collator,
+`group_by_length`, evaluation at batch 1): the same prepared corpus, model config, seed, steps and
+evaluations, run interleaved N times in one command. Prints medians of whole-run wall time, train
+samples/s, evaluation utterances/s and the ratios ours / Trainer, and checks that our batched evaluation
+equals our batch-1 one.
+
+    python bench/compare_hf.py               # CPU: tiny group-norm model, espeak corpus 400/100, 100 steps
+    python bench/compare_hf.py --gpu         # one GPU: wav2vec2-base config, fp16, 60 steps, 2 evals of 400
+    python bench/compare_hf.py --gpu --tiny  # the --gpu path with a tiny model and a few steps: anywhere
+
+Both sides run as fresh processes (imports and start-up included in the wall time); the corpus is prepared
+once beforehand, so neither pays for decoding audio. MFU counts the model FLOPs of the padded batches (the
+conv stack is frozen: forward only) over the training time, against the GPU's dense fp16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+# The issue's CPU comparison: hidden 64, 2 layers, wav2vec2-base's group-norm conv stack at 320x.
+TINY_GROUP_NORM = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "conv_dim": [32, 32, 32],
+    "conv_stride": [5, 8, 8],
+    "conv_kernel": [10, 8, 8],
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 4,
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+# -- model FLOPs -------------------------------------------------------------------------------------------
+def conv_frames(samples: int, config: dict[str, Any]) -> list[int]:
+    frames, out = samples, []
+    for kernel, stride in zip(config["conv_kernel"], config["conv_stride"], strict=True):
+        frames = (frames - kernel) // stride + 1
+        out.append(frames)
+    return out
+
+
+def train_flops(samples: int, config: dict[str, Any], vocab: int) -> float:
+    """Training FLOPs of one utterance of `samples` audio: the frozen conv stack forward only, everything
+    after it forward and backward (3x forward)."""
+    dims = [1, *config["conv_dim"]]
+    frames = conv_frames(samples, config)
+    conv = sum(
+        2 * k * dims[i] * dims[i + 1] * t
+        for i, (k, t) in enumerate(zip(config["conv_kernel"], frames, strict=True))
+    )
+    t, d, ff = frames[-1], config["hidden_size"], config["intermediate_size"]
+    groups, width = config["num_conv_pos_embedding_groups"], config["num_conv_pos_embeddings"]
+    rest = 2 * dims[-1] * d * t + 2 * width * (d // groups) * d * t + 2 * d * vocab * t
+    rest += config["num_hidden_layers"] * (8 * d * d * t + 4 * t * t * d + 4 * d * ff * t)
+    return conv + 3 * rest
+
+
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    if args.gpu and not args.tiny:
+        from transformers import Wav2Vec2Config
+
+        base = Wav2Vec2Config().to_dict()  # the defaults are wav2vec2-base's architecture
+        return {k: base[k] for k in [*TINY_GROUP_NORM, "feat_extract_norm", "do_stable_layer_norm"]}
+    return dict(TINY_GROUP_NORM)
+
+
+# -- our engine ----------------------------------------------------------------------------------------------
+def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
+    from asrlaunch.logs import read_run_logs
+
+    run_dir = work / f"ours-{index}"
+    command = [
+        sys.executable,
+        "-m",
+        "asrlaunch.train",
+        str(ROOT / "recipes" / "timit32.yaml"),
+        "--run-dir",
+        str(run_dir),
+        *common_overrides(args, corpus, work),
+        f"eval.mode={args.eval_mode}",
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"our engine failed:\n{done.stderr[-3000:]}")
+    records = read_run_logs(run_dir)
+    trains = [r for r in records if r["kind"] == "train" and r["rank"] == 0]
+    evals = [r for r in records if r["kind"] == "eval"]
+    return {
+        "wall_s": wall,
+        "train_samples_per_s": 32 * trains[-1]["step"] / train_seconds(trains),
+        "eval_utterances_per_s": statistics.median(r["eval_samples"] / r["eval_seconds"] for r in evals),
+        "eval_loss": evals[-1]["eval_loss"],
+        "wer": evals[-1]["wer"],
+        "max_memory_gib": max((r.get("max_memory_gib", 0.0) for r in trains), default=0.0),
+        "run_dir": str(run_dir),
+    }
+
+
+def train_seconds(trains: list[dict[str, Any]]) -> float:
+    """Training time from the train records: each covers the steps since the one before at its samples/s."""
+    previous, total = 0, 0.0
+    for record in trains:
+        total += (record["step"] - previous) * 32 / record["samples_per_s"]
+        previous = record["step"]
+    return total
+
+
+def common_overrides(args: argparse.Namespace, corpus: Path, work: Path) -> list[str]:
+    return [
+        f"data.dir={corpus}",
+        f"data.cache_dir={work / 'cache'}",
+        f"data.max_eval_samples={args.eval_samples}",
+        f"model.config={json.dumps(model_config(args))}",
+        f"model.freeze_feature_encoder={str(args.gpu and not args.tiny).lower()}",
+        f"train.max_steps={args.steps}",
+        f"train.max_micro_batch_size={args.micro}",
+        "train.warmup_steps=10",
+        f"train.mixed_precision={'fp16' if args.gpu else 'no'}",
+        f"eval.steps={args.eval_every}",
+        f"logging.steps={args.logging_steps}",
+        "checkpoint.save_steps=null",
+    ]
+
+
+def evaluate_both_modes(args: argparse.Namespace, corpus: Path, work: Path, run_dir: str) -> dict[str, Any]:
+    """Our final model evaluated batched and at batch 1: speed and equality."""
+    out = {}
+    for mode in ("sequential", "batched"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "asrlaunch.evaluate",
+                str(ROOT / "recipes" / "timit32.yaml"),
+                "--model",
+                f"{run_dir}/final",
+                "--mode",
+                mode,
+                "--out",
+                str(work / f"{mode}.jsonl"),
+                *common_overrides(args, corpus, work),
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode:
+            raise SystemExit(f"evaluation ({mode}) failed:\n{done.stderr[-3000:]}")
+        out[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    pairs = zip(*(map(json.loads, (work / f"{m}.jsonl").read_text().splitlines()) for m in out), strict=True)
+    worst = max(abs(a["loss"] - b["loss"]) / abs(a["loss"]) for a, b in pairs)
+    out["max_relative_loss_difference"] = worst
+    return out
+
+
+# -- the reference approach ---------------------------------------------------------------------------------
+def run_trainer(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
+    out = work / f"trainer-{index}.json"
+    command = [sys.executable, __file__, "--side", "trainer", "--result", str(out), *sys.argv[1:]]
+    command += ["--corpus", str(corpus), "--work", str(work)]
+    started = time.perf_counter()
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"the Trainer failed:\n{done.stderr[-3000:]}")
+    return {"wall_s": wall, **json.loads(out.read_text())}
+
+
+def trainer_side(args: argparse.Namespace) -> None:
+    """In its own process: transformers' Trainer as run_speech_recognition_ctc.py sets it up."""
+    import jiwer
+    import torch
+    from transformers import Trainer, TrainingArguments, Wav2Vec2Config, Wav2Vec2ForCTC
+
+    from asrlaunch.data.timit import load_corpus
+
+    work, corpus = Path(args.work), Path(args.corpus)
+    prepared = load_corpus(corpus, work / "cache", None, args.eval_samples, "reference")
+    processor = prepared.processor
+    config = Wav2Vec2Config(
+        **model_config(args),
+        vocab_size=len(prepared.vocab),
+        pad_token_id=processor.tokenizer.pad_token_id,
+        ctc_loss_reduction="mean",
+        ctc_zero_infinity=True,
+        mask_time_prob=0.05,
+        layerdrop=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+        final_dropout=0.0,
+    )
+    torch.manual_seed(42)
+    model = Wav2Vec2ForCTC(config)
+    if args.gpu and not args.tiny:
+        model.freeze_feature_encoder()
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:  # DataCollatorCTCWithPadding
+        batch = processor.feature_extractor.pad(
+            [{"input_values": f["input_values"]} for f in features], padding="longest", return_tensors="pt"
+        )
+        labels = processor.tokenizer.pad([{"input_ids": f["labels"]} for f in features], return_tensors="pt")
+        batch["labels"] = labels["input_ids"].masked_fill(labels.attention_mask.ne(1), -100)
+        return dict(batch)
+
+    def metrics(prediction: Any) -> dict[str, float]:
+        ids = np.argmax(prediction.predictions, axis=-1)
+        label_ids = prediction.label_ids.copy()
+        label_ids[label_ids == -100] = processor.tokenizer.pad_token_id
+        words = processor.batch_decode(ids)
+        references = processor.batch_decode(label_ids, group_tokens=False)
+        return {"wer": float(jiwer.wer(references, words))}
+
+    # transformers 5 spells group_by_length as a sampling strategy
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    grouping: dict[str, Any] = (
+        {"train_sampling_strategy": "group_by_length"}
+        if "train_sampling_strategy" in fields
+        else {"group_by_length": True}
+    )
+    training = TrainingArguments(
+        **grouping,
+        output_dir=str(work / "trainer-out"),
+        per_device_train_batch_size=args.micro,
+        gradient_accumulation_steps=32 // args.micro,
+        per_device_eval_batch_size=1,
+        learning_rate=1e-4,
+        warmup_steps=10,
+        max_steps=args.steps,
+        eval_strategy="steps",
+        eval_steps=args.eval_every,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        length_column_name="length",
+        fp16=args.gpu,
+        seed=42,
+        report_to=[],
+        dataloader_num_workers=0,
+        use_cpu=not args.gpu,
+        weight_decay=0.005,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training,
+        data_collator=collate,
+        compute_metrics=metrics,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.test,
+    )
+    trainer.train()
+    history = trainer.state.log_history
+    evals = [h for h in history if "eval_loss" in h]
+    train_runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
+    eval_runtime = sum(h["eval_runtime"] for h in evals)
+    Path(args.result).write_text(
+        json.dumps(
+            {
+                "train_samples_per_s": args.steps * 32 / (train_runtime - eval_runtime),
+                "eval_utterances_per_s": statistics.median(h["eval_samples_per_second"] for h in evals),
+                "eval_loss": evals[-1]["eval_loss"],
+                "wer": evals[-1]["eval_wer"],
+                "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.gpu else 0.0,
+            }
+        )
+    )
+
+
+# -- the comparison ------------------------------------------------------------------------------------------
+def make_corpus(args: argparse.Namespace, root: Path) -> Path:
+    corpus = root / "corpus"
+    if corpus.exists():
+        return corpus
+    if args.gpu:
+        from gpu_base import write_corpus  # noise at TIMIT's lengths
+
+        return write_corpus(corpus, train=max(args.steps * 32, 64), test=args.eval_samples)
+    from asrlaunch.data.synth import generate_corpus
+
+    return generate_corpus(corpus, args.train, args.test, engine=args.engine, seed=0)
+
+
+def prepare(args: argparse.Namespace, corpus: Path, work: Path) -> int:
+    from asrlaunch.data.timit import load_corpus
+
+    prepared = load_corpus(corpus, work / "cache", None, args.eval_samples, "reference")
+    return len(prepared.vocab)
+
+
+def mfu(args: argparse.Namespace, work: Path, samples_per_s: float, vocab: int) -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if peak is None:
+        return None
+    from asrlaunch.data.timit import load_corpus
+
+    lengths = np.asarray(
+        load_corpus(Path(work / "corpus"), work / "cache", None, None, "reference").train["length"]
+    )
+    per_sample = np.mean([train_flops(int(n), model_config(args), vocab) for n in lengths])
+    return float(per_sample * samples_per_s / (peak * 1e12))
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
+    keys = ("wall_s", "train_samples_per_s", "eval_utterances_per_s", "eval_loss", "wer", "max_memory_gib")
+    return {key: statistics.median(r[key] for r in runs) for key in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs of each side (medians printed)")
+    parser.add_argument("--gpu", action="store_true", help="wav2vec2-base config, fp16, on the GPU")
+    parser.add_argument(
+        "--tiny", action="store_true", help="with --gpu: a tiny model and few steps (any machine)"
+    )
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--eval-every", type=int)
+    parser.add_argument("--eval-samples", type=int)
+    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--micro", type=int, default=32, help="micro-batch (accumulation makes up 32)")
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--engine", default="auto", help="corpus generator engine (CPU mode)")
+    parser.add_argument("--eval-mode", default="batched", choices=["batched", "sequential"])
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense fp16 peak (default: by its name)")
+    parser.add_argument("--work", help="working folder (default: a temporary one)")
+    parser.add_argument("--side", choices=["trainer"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    gpu_full = args.gpu and not args.tiny
+    args.steps = args.steps or (60 if gpu_full else 4 if args.gpu else 100)
+    args.eval_every = args.eval_every or (30 if gpu_full else 2 if args.gpu else 50)
+    args.eval_samples = args.eval_samples or (400 if gpu_full else 16 if args.gpu else args.test)
+    if args.side == "trainer":
+        trainer_side(args)
+        return 0
+    work = Path(args.work or tempfile.mkdtemp(prefix="compare-hf-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = make_corpus(args, work)
+    vocab = prepare(args, corpus, work)
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    for index in range(args.runs):  # interleaved, alternating who goes first
+        sides = [(ours, run_ours), (theirs, run_trainer)]
+        for results, run in sides if index % 2 == 0 else sides[::-1]:
+            results.append(run(args, corpus, work, index))
+            print(f"run {index} {run.__name__}: {json.dumps(results[-1])}", flush=True)
+    a, b = summary(ours), summary(theirs)
+    modes = evaluate_both_modes(args, corpus, work, ours[-1]["run_dir"])
+    report = {
+        "setup": {
+            k: getattr(args, k)
+            for k in ("gpu", "tiny", "steps", "eval_every", "eval_samples", "runs", "micro")
+        },
+        "ours": a,
+        "trainer": b,
+        "ratio_wall_ours_over_trainer": a["wall_s"] / b["wall_s"],
+        "ratio_train_samples_per_s": a["train_samples_per_s"] / b["train_samples_per_s"],
+        "ratio_eval_utterances_per_s": a["eval_utterances_per_s"] / b["eval_utterances_per_s"],
+        "batched_over_batch1_eval_speed": modes["batched"]["utterances_per_s"]
+        / modes["sequential"]["utterances_per_s"],
+        "batched_vs_batch1": {
+            "eval_loss": [modes["batched"]["eval_loss"], modes["sequential"]["eval_loss"]],
+            "wer": [modes["batched"]["wer"], modes["sequential"]["wer"]],
+            "max_relative_loss_difference": modes["max_relative_loss_difference"],
+        },
+        "train_mfu_ours": mfu(args, work, a["train_samples_per_s"], vocab),
+        "train_mfu_trainer": mfu(args, work, b["train_samples_per_s"], vocab),
+    }
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (a lent machine, well inside 10 minutes): the packages its image lacks, then
+#   bench/gpu_base.py          wav2vec2-base config, fp16, global batch 32 as micro 32/16/8: samples/s, memory
+#   bench/compare_hf.py --gpu  ours beside the Trainer: wall time, samples/s, eval utterances/s, MFU
+# Figures go to stdout and, on the device tool's machine, to $OUT/gpu.log.
+#
+# Before the call, here:  bash bench/gpu.sh --fetch-wheels     (wheels of what the GPU image lacks, into .whl/)
+# The call:               device run, carry [".whl"], command: bash bench/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# What the GPU image (Python 3.12, torch, transformers, accelerate, tensorboard ...) does not have.
+MISSING=(datasets==5.2.0 dill multiprocess jiwer==4.0.0 rapidfuzz soundfile cffi
+  pycparser submitit==1.5.4 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection
+  typing-extensions)
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+  for package in "${MISSING[@]}"; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform any -d .whl "$package" || echo "could not fetch $package"
+  done
+  du -sh .whl; exit 0
+fi
+OUT=${OUT:-/tmp}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/src
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  python3 bench/gpu_base.py --steps 50
+  python3 bench/compare_hf.py --gpu --runs 1 --work /tmp/compare-gpu
+} 2>&1 | tee "$OUT/gpu.log"

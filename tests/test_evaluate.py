@@ -1,0 +1,191 @@
+"""Evaluation: batched equals batch-1 exactly (masked group norm, attention mask), on 1, 2 and 3 processes,
+every utterance once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asrlaunch.data.sampler import eval_batches, shard_batches
+from asrlaunch.evaluate import masked_group_norm
+
+from .conftest import PYTHON, RECIPES, ROOT, engine_command, python_env
+
+GROUP_NORM = {  # wav2vec2-base's layout, tiny: group-norm conv stack, post-norm layers
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "conv_dim": [16, 16, 16],
+    "conv_stride": [5, 8, 8],
+    "conv_kernel": [10, 8, 8],
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+    "feat_extract_norm": "group",
+    "do_stable_layer_norm": False,
+}
+
+
+@pytest.mark.parametrize("groups", [12, 4, 1])
+def test_masked_group_norm_equals_the_unpadded_computation(groups: int) -> None:
+    rng = torch.Generator().manual_seed(groups)
+    norm = torch.nn.GroupNorm(groups, 12)
+    with torch.no_grad():
+        norm.weight.normal_(generator=rng)
+        norm.bias.normal_(generator=rng)
+    x = torch.randn(5, 12, 97, generator=rng) * 3 + 1
+    valid = torch.tensor([97, 40, 2, 73, 96])
+    out = masked_group_norm(x, valid, norm)
+    for b, n in enumerate(valid.tolist()):
+        expected = norm(x[b : b + 1, :, :n])[0]
+        assert torch.allclose(out[b, :, :n], expected, atol=1e-6, rtol=1e-6)
+        assert not out[b, :, n:].any()
+
+
+def test_eval_batches_cover_every_utterance_once_within_the_budget() -> None:
+    lengths = np.random.default_rng(0).integers(8000, 130000, 203)
+    batches = eval_batches(lengths, 400000)
+    assert sorted(i for batch in batches for i in batch) == list(range(203))
+    for batch in batches:
+        assert len(batch) == 1 or lengths[batch[0]] * len(batch) <= 400000
+        assert lengths[batch[0]] == max(lengths[batch])  # padded to its first
+    for world in (1, 2, 3, 8):
+        shares = shard_batches(batches, lengths, world)
+        assert sorted(i for share in shares for batch in share for i in batch) == list(range(203))
+        loads = [sum(int(lengths[b[0]]) * len(b) for b in share) for share in shares]
+        assert max(loads) - min(loads) <= max(int(lengths[b[0]]) * len(b) for b in batches)
+
+
+def evaluate_in_process(config: dict, corpus_dir: Path, cache: Path, mode: str) -> list:
+    from accelerate import Accelerator
+
+    from asrlaunch.data.timit import load_corpus
+    from asrlaunch.evaluate import evaluate
+    from asrlaunch.model import build_model
+    from asrlaunch.recipe import ModelSection
+
+    corpus = load_corpus(corpus_dir, cache)
+    torch.manual_seed(0)
+    model = build_model(ModelSection(config=config), corpus.vocab, corpus.processor.tokenizer.pad_token_id)
+    result = evaluate(
+        model, corpus.test, corpus.processor, Accelerator(cpu=True), mode=mode, max_batch_seconds=9
+    )
+    assert result is not None
+    return result.utterances
+
+
+@pytest.mark.parametrize("layout", ["group-norm", "layer-norm (smoke)"])
+def test_batched_evaluation_equals_batch_1(layout: str, tones_corpus: Path, tmp_path: Path) -> None:
+    import yaml
+
+    smoke = yaml.safe_load((RECIPES / "smoke.yaml").read_text())["model"]["config"]
+    config = GROUP_NORM if layout == "group-norm" else smoke
+    batched = evaluate_in_process(config, tones_corpus, tmp_path, "batched")
+    single = evaluate_in_process(config, tones_corpus, tmp_path, "sequential")
+    assert [u.index for u in batched] == [u.index for u in single] == list(range(16))
+    for a, b in zip(batched, single, strict=True):
+        assert a.prediction == b.prediction
+        assert a.loss == pytest.approx(b.loss, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tones_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke model after 200 steps of 8: it transcribes (WER below 1), so transcripts can disagree."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    steps = ("train.max_steps=200", "train.global_batch_size=8", "eval.steps=200", "eval.at_start=false")
+    done = subprocess.run(
+        engine_command(run_dir, tones_corpus, 1, *steps),
+        env=python_env(OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def evaluate_cli(model: Path, corpus: Path, processes: int, mode: str, out: Path, *overrides: str) -> dict:
+    launcher = (
+        [PYTHON]
+        if processes == 1
+        else [PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    )
+    done = subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "asrlaunch.evaluate",
+            str(RECIPES / "smoke.yaml"),
+            "--model",
+            str(model),
+            "--mode",
+            mode,
+            "--out",
+            str(out),
+            f"data.dir={corpus}",
+            f"data.cache_dir={model.parent.parent / 'cache'}",
+            "eval.max_batch_seconds=9",
+            *overrides,
+        ],
+        env=python_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary["utterances"] = [json.loads(line) for line in out.read_text().splitlines()]
+    return summary
+
+
+def test_sharded_evaluation_agrees_on_1_2_and_3_processes(
+    trained_smoke: Path, tones_corpus: Path, tmp_path: Path
+) -> None:
+    model = trained_smoke / "final"
+    runs = {
+        (n, mode): evaluate_cli(model, tones_corpus, n, mode, tmp_path / f"{n}-{mode}.jsonl")
+        for n, mode in ((1, "sequential"), (1, "batched"), (2, "batched"), (3, "batched"), (2, "sequential"))
+    }
+    reference = runs[(1, "sequential")]
+    ids = [u["id"] for u in reference["utterances"]]
+    assert len(ids) == len(set(ids)) == 16  # every utterance once
+    assert 0.0 <= reference["wer"] < 0.9 and any(u["prediction"] for u in reference["utterances"])
+    for (processes, mode), run in runs.items():
+        assert run["world_size"] == processes and run["eval_samples"] == 16
+        assert [u["id"] for u in run["utterances"]] == ids, (processes, mode)
+        assert [u["prediction"] for u in run["utterances"]] == [
+            u["prediction"] for u in reference["utterances"]
+        ]
+        assert run["wer"] == reference["wer"]
+        tolerance = 1e-6 if mode == "sequential" else 1e-5
+        assert run["eval_loss"] == pytest.approx(reference["eval_loss"], rel=tolerance), (processes, mode)
+        for mine, theirs in zip(run["utterances"], reference["utterances"], strict=True):
+            assert mine["loss"] == pytest.approx(theirs["loss"], rel=tolerance)
+
+
+def test_group_norm_model_batched_equals_batch_1_on_2_processes(tones_corpus: Path, tmp_path: Path) -> None:
+    from asrlaunch.data.timit import load_corpus
+    from asrlaunch.model import build_model
+    from asrlaunch.recipe import ModelSection
+
+    cache = tmp_path / "cache"
+    corpus = load_corpus(tones_corpus, cache)
+    torch.manual_seed(0)
+    model = build_model(
+        ModelSection(config=GROUP_NORM), corpus.vocab, corpus.processor.tokenizer.pad_token_id
+    )
+    folder = tmp_path / "run" / "final"
+    model.save_pretrained(folder)
+    corpus.processor.save_pretrained(folder)
+    batched = evaluate_cli(folder, tones_corpus, 2, "batched", tmp_path / "b.jsonl")
+    single = evaluate_cli(folder, tones_corpus, 2, "sequential", tmp_path / "s.jsonl")
+    assert batched["wer"] == single["wer"]
+    for a, b in zip(batched["utterances"], single["utterances"], strict=True):
+        assert a["id"] == b["id"] and a["prediction"] == b["prediction"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
