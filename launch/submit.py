@@ -87,7 +87,7 @@ def ensure_stopped(run_dir: RunDir) -> None:
 
 
 def dry_run(specs: list[RunSpec], as_json: bool) -> None:
-    script = sbatch_text(specs[0].recipe, submitit_folder(specs), len(specs))
+    script = sbatch_text(specs[0].recipe, submitit_folder(specs), [spec.run_dir.path for spec in specs])
     runs = [
         {"run_dir": str(s.run_dir), "overrides": list(s.overrides), **plan_for(s.recipe).to_dict()}
         for s in specs

@@ -7,6 +7,8 @@
 #   bash slurm/cluster.sh wipe           stop, then delete all state
 #   bash slurm/cluster.sh status         sinfo
 #   bash slurm/cluster.sh dbd-stop|dbd-start   take accounting (sacct) away and back, for tests
+#   bash slurm/cluster.sh preempt-mode user|term   preemption sends the job's user signal (USR2, the default)
+#                                        or, as most sites do, SIGTERM and a grace time (restarts slurmctld)
 #
 # Nodes node[1-3]: 2 CPUs and 2 fake GPUs each (character devices, so --gpus-per-node schedules and sets
 # CUDA_VISIBLE_DEVICES). Partitions: debug (default), low (preemptable: requeued), high (preempts low).
@@ -17,6 +19,7 @@ set -euo pipefail
 
 DIR=${ASRLAUNCH_SLURM_DIR:-/tmp/asrlaunch-slurm}
 ACCOUNTING=${ASRLAUNCH_SLURM_ACCOUNTING:-1}
+PREEMPT_MODE_FILE=$DIR/etc/preempt-mode  # user: preempt_send_user_signal; term: SIGTERM + GraceTime only
 NODES=(node1 node2 node3)
 CONF=$DIR/etc/slurm.conf
 export SLURM_CONF=$CONF
@@ -40,6 +43,8 @@ write_config() {
   chmod 755 "$DIR/munge"
   for n in 0 1; do [ -e "$DIR/fakegpu/nvidia$n" ] || mknod "$DIR/fakegpu/nvidia$n" c 195 "$n"; done
   for node in "${NODES[@]}"; do mkdir -p "$DIR/spool/$node"; done
+  local preempt_signal="SlurmctldParameters=preempt_send_user_signal"
+  [ "$(cat "$PREEMPT_MODE_FILE" 2>/dev/null)" = term ] && preempt_signal="# preemption: SIGTERM, GraceTime, SIGKILL"
   local storage="AccountingStorageType=accounting_storage/none"
   if [ "$ACCOUNTING" = 1 ]; then
     storage="AccountingStorageType=accounting_storage/slurmdbd
@@ -71,7 +76,7 @@ MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=2
-SlurmctldParameters=preempt_send_user_signal
+$preempt_signal
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
@@ -202,5 +207,13 @@ case "${1:-}" in
   status) sinfo ;;
   dbd-stop) alive "$DIR/run/slurmdbd.pid" slurmdbd && kill "$(cat "$DIR/run/slurmdbd.pid")"; sleep 0.5; log "slurmdbd stopped (sacct fails now)" ;;
   dbd-start) start_accounting; log "slurmdbd started" ;;
-  *) echo "usage: $0 {install|start|stop|restart|wipe|status|dbd-stop|dbd-start}" >&2; exit 2 ;;
+  preempt-mode)
+    case "${2:-}" in user|term) ;; *) echo "usage: $0 preempt-mode user|term" >&2; exit 2 ;; esac
+    mkdir -p "$DIR/etc"; echo "$2" >"$PREEMPT_MODE_FILE"; write_config
+    if alive "$DIR/run/slurmctld.pid" slurmctld; then
+      pid=$(cat "$DIR/run/slurmctld.pid"); kill "$pid"
+      for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
+    slurmctld; wait_idle; log "preemption signals: $2" ;;
+  *) echo "usage: $0 {install|start|stop|restart|wipe|status|dbd-stop|dbd-start|preempt-mode}" >&2; exit 2 ;;
 esac

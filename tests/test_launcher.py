@@ -139,7 +139,7 @@ def test_sbatch_text_matches_the_golden_file(tmp_path: Path) -> None:
             "cluster.extra_sbatch={exclusive: user}",
         ],
     )
-    text = sbatch_text(recipe, tmp_path / "submitit")
+    text = sbatch_text(recipe, tmp_path / "submitit", [tmp_path])
     text = text.replace(str(tmp_path), "<RUN>").replace(sys.executable, "<PYTHON>")
     golden = GOLDEN / "timit32_2x4.sbatch"
     assert golden.exists(), f"missing {golden}: write it from this test's text, review it, commit it"

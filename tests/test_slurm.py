@@ -33,7 +33,9 @@ pytestmark = [
 ]
 
 
-def launch(tmp_path: Path, corpus: Path, *args: str) -> list[tuple[str, Path]]:
+def launch(
+    tmp_path: Path, corpus: Path, *args: str, env: dict[str, str] | None = None
+) -> list[tuple[str, Path]]:
     done = subprocess.run(
         [
             PYTHON,
@@ -53,7 +55,7 @@ def launch(tmp_path: Path, corpus: Path, *args: str) -> list[tuple[str, Path]]:
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env=python_env(),
+        env=env or python_env(),
         timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr

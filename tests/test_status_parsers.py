@@ -141,3 +141,18 @@ def test_requeue_targets_the_array_element_and_respects_the_budget(monkeypatch: 
     assert signals.requeue_job(0, 5) and fake.commands[-1] == ["scontrol", "requeue", "51"]
     fake.returncode = 1
     assert not signals.requeue_job(0, 5)  # scontrol refused (e.g. nodes not up yet)
+
+
+@pytest.mark.parametrize(
+    ("preempt_time", "expected"), [("2026-11-28T21:54:32", "preemption"), ("None", "terminated")]
+)
+def test_sigterm_is_a_preemption_only_when_slurm_marked_the_job_preempted(
+    monkeypatch: pytest.MonkeyPatch, preempt_time: str, expected: str
+) -> None:
+    import signal as signals_module
+
+    fake = FakeRun(f"JobId=42 JobName=smoke\n   JobState=RUNNING PreemptTime={preempt_time}\n")
+    monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert signals.stop_reason(signals_module.SIGTERM, 90) == expected
+    assert fake.commands == [["scontrol", "show", "job", "42"]]

@@ -8,6 +8,7 @@ a torn or corrupt checkpoint is skipped with a warning naming it. The file helpe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,6 +27,11 @@ FORMAT = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete or does not match its manifest."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, ...): its partial folder is removed, the older
+    checkpoints stay; the message names the folder and the space needed."""
 
 
 def step_dir(checkpoints: Path, step: int) -> Path:
@@ -134,20 +140,80 @@ def read_state(folder: Path) -> dict[str, Any]:
     return dict(json.loads((folder / STATE).read_text()))
 
 
+def folder_mib(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.is_dir() else 0.0
+
+
+def free_mib(folder: Path) -> float:
+    return shutil.disk_usage(folder).free / 2**20 if folder.is_dir() else 0.0
+
+
+def out_of_space(error: BaseException | None, folder: Path) -> bool:
+    """A full disk shows as ENOSPC, or (torch's zip writer) as a RuntimeError with the disk left full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return error is not None and free_mib(folder) < 1.0
+
+
+def checkpoint_mib(checkpoints: Path, step: int) -> float:
+    """What a checkpoint takes: the newest complete one's size, else what the partial one reached."""
+    newest = next((p for _, p in list_checkpoints(checkpoints) if (p / MANIFEST).exists()), None)
+    return folder_mib(newest) if newest else folder_mib(partial_dir(checkpoints, step))
+
+
+def write_failure(checkpoints: Path, step: int, error: BaseException | None, need: float) -> str:
+    """The one line a user needs: which folder, what happened, how much space it takes, what to do."""
+    if error is None:
+        return f"{checkpoints}: the step-{step} checkpoint failed on another rank (see its log)"
+    free = free_mib(checkpoints)
+    what = "no space left on device" if out_of_space(error, checkpoints) else str(error).splitlines()[0]
+    return (
+        f"{checkpoints}: {what} writing the step-{step} checkpoint (it needs about {need:.0f} MiB, "
+        f"{free:.0f} MiB are free); free space or move the run, or set checkpoint.on_error=continue"
+    )
+
+
+def _anyone(accelerator: Any, failed: bool) -> bool:
+    """All ranks agree whether any of them failed (one all-reduce), so none waits for a peer that gave up."""
+    if accelerator.num_processes == 1:
+        return failed
+    import torch
+
+    flag = torch.tensor([1.0 if failed else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
 def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """Every rank calls this at the same step boundary (accelerate writes per-rank RNG and shards)."""
-    partial = partial_dir(checkpoints, step)
+    """Every rank calls this at the same step boundary (accelerate writes per-rank RNG and shards). A write
+    that fails on any rank (a full disk) fails on all of them with CheckpointWriteError; the partial folder
+    is removed and nothing older is touched (pruning happens only after a checkpoint is complete)."""
+    partial, final = partial_dir(checkpoints, step), step_dir(checkpoints, step)
+    error: Exception | None = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial), safe_serialization=True)
+    except (OSError, RuntimeError) as problem:  # torch's zip writer reports a full disk as RuntimeError
+        error = problem
+    if not _anyone(accelerator, error is not None) and accelerator.is_main_process:
+        try:
+            (partial / STATE).write_text(json.dumps(state, indent=1))
+            write_manifest(partial, step, {"world_size": accelerator.num_processes})
+            publish(partial, final)
+        except OSError as problem:
+            error = problem
+    if _anyone(accelerator, error is not None):
+        need, full = checkpoint_mib(checkpoints, step), error is None or out_of_space(error, checkpoints)
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        message = write_failure(checkpoints, step, error, need)
+        if error is not None and not full:
+            raise error  # not the disk: a crash like any other (failover may retry it)
+        raise CheckpointWriteError(message)
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    final = step_dir(checkpoints, step)
-    if accelerator.is_main_process:
-        (partial / STATE).write_text(json.dumps(state, indent=1))
-        write_manifest(partial, step, {"world_size": accelerator.num_processes})
-        publish(partial, final)
         prune(checkpoints, keep_last)
     accelerator.wait_for_everyone()
     return final

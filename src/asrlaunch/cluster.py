@@ -4,8 +4,10 @@ run directory creation and submission with rollback. Launcher side: no torch. Wa
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,8 +60,20 @@ def plan_for(recipe: Recipe, train_samples: int | None = None) -> StepPlan:
     return plan_steps(batch, samples, recipe.train.epochs, recipe.train.warmup_steps, recipe.train.max_steps)
 
 
-def executor_parameters(recipe: Recipe) -> dict[str, Any]:
-    """submitit's AutoExecutor parameters for the recipe's `cluster` section: one task per device."""
+# Stop signals reach the batch shell too (`scancel --full`, `B:` signals, preemption's SIGTERM); bash's
+# default action would end it and take the job step with it. The tasks act on them; the shell outlives them.
+BATCH_SHELL_SETUP = ["trap : USR2 TERM"]
+
+
+def failover_teardown(run_dirs: Sequence[Path]) -> list[str]:
+    """After srun: a failed step is requeued within cluster.max_failures (failover.py); $? is srun's exit."""
+    dirs = " ".join(shlex.quote(str(path.resolve())) for path in run_dirs)
+    return [f"{shlex.quote(sys.executable)} -m asrlaunch.failover --exit-status $? {dirs}"]
+
+
+def executor_parameters(recipe: Recipe, run_dirs: Sequence[Path] = ()) -> dict[str, Any]:
+    """submitit's AutoExecutor parameters for the recipe's `cluster` section: one task per device; a dead
+    task ends the step (`--kill-on-bad-exit`), the job is requeueable (a lost node) and fails over."""
     cluster = recipe.cluster
     params: dict[str, Any] = {
         "name": recipe.run.name,
@@ -76,13 +90,15 @@ def executor_parameters(recipe: Recipe) -> dict[str, Any]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(cluster, key) is not None:
             params[f"slurm_{key}"] = getattr(cluster, key)
-    extra = dict(cluster.extra_sbatch)
-    if extra:
-        params["slurm_additional_parameters"] = extra
+    params["slurm_additional_parameters"] = {"requeue": True, **cluster.extra_sbatch}
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+    params["slurm_setup"] = list(BATCH_SHELL_SETUP)
+    if run_dirs:
+        params["slurm_teardown"] = failover_teardown(run_dirs)
     return params
 
 
-def make_executor(kind: str, folder: Path, recipe: Recipe, array_size: int = 1) -> Any:
+def make_executor(kind: str, folder: Path, recipe: Recipe, run_dirs: Sequence[Path] = ()) -> Any:
     import submitit
 
     executor: Any
@@ -95,13 +111,13 @@ def make_executor(kind: str, folder: Path, recipe: Recipe, array_size: int = 1) 
         executor = submitit.AutoExecutor(
             folder=folder, cluster="slurm", slurm_max_num_timeout=recipe.cluster.max_requeues
         )
-        params = executor_parameters(recipe)
-        params["slurm_array_parallelism"] = max(1, array_size)
+        params = executor_parameters(recipe, run_dirs)
+        params["slurm_array_parallelism"] = max(1, len(run_dirs))
     executor.update_parameters(**params)
     return executor
 
 
-def sbatch_text(recipe: Recipe, folder: Path, array_size: int = 1) -> str:
+def sbatch_text(recipe: Recipe, folder: Path, run_dirs: Sequence[Path]) -> str:
     """The exact sbatch script submitit would submit for this recipe (the dry run shows it).
 
     submitit has no public API for this: we use its SlurmExecutor's `_convert_parameters`,
@@ -117,10 +133,12 @@ def sbatch_text(recipe: Recipe, folder: Path, array_size: int = 1) -> str:
             return 2
 
     executor = Preview(folder, max_num_timeout=recipe.cluster.max_requeues)
-    generic = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe).items()}
-    executor.update_parameters(**executor._convert_parameters(generic), array_parallelism=max(1, array_size))
-    if array_size > 1:
-        executor.parameters["map_count"] = array_size
+    generic = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe, run_dirs).items()}
+    executor.update_parameters(
+        **executor._convert_parameters(generic), array_parallelism=max(1, len(run_dirs))
+    )
+    if len(run_dirs) > 1:
+        executor.parameters["map_count"] = len(run_dirs)
     return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
 
 
@@ -150,7 +168,9 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
     try:
         for spec, plan in zip(specs, plans, strict=True):
             prepare_run_dir(spec, plan)
-        executor = make_executor(kind, submitit_folder(specs), specs[0].recipe, len(specs))
+        executor = make_executor(
+            kind, submitit_folder(specs), specs[0].recipe, [s.run_dir.path for s in specs]
+        )
         run_dirs = [str(spec.run_dir.path.resolve()) for spec in specs]
         jobs = (
             executor.map_array(TrainJob(), run_dirs)

@@ -115,6 +115,9 @@ class TrainSection(_Section):
     max_consecutive_nonfinite: int = Field(20, ge=1)
     # TF32 matrix products on Ampere and later GPUs (fp32 work only; fp16/bf16 autocast is unaffected).
     allow_tf32: bool = True
+    # How long a collective may wait for a peer before the process group gives up (torch's default: 30 min
+    # of every GPU in the job waiting on a rank that is gone).
+    collective_timeout_s: int = Field(300, ge=10)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -150,6 +153,10 @@ class LoggingSection(_Section):
 class CheckpointSection(_Section):
     save_steps: int | None = Field(None, ge=1)
     keep_last: int = Field(2, ge=1)
+    # A checkpoint that cannot be written (a full disk): `stop` the run with an error naming the folder and
+    # the space needed, or `continue` training without it. Either way the partial folder is removed and the
+    # older checkpoints stay.
+    on_error: Literal["stop", "continue"] = "stop"
 
 
 class ClusterSection(_Section):
@@ -166,6 +173,9 @@ class ClusterSection(_Section):
     time_min: int = Field(60, ge=1)
     signal_delay_s: int = Field(60, ge=1)
     max_requeues: int = Field(5, ge=0)
+    # A failed job (a rank or node lost, a crash: not a user error) is requeued this many times at most, and
+    # never twice in a row at the same step.
+    max_failures: int = Field(2, ge=0)
     extra_sbatch: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("partition", "account", "qos")

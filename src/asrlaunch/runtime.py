@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -91,13 +92,15 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     handlers: list[Any] = [DistributedDataParallelKwargs(find_unused_parameters=_needs_unused(recipe))]
-    deepspeed = None
+    deepspeed, backend = None, None
     if recipe.train.backend == "deepspeed":
         single_process_environment()
         if on_cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))  # else accelerate and DeepSpeed disagree
+            backend = "gloo"  # else accelerate and DeepSpeed disagree on the world
         deepspeed = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, plan, precision))
+    timeout = timedelta(seconds=recipe.train.collective_timeout_s)
+    handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     world_size = plan.world_size
     accelerator = Accelerator(
         cpu=on_cpu and deepspeed is None,

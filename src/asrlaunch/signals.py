@@ -13,9 +13,11 @@ import signal
 import subprocess
 from types import FrameType
 
-from asrlaunch.scheduler import parse_time_left
+from asrlaunch.scheduler import parse_scontrol_jobs, parse_time_left, run_command
 
-STOP_SIGNALS = (signal.SIGUSR2,)
+# USR2: SLURM's warning before a time limit, and at preemption with `preempt_send_user_signal`. TERM: most
+# sites' preemption (a grace time, then KILL), and a user's `scancel --signal=TERM`.
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 
 class StopRequest:
@@ -59,10 +61,34 @@ def classify_stop(signal_delay_s: int) -> str:
     return "timeout" if left is not None and left <= signal_delay_s + 30 else "preemption"
 
 
+def job_preempted() -> bool:
+    """SLURM marks a job it preempts (PreemptTime) before the grace time's SIGTERM reaches it."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    jobs = parse_scontrol_jobs(run_command(["scontrol", "show", "job", job_id]) or "")
+    return next(iter(jobs.values()), {}).get("PreemptTime", "None") not in ("None", "Unknown", "")
+
+
+def stop_reason(signum: int | None, signal_delay_s: int) -> str:
+    """What a stop signal means. USR2: a time limit or a preemption (by the time left). SIGTERM: a preemption
+    when SLURM marked the job preempted (a job that ends inside its grace time is not requeued by SLURM, so
+    we requeue it ourselves, as after USR2); otherwise a node lost or the user's signal: `terminated`, which
+    we never requeue (SLURM requeues a lost node's job; a user's stays stopped for `--resume`)."""
+    if signum == signal.SIGTERM:
+        return "preemption" if job_preempted() else "terminated"
+    return classify_stop(signal_delay_s)
+
+
 def requeue_job(restarts_so_far: int, max_requeues: int) -> bool:
     """Ask SLURM to requeue this job (rank 0 only), unless the recipe's requeue budget is spent."""
+    return restarts_so_far < max_requeues and requeue_this_job()
+
+
+def requeue_this_job() -> bool:
+    """`scontrol requeue` this job (or this element of a job array); False outside SLURM or when refused."""
     job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or restarts_so_far >= max_requeues:
+    if not job_id:
         return False
     array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     target = f"{array_job}_{array_task}" if array_job and array_task else job_id

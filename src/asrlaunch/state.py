@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from asrlaunch import checkpoint
-from asrlaunch.logs import next_attempt
+from asrlaunch.logs import meta_records, next_attempt
 from asrlaunch.rundir import RunDir
 
 
@@ -28,6 +28,18 @@ class ResumeDecision:
             return cls(next_attempt(run_dir))
         folder, manifest = found
         return cls(next_attempt(run_dir), str(folder), manifest.get("world_size"))
+
+
+def oom_micro_cap(run_dir: RunDir) -> int | None:
+    """The smallest micro-batch an out-of-memory split chose in this run (every rank reads the same logs
+    before its start is logged, so all agree): a new start begins there rather than failing again."""
+    splits = [
+        m["plan"]["micro_batch"]
+        for log in run_dir.rank_logs().values()
+        for m in meta_records(log)
+        if m.get("event") == "oom_split"
+    ]
+    return min(splits, default=None)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from asrlaunch.rundir import RunDir, expand_run_dirs
 from asrlaunch.scheduler import TERMINAL, JobState, local_state, slurm_states
 
 __all__ = ["TERMINAL", "RunStatus", "collect_status", "format_table", "wait_for"]
+# Meta events that end an attempt (others: oom_split, checkpoint_error, error, crash describe it further).
+STOP_KINDS = ("timeout", "preemption", "signal", "terminated", "failure")
 
 
 @dataclass
@@ -69,9 +71,11 @@ def progress_from_logs(status: RunStatus) -> None:
         if is_start(meta):
             status.starts.append((meta.get("attempt", 0), meta.get("resumed_from") or 0))
             status.error = ""
-        else:
+            continue
+        if meta["event"] in STOP_KINDS:
             status.stops.append(meta["event"])
-            status.error = meta.get("error", "")
+        if meta.get("error") and meta["event"] != "oom_split":
+            status.error = meta["error"]
 
 
 def collect_status(paths: Sequence[str | Path]) -> list[RunStatus]:

@@ -3,351 +3,68 @@
     python -m asrlaunch.train RECIPE --run-dir DIR [key=value ...]
 
 Every start resumes from the newest complete checkpoint of the run directory; a finished run exits at once.
-Exit status: 0 trained to the end (or finished already); 1 training failed (diverged, requeue limit);
-2 the user's input is wrong (recipe, data, batch plan): one `error:` line says what to fix;
-3 stopped by a signal after saving a checkpoint (requeued, or to be continued with `submit.py --resume`).
+Exit status: 0 trained to the end (or finished already); 1 training failed (diverged, requeue limit, a
+checkpoint that could not be written); 2 the user's input is wrong (recipe, data, batch plan): one `error:`
+line says what to fix; 3 stopped by a signal after saving a checkpoint (requeued, or to be continued with
+`submit.py --resume`). A failure is also logged as a `meta` record (`event: error` when a retry cannot help,
+`crash` when it may), which the job's failover step reads (failover.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
-import shutil
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-from accelerate.utils import broadcast_object_list, set_seed
-
-from asrlaunch import checkpoint
+from asrlaunch.checkpoint import CheckpointWriteError
 from asrlaunch.cli import clean_warnings, error
-from asrlaunch.data.batches import Prefetcher, TrainData, ensure_corpus, prepare_corpus
 from asrlaunch.data.timit import DataError
 from asrlaunch.distenv import adopt_launcher_environment
-from asrlaunch.evaluate import evaluate
-from asrlaunch.logs import RankLog, slurm_restart_count
-from asrlaunch.metrics import TrainMetrics
-from asrlaunch.model import build_model, build_optimizer, build_scheduler
-from asrlaunch.plan import BatchPlanError, StepPlan, plan_batch, plan_steps
-from asrlaunch.progress import Progress
+from asrlaunch.faults import FaultSpecError
+from asrlaunch.logs import RankLog, next_attempt, slurm_restart_count
+from asrlaunch.plan import BatchPlanError
 from asrlaunch.recipe import Recipe, RecipeError, load_recipe
 from asrlaunch.rundir import RunDir
-from asrlaunch.runtime import (
-    adopt_thread_limit,
-    input_dtype,
-    load_universal_checkpoints,
-    make_accelerator,
-    versions,
-)
-from asrlaunch.signals import JobInterrupted, StopRequest, classify_stop, requeue_job
-from asrlaunch.state import ResumeDecision, TrainCounters
+from asrlaunch.runtime import adopt_thread_limit
+from asrlaunch.signals import JobInterrupted, StopRequest
+from asrlaunch.trainer import RequeueLimitError, Trainer, TrainingDivergedError
 
 EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 0, 1, 2, 3
+# Errors a retry cannot fix: the job stops with its one line, and failover does not requeue it.
+FINAL_ERRORS = (
+    RecipeError,
+    DataError,
+    BatchPlanError,
+    FaultSpecError,
+    TrainingDivergedError,
+    RequeueLimitError,
+    CheckpointWriteError,
+)
 
 
-class TrainingDivergedError(RuntimeError):
-    """Too many optimizer steps in a row had non-finite gradients."""
+def record_error(run_dir: RunDir, trainer: Trainer | None, problem: BaseException) -> None:
+    """Log what ended this rank (best effort: the disk may be what failed)."""
+    rank = int(os.environ.get("RANK", "0"))
+    attempt = trainer.log.attempt if trainer is not None else next_attempt(run_dir)
+    step = trainer.step_reached if trainer is not None else 0
+    final = isinstance(problem, FINAL_ERRORS)
+    message = f"{type(problem).__name__}: {problem}".splitlines()[0][:500]
+    try:
+        with RankLog(run_dir, rank, attempt=attempt) as log:
+            log.write("meta", step, 0.0, event="error" if final else "crash", error=message, retry=not final)
+    except OSError:
+        pass
 
 
-class RequeueLimitError(RuntimeError):
-    """The job was restarted more often than cluster.max_requeues allows."""
-
-
-class Trainer:
-    """The optimisation loop over the run's global order; one instance per rank."""
-
-    def __init__(self, recipe: Recipe, run_dir: RunDir, stop: StopRequest | None = None) -> None:
-        self.recipe, self.run_dir = recipe, run_dir
-        self.stop = stop if stop is not None else StopRequest()  # falsy until signalled
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.batch_plan = plan_batch(recipe.train.global_batch_size, world, recipe.train.max_micro_batch_size)
-        self.accelerator = make_accelerator(recipe, self.batch_plan)
-        self.rank = self.accelerator.process_index
-        self.input_dtype = input_dtype(self.accelerator)
-        self.decision = self._agree_on_resume()
-        self.data = self._load_data()
-        self.plan: StepPlan = plan_steps(
-            self.batch_plan,
-            len(self.data),
-            recipe.train.epochs,
-            recipe.train.warmup_steps,
-            recipe.train.max_steps,
+def check_requeue_budget(recipe: Recipe, run_dir: RunDir) -> None:
+    restarts = slurm_restart_count()
+    if restarts > recipe.cluster.max_requeues:
+        raise RequeueLimitError(
+            f"restarted {restarts} times, more than cluster.max_requeues="
+            f"{recipe.cluster.max_requeues}; resubmit with launch/submit.py --resume {run_dir}"
         )
-        self.model, self.optimizer, self.scheduler = self._build_model()
-        self.counters = TrainCounters()
-        self.metrics = TrainMetrics(self.batch_plan.global_batch, self._peak_memory)
-        self.log = RankLog(run_dir, self.rank, attempt=self.decision.attempt)
-        on_gpu = self.accelerator.device.type == "cuda"
-        self.prefetcher = Prefetcher(self.data, self.batch_plan, self.rank, background=on_gpu)
-        self.start_step = self._resume(Path(self.decision.checkpoint)) if self.decision.checkpoint else 0
-
-    # -- set-up ---------------------------------------------------------------------------------------------
-    def _agree_on_resume(self) -> ResumeDecision:
-        """Rank 0 decides, every rank follows; before `prepare`, because ZeRO shards of another world size
-        need DeepSpeed's universal loader."""
-        decided: list[Any] = [
-            ResumeDecision.decide(self.run_dir) if self.accelerator.is_main_process else None
-        ]
-        broadcast_object_list(decided)
-        decision: ResumeDecision = decided[0]
-        self.universal = self.recipe.train.backend == "deepspeed" and decision.saved_world_size not in (
-            None,
-            self.batch_plan.world_size,
-        )
-        if self.universal:
-            load_universal_checkpoints(self.accelerator)
-        return decision
-
-    def _load_data(self) -> TrainData:
-        with self.accelerator.main_process_first():
-            ensure_corpus(self.recipe, self.accelerator.is_main_process)
-            self.corpus = prepare_corpus(self.recipe)
-        return TrainData(self.corpus, self.batch_plan.global_batch, self.recipe.train.seed)
-
-    def _build_model(self) -> tuple[Any, Any, Any]:
-        set_seed(self.recipe.train.seed)
-        model = build_model(
-            self.recipe.model, self.corpus.vocab, self.corpus.processor.tokenizer.pad_token_id
-        )
-        # CTC frames per padded length, cached: the check for too-short transcripts costs nothing per step.
-        output_lengths = model._get_feat_extract_output_lengths
-        self._frames = functools.cache(lambda samples: int(output_lengths(samples)))
-        fused = self.accelerator.device.type == "cuda" and self.recipe.train.backend == "ddp"
-        optimizer = build_optimizer(model, self.recipe.train, fused=fused)
-        scheduler = build_scheduler(optimizer, self.recipe.train, self.plan.total_steps)
-        return self.accelerator.prepare(model, optimizer, scheduler)
-
-    # -- checkpoints ----------------------------------------------------------------------------------------
-    def state_dict(self, step: int) -> dict[str, Any]:
-        """The trainer's own state beside the tensors accelerate saves: position, counters, logging window."""
-        return {
-            "step": step,
-            "epoch": self.plan.epoch_at(step),
-            "samples_consumed": step * self.batch_plan.global_batch,
-            "world_size": self.batch_plan.world_size,
-            "attempt": self.log.attempt,
-            **self.counters.state_dict(),
-            **self.metrics.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> int:
-        self.counters.load_state_dict(state)
-        self.metrics.load_state_dict(state)
-        return int(state["step"])
-
-    def _resume(self, folder: Path) -> int:
-        """Load model, optimizer, scheduler, scaler and RNG; the data position is the step itself."""
-        source = folder
-        if self.universal:  # ZeRO shards of another world size: convert once, on rank 0
-            source = checkpoint.universal_dir(folder)
-            if self.accelerator.is_main_process:
-                checkpoint.to_universal(folder)
-            self.accelerator.wait_for_everyone()
-        self.accelerator.load_state(str(source))
-        # accelerate restores its micro-step counter, which is only right for the accumulation it was saved
-        # with; checkpoints are taken on optimizer-step boundaries, so on any world size it restarts at 0.
-        self.accelerator.step = 0
-        state = checkpoint.read_state(folder)
-        step = self.load_state_dict(state)
-        if self.accelerator.is_main_process:
-            how = ", ZeRO state through DeepSpeed's universal format" if self.universal else ""
-            print(
-                f"resuming from {folder} (step {step}, epoch {state['epoch']:.2f}, "
-                f"saved by {self.decision.saved_world_size} processes{how})",
-                flush=True,
-            )
-        return step
-
-    def save_checkpoint(self, step: int) -> Path:
-        with self.metrics.paused():
-            return checkpoint.save(
-                self.accelerator,
-                self.run_dir.checkpoints,
-                step,
-                self.state_dict(step),
-                self.recipe.checkpoint.keep_last,
-            )
-
-    def _stop_agreed(self) -> bool:
-        """One all-reduce per step: every rank stops at the same step if any rank was signalled."""
-        if self.accelerator.num_processes == 1:
-            return bool(self.stop)
-        flag = torch.tensor([1.0 if self.stop else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    def _interrupt(self, step: int) -> None:
-        self.save_checkpoint(step)
-        decided: list[Any] = [None, False]  # rank 0 classifies and requeues; every rank logs the same
-        if self.accelerator.is_main_process:
-            decided[0] = classify_stop(self.recipe.cluster.signal_delay_s)
-            decided[1] = requeue_job(slurm_restart_count(), self.recipe.cluster.max_requeues)
-        broadcast_object_list(decided)
-        reason, requeued = decided
-        self.log.write("meta", step, self.plan.epoch_at(step), event=reason, requeued=requeued)
-        self.log.close()
-        raise JobInterrupted(step, reason, requeued)
-
-    # -- one optimizer step ---------------------------------------------------------------------------------
-    def train_step(self, step: int) -> tuple[Any, float, np.ndarray]:
-        """Forward/backward over this rank's micro-batches of global step `step`, then one update. The loss
-        stays on the device (the metrics read it once per logging window)."""
-        accelerator = self.accelerator
-        batch = self.data.order.batch(step)
-        frames = self._frames(self.data.order.pad_length(step))
-        self.counters.ctc_infinite_total += int((self.data.ctc_min_frames[batch] > frames).sum())
-        losses, grad_norm = [], float("nan")
-        next_step = step + 1 if step + 1 < self.plan.total_steps else None
-        for inputs in self.prefetcher.get(step, next_step):
-            with accelerator.accumulate(self.model), accelerator.autocast():
-                loss = self.model(
-                    input_values=inputs.input_values.to(
-                        accelerator.device, self.input_dtype, non_blocking=True
-                    ),
-                    labels=inputs.labels.to(accelerator.device, non_blocking=True),
-                ).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = self._update()
-            losses.append(loss.detach())
-        return torch.stack(losses).float().mean(), grad_norm, batch
-
-    def _update(self) -> float:
-        """Clip, step (unless the gradients are not finite) and schedule; all ranks agree after all-reduce."""
-        limit = self.recipe.train.max_grad_norm or float("inf")
-        norm = self.accelerator.clip_grad_norm_(
-            self.model.parameters(), limit
-        )  # DeepSpeed: it clipped itself
-        norm = float("nan") if norm is None else float(norm)
-        finite = bool(np.isfinite(norm))
-        if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips overflowing steps itself
-            self.optimizer.step()
-        skipped = not finite or self.accelerator.optimizer_step_was_skipped
-        if not skipped:  # as the Trainer: a step that left the weights alone does not advance the schedule
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        counters = self.counters
-        counters.nonfinite_total += int(skipped)
-        counters.nonfinite_in_a_row = counters.nonfinite_in_a_row + 1 if skipped else 0
-        if counters.nonfinite_in_a_row >= self.recipe.train.max_consecutive_nonfinite:
-            raise TrainingDivergedError(
-                f"{counters.nonfinite_in_a_row} optimizer steps in a row had non-finite gradients; lower "
-                "train.lr, raise train.warmup_steps or check the data"
-            )
-        return norm
-
-    # -- the loop -------------------------------------------------------------------------------------------
-    def run(self) -> None:
-        plan, recipe, start = self.plan, self.recipe, self.start_step
-        self.write_meta(start)
-        progress = Progress(plan.total_steps, start, enabled=self.accelerator.is_main_process)
-        if recipe.eval.at_start and start == 0:
-            progress.log(self.run_eval(0))
-        for step in range(start, plan.total_steps):
-            loss, grad_norm, batch = self.train_step(step)
-            self.metrics.step_done(loss)
-            done = step + 1
-            if done % recipe.logging.steps == 0 or done == plan.total_steps:
-                progress.log(self.write_train_record(done, grad_norm, batch))
-            if done % recipe.eval.steps == 0 or done == plan.total_steps:
-                with self.metrics.paused():
-                    progress.log(self.run_eval(done))
-            progress.advance(done)
-            if done < plan.total_steps and self._stop_agreed():
-                progress.close()
-                self._interrupt(done)
-            save_every = recipe.checkpoint.save_steps
-            if save_every and done % save_every == 0 and done < plan.total_steps:
-                self.save_checkpoint(done)
-        progress.close()
-        self.prefetcher.close()
-        self.save_final()
-
-    def write_train_record(self, step: int, grad_norm: float, batch: np.ndarray) -> dict[str, Any]:
-        sample_ids = (
-            {"sample_ids": [self.data.ids[int(i)] for i in batch]} if self.recipe.logging.sample_ids else {}
-        )
-        return self.log.write(
-            "train",
-            step,
-            self.plan.epoch_at(step),
-            **self.metrics.flush(),
-            lr=self.scheduler.get_last_lr()[0],
-            grad_norm=round(grad_norm, 6),
-            nonfinite_skipped=self.counters.nonfinite_total,
-            ctc_infinite=self.counters.ctc_infinite_total,
-            **sample_ids,
-        )
-
-    def _peak_memory(self) -> dict[str, float]:
-        """On a GPU: the most device memory this process has held since it started, in GiB."""
-        if self.accelerator.device.type != "cuda":
-            return {}
-        return {"max_memory_gib": round(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30, 3)}
-
-    def run_eval(self, step: int) -> dict[str, Any] | None:
-        started = time.perf_counter()
-        settings = self.recipe.eval
-        result = evaluate(
-            self.model,
-            self.corpus.test,
-            self.corpus.processor,
-            self.accelerator,
-            self.input_dtype,
-            mode=settings.mode,
-            max_batch_seconds=settings.max_batch_seconds,
-        )
-        if result is None:
-            return None
-        return self.log.write(
-            "eval",
-            step,
-            self.plan.epoch_at(step),
-            eval_loss=round(result.eval_loss, 6),
-            wer=round(result.wer, 6),
-            eval_samples=result.samples,
-            eval_seconds=round(time.perf_counter() - started, 3),
-        )
-
-    def write_meta(self, start_step: int) -> None:
-        if self.accelerator.is_main_process:
-            self.run_dir.write_plan(self.plan.to_dict())
-            self.run_dir.write_recipe(self.recipe.to_yaml())
-        self.log.write(
-            "meta",
-            start_step,
-            self.plan.epoch_at(start_step),
-            world_size=self.batch_plan.world_size,
-            plan=self.plan.to_dict(),
-            versions=versions(),
-            recipe=self.recipe.to_dict(),
-            device=str(self.accelerator.device),
-            resumed_from=start_step or None,
-            job_id=os.environ.get("SLURM_JOB_ID"),
-            slurm_restart_count=slurm_restart_count(),
-            nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
-            host=os.uname().nodename,
-        )
-
-    def save_final(self) -> None:
-        """save_pretrained model + processor into final/, written aside and renamed into place."""
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            final, partial = self.run_dir.final, self.run_dir.final_partial
-            shutil.rmtree(partial, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(partial, safe_serialization=True)
-            self.corpus.processor.save_pretrained(partial)
-            if self.run_dir.card.exists():  # the collector's model card survives a re-save
-                shutil.copy(self.run_dir.card, partial / self.run_dir.card.name)
-            self.run_dir.mark_finished(partial, self.plan.total_steps)
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-        self.accelerator.wait_for_everyone()
-        self.log.close()
 
 
 def run_training(recipe: Recipe, run_dir: RunDir) -> None:
@@ -357,22 +74,24 @@ def run_training(recipe: Recipe, run_dir: RunDir) -> None:
     if run_dir.is_finished():
         print(f"{run_dir} finished already ({run_dir.final}); nothing to train", flush=True)
         return
-    restarts = slurm_restart_count()
-    if restarts > recipe.cluster.max_requeues:
-        raise RequeueLimitError(
-            f"restarted {restarts} times, more than cluster.max_requeues="
-            f"{recipe.cluster.max_requeues}; resubmit with launch/submit.py --resume {run_dir}"
-        )
-    run_dir.path.mkdir(parents=True, exist_ok=True)
     stop = StopRequest()
-    stop.install()
-    Trainer(recipe, run_dir, stop).run()
+    stop.install()  # a stop signal during start-up is a stop too
+    trainer = None
+    try:
+        check_requeue_budget(recipe, run_dir)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(recipe, run_dir, stop)
+        trainer.run()
+    except JobInterrupted:
+        raise
+    except Exception as problem:
+        record_error(run_dir, trainer, problem)
+        raise
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("--run-dir", required=True, help="run directory (logs/, checkpoints/, final/ ...)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=10")
@@ -388,10 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobInterrupted as stopped:
         print(str(stopped), file=sys.stderr, flush=True)
         return EXIT_STOPPED
-    except (RecipeError, DataError, BatchPlanError) as problem:  # the user's input: say what to fix
+    except (RecipeError, DataError, BatchPlanError, FaultSpecError) as problem:  # the user's input
         error(problem)
         return EXIT_USER_ERROR
-    except (TrainingDivergedError, RequeueLimitError) as problem:
+    except (TrainingDivergedError, RequeueLimitError, CheckpointWriteError) as problem:
         error(problem)
         return EXIT_FAILED
     return EXIT_OK

@@ -1,0 +1,223 @@
+"""Soak: one run on the local SLURM cluster through a seeded random schedule of stops, then the checks.
+
+    python bench/soak.py recipes/smoke.yaml --stops 10 --seed 1 [key=value ...]
+
+Stops are drawn from: preemption by a high-priority job, `scancel --signal=USR2 --full`, a time limit,
+kill -9 of a random rank, a node set down. The run (2 nodes x 1 task, partition `low`) must end COMPLETED
+with final weights bitwise equal to an uninterrupted run of the same recipe (torchrun, 2 processes), no step
+missing or counted twice in the merged table, and every stop in the logs with its kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("preemption", "usr2", "time_limit", "kill_rank", "node_down")
+# What each stop leaves in the logs: its own stop event (the trainer's or failover's).
+LOGGED_AS = {
+    "preemption": "preemption",
+    "usr2": "preemption",
+    "time_limit": "timeout",
+    "kill_rank": "failure",
+    "node_down": "terminated",
+}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run(*command: str) -> str:
+    return subprocess.run(command, check=True, capture_output=True, text=True, env=ENV).stdout
+
+
+def starts(run_dir: Path) -> list[dict]:
+    from asrlaunch.logs import is_start, meta_records
+    from asrlaunch.rundir import RunDir
+
+    return [m for m in meta_records(RunDir(run_dir).rank_log(0)) if is_start(m)]
+
+
+def trained(run_dir: Path, attempt: int) -> int:
+    from asrlaunch.logs import read_records
+
+    log = run_dir / "logs" / "rank0.jsonl"
+    steps = (
+        [r["step"] for r in read_records(log) if r["kind"] == "train" and r["attempt"] == attempt]
+        if log.exists()
+        else []
+    )
+    return max(steps, default=0)
+
+
+def job_field(job_id: str, name: str) -> str:
+    match = re.search(rf"\b{name}=(\S+)", run("scontrol", "show", "job", job_id))
+    return match.group(1) if match else ""
+
+
+def wait(condition, what: str, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"soak: timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def kill_rank(job_id: str, rank: int) -> None:
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ours = f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
+        if ours and b"submitit.core._submit" in command:
+            os.kill(int(proc.name), signal.SIGKILL)
+
+
+def stop(kind: str, job_id: str, rng: random.Random) -> str:
+    """Apply one stop; returns what to undo afterwards (a node to resume), if anything."""
+    if kind == "preemption":
+        run("sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3")
+    elif kind == "usr2":
+        run("scancel", "--signal=USR2", "--full", job_id)
+    elif kind == "time_limit":  # 100 s left: the USR2@90 warning is due within seconds
+        hours, minutes, seconds = (["0", "0", *job_field(job_id, "RunTime").split(":")])[-3:]
+        elapsed = int(hours) * 3600 + int(minutes) * 60 + int(seconds)
+        limit = elapsed + 100
+        run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
+    elif kind == "kill_rank":
+        kill_rank(job_id, rng.randrange(2))
+    elif kind == "node_down":
+        node = rng.choice(run("scontrol", "show", "hostnames", job_field(job_id, "NodeList")).split())
+        run("scontrol", "update", f"nodename={node}", "state=down", "reason=soak")
+        return node
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--stops", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=200, help="train.max_steps of the soaked run")
+    parser.add_argument("--work", help="working folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    schedule = [rng.choice(KINDS) for _ in range(args.stops)]
+    work = Path(args.work or tempfile.mkdtemp(prefix="soak-"))
+    common = [
+        f"train.max_steps={args.steps}",
+        "logging.steps=1",
+        "checkpoint.save_steps=5",
+        "eval.at_start=false",
+        f"data.cache_dir={work / 'cache'}",
+        "train.collective_timeout_s=60",
+        *args.overrides,
+    ]
+    job_shape = [
+        "cluster.nodes=2",
+        "cluster.processes_per_node=1",
+        "cluster.cpus_per_task=1",
+        "cluster.partition=low",
+        "cluster.time_min=30",
+        "cluster.signal_delay_s=90",
+        f"cluster.max_requeues={args.stops + 2}",
+        f"cluster.max_failures={args.stops + 2}",
+        f"run.output_root={work}",
+        "run.name=soak",
+    ]
+    started = time.monotonic()
+    out = run(
+        sys.executable,
+        str(ROOT / "launch" / "submit.py"),
+        args.recipe,
+        *common,
+        *job_shape,
+        "--executor",
+        "slurm",
+    )
+    job_id = re.search(r"submitted slurm job (\S+)", out).group(1)  # type: ignore[union-attr]
+    run_dir = work / "soak"
+    print(f"soak: job {job_id}, {args.stops} stops (seed {args.seed}): {', '.join(schedule)}", flush=True)
+    for index, kind in enumerate(schedule):
+        attempt = len(starts(run_dir)) - 1 if starts(run_dir) else 0
+        target = trained(run_dir, attempt) + rng.randint(3, 8)
+        wait(
+            lambda a=attempt, t=target: trained(run_dir, a) >= t, f"attempt {attempt} to reach step {target}"
+        )
+        undo = stop(kind, job_id, rng)
+        after = f"a new attempt after stop {index + 1} ({kind})"
+        wait(lambda a=attempt: len(starts(run_dir)) > a + 1, after, 600)
+        if undo:
+            run("scontrol", "update", f"nodename={undo}", "state=resume")
+        if kind == "time_limit":
+            run("scontrol", "update", f"JobId={job_id}", "TimeLimit=30")
+        print(
+            f"  stop {index + 1}: {kind} at step {trained(run_dir, attempt)} -> attempt {attempt + 1}",
+            flush=True,
+        )
+    wait(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 900)
+    wall = time.monotonic() - started
+    state = job_field(job_id, "JobState")
+    straight = work / "straight"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "asrlaunch.train",
+            args.recipe,
+            "--run-dir",
+            str(straight),
+            *common,
+        ],
+        check=True,
+        capture_output=True,
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+    )
+    import torch
+    from safetensors.torch import load_file
+
+    from asrlaunch.collect import merge_records
+    from asrlaunch.logs import read_run_logs
+
+    a, b = (load_file(str(p / "final" / "model.safetensors")) for p in (straight, run_dir))
+    bitwise = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    merged = merge_records(read_run_logs(run_dir))
+    logged = Counter(
+        r["event"] for r in read_run_logs(run_dir) if r.get("event") in LOGGED_AS.values() and r["rank"] == 0
+    )
+    expected = Counter(LOGGED_AS[kind] for kind in schedule)
+    result = {
+        "state": state,
+        "wall_s": round(wall, 1),
+        "stops": dict(Counter(schedule)),
+        "restarts": int(job_field(job_id, "Restarts") or 0),
+        "bitwise_equal_to_uninterrupted": bitwise,
+        "every_step_once": list(merged.train) == list(range(1, args.steps + 1)),
+        "stop_events_logged": dict(logged),
+        "every_stop_logged": all(logged[k] >= n for k, n in expected.items()),
+    }
+    print(json.dumps(result, indent=1))
+    ok = state == "COMPLETED" and bitwise and result["every_step_once"] and result["every_stop_logged"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
