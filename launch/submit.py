@@ -16,11 +16,14 @@ import sys
 from pathlib import Path
 
 from asrlaunch.cli import clean_warnings, error
-from asrlaunch.cluster import SubmitError, choose_executor, plan_for, sbatch_text, submit
+from asrlaunch.cluster import SubmitError, choose_executor, plan_for, sbatch_text, slurm_available, submit
+from asrlaunch.collect import render_table, run_result
 from asrlaunch.plan import BatchPlanError
+from asrlaunch.preflight import preflight
 from asrlaunch.recipe import RecipeError, read_recipe_file
+from asrlaunch.report import write_run_report
 from asrlaunch.rundir import RunDir
-from asrlaunch.status import RunStatus, collect_status, wait_for
+from asrlaunch.status import RunStatus, WaitProgress, collect_status, wait_for
 from asrlaunch.sweep import RunSpec, resolve_runs, submitit_folder
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"
@@ -53,7 +56,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume", metavar="RUN_DIR", help="re-submit a stopped or failed run from its directory"
     )
     parser.add_argument(
-        "--wait", action="store_true", help="wait for the jobs to end and say where results are"
+        "--wait", action="store_true", help="show progress until the jobs end, then the results table"
+    )
+    parser.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the checks of data, model, trackers and job shape (e.g. data seen only by compute nodes)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: go ahead although the run's last job state cannot be read (check squeue first)",
     )
     args = parser.parse_intermixed_args(argv)
     if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
@@ -69,21 +82,46 @@ def load_specs(args: argparse.Namespace) -> list[RunSpec]:
             raise SubmitError(f"{run_dir} is not a run directory (no {run_dir.recipe.name})")
         if args.sweep:
             raise SubmitError("--resume continues one run; it takes no --sweep")
-        ensure_stopped(run_dir)
+        ensure_stopped(run_dir, args.force)
         specs = resolve_runs(read_recipe_file(run_dir.recipe), str(run_dir.recipe), args.overrides, [])
         return [RunSpec(specs[0].recipe, specs[0].overrides, run_dir)]
     path = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
     return resolve_runs(read_recipe_file(path), str(path), args.overrides, args.sweep)
 
 
-def ensure_stopped(run_dir: RunDir) -> None:
-    """Two jobs must never write one run: --resume waits until the run's last job has ended."""
+def ensure_stopped(run_dir: RunDir, force: bool = False) -> None:
+    """Two jobs must never write one run: --resume waits until the run's last job has ended. A state that
+    cannot be read (UNKNOWN: squeue or sacct failing for a moment) may be a running job: refused too."""
     (status,) = collect_status([run_dir.path])
-    if status.job_id and not status.job.ended and status.job.state != "UNKNOWN":
+    if not status.job_id or status.job.ended:
+        return
+    if status.job.state == "UNKNOWN":
+        if force:
+            return
         raise SubmitError(
-            f"{run_dir}: its job {status.job_id} is {status.job.state}; cancel it "
-            f"(scancel {status.job_id}) or let it finish before --resume"
+            f"{run_dir}: the state of its job {status.job_id} cannot be read (the scheduler did not answer, "
+            f"or forgot it); check `squeue -j {status.job_id}`, then --resume --force if it is not running"
         )
+    raise SubmitError(
+        f"{run_dir}: its job {status.job_id} is {status.job.state}; cancel it "
+        f"(scancel {status.job_id}) or let it finish before --resume"
+    )
+
+
+def run_preflight(specs: list[RunSpec], kind: str, verbose: bool, fatal: bool = True) -> None:
+    """SubmitError with one line per failed check (each names the recipe key to change)."""
+    seen, failed = set(), []
+    for spec in specs:
+        for check in preflight(spec.recipe, kind):
+            if check.line() in seen:
+                continue
+            seen.add(check.line())
+            if verbose:
+                print(f"# preflight {check.line()}")
+            if not check.ok:
+                failed.append(check.message)
+    if failed and fatal:
+        raise SubmitError("\n".join(failed) + "\n(nothing was submitted; --no-preflight skips these checks)")
 
 
 def dry_run(specs: list[RunSpec], as_json: bool) -> None:
@@ -123,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         for spec in specs:
             plan_for(spec.recipe)  # an impossible batch split fails here, before anything is written
         if args.dry_run:
+            if not args.no_preflight and not args.json:
+                run_preflight(specs, "slurm" if slurm_available() else "local", verbose=True, fatal=False)
             dry_run(specs, args.json)
             return 0
         kind = choose_executor(args.executor)
+        if not args.no_preflight:
+            run_preflight(specs, kind, verbose=False)
         submitted = submit(specs, kind, resume=bool(args.resume))
     except (RecipeError, BatchPlanError, SubmitError) as problem:
         error(problem)
@@ -141,17 +183,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"watch it:  python launch/status.py {dirs} --watch")
     if args.wait:
-        return report_end(wait_for([spec.run_dir for spec, _ in submitted]))
+        progress = WaitProgress(terminal=sys.stdout.isatty())
+        try:
+            statuses = wait_for([spec.run_dir for spec, _ in submitted], on_poll=progress)
+        finally:
+            progress.close()
+        return report_end(statuses)
     return 0
 
 
 def report_end(statuses: list[RunStatus]) -> int:
-    """Each run's final state and where its results are; 0 only when every run completed."""
+    """Each run's results table (the collector's files written), final state and where everything is; 0 only
+    when every run completed."""
     for status in statuses:
         run_dir = status.run_dir
+        try:
+            result = run_result(run_dir)
+        except (FileNotFoundError, ValueError) as problem:
+            print(f"(no results for {run_dir}: {problem})")
+        else:
+            write_run_report(result)
+            print(f"\n# {run_dir}\n{render_table([row.values() for row in result.rows])}")
+            print(f"model card: {run_dir.card}   plot: {run_dir.curves}   table: {run_dir.results_md}")
         wer = f", final WER {status.wer:.4f}" if status.wer is not None else ""
         print(f"{status.job.state}: {run_dir}{wer}")
         print(f"  model: {run_dir.final}   logs: {run_dir.logs}   job output: {run_dir.submitit}")
+        if status.error:
+            print(f"  error: {status.error}")
     return 0 if all(s.job.state == "COMPLETED" for s in statuses) else 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,3 +83,21 @@ def engine_command(run_dir: Path, corpus: Path, processes: int, *overrides: str)
         f"data.cache_dir={run_dir.parent / 'cache'}",
         *overrides,
     ]
+
+
+TRAINED_SMOKE = ("train.max_steps=200", "train.global_batch_size=8", "eval.steps=200", "eval.at_start=false")
+
+
+@pytest.fixture(scope="session")
+def trained_smoke(tones_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke model after 200 steps of 8: it transcribes (WER below 1), so transcripts can disagree."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    done = subprocess.run(
+        engine_command(run_dir, tones_corpus, 1, *TRAINED_SMOKE),
+        env=python_env(OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir

@@ -21,7 +21,8 @@ from asrlaunch.collect import (
 
 from .conftest import PYTHON, ROOT, python_env
 
-REFERENCE = ROOT.parent / "shared" / "reference" / "model-card.md"
+# The reference card (wav2vec2-base.timit_asr.32), kept inside the repository so any clone can run these.
+REFERENCE = Path(__file__).parent / "fixtures" / "reference-model-card.md"
 GOLDEN = Path(__file__).parent / "golden"
 SPE = 10  # steps per epoch of the synthetic run
 
@@ -299,3 +300,25 @@ def test_sweep_root_gets_a_summary_and_a_comparison_plot(tmp_path: Path) -> None
     assert summary[2].startswith("| lr=1e-4 ") and "0.2002" in summary[2] and "| 16 " in summary[2]
     assert (tmp_path / "sweep" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "sweep" / "lr=3e-4" / "results.md").exists()
+
+
+def test_card_wall_time_and_device_hours_are_the_sums_over_attempts(tmp_path: Path) -> None:
+    from asrlaunch.collect import run_result
+    from asrlaunch.logs import read_run_logs
+    from asrlaunch.report import write_run_report
+    from asrlaunch.rundir import RunDir
+
+    synthetic_run(tmp_path)
+    with pytest.warns(UserWarning):
+        result = run_result(RunDir(tmp_path))
+    write_run_report(result)
+    wall = device = 0.0
+    records = read_run_logs(tmp_path)
+    for attempt in sorted({r["attempt"] for r in records}):
+        times = [r["time"] for r in records if r["attempt"] == attempt]
+        world = max(r.get("world_size", 1) for r in records if r["attempt"] == attempt)
+        wall += max(times) - min(times)
+        device += world * (max(times) - min(times))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert f"- wall_time_s: {wall:.0f}\n" in card and f"- device_hours: {device / 3600:.3f}\n" in card
+    assert wall > 0 and "- attempts: 3\n" in card and "- restarts (resumed from step): 6, 10\n" in card

@@ -14,7 +14,7 @@ import torch
 from asrlaunch.data.sampler import eval_batches, shard_batches
 from asrlaunch.evaluate import masked_group_norm
 
-from .conftest import PYTHON, RECIPES, ROOT, engine_command, python_env
+from .conftest import PYTHON, RECIPES, ROOT, python_env
 
 GROUP_NORM = {  # wav2vec2-base's layout, tiny: group-norm conv stack, post-norm layers
     "hidden_size": 32,
@@ -91,22 +91,6 @@ def test_batched_evaluation_equals_batch_1(layout: str, tones_corpus: Path, tmp_
     for a, b in zip(batched, single, strict=True):
         assert a.prediction == b.prediction
         assert a.loss == pytest.approx(b.loss, rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def trained_smoke(tones_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The smoke model after 200 steps of 8: it transcribes (WER below 1), so transcripts can disagree."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    steps = ("train.max_steps=200", "train.global_batch_size=8", "eval.steps=200", "eval.at_start=false")
-    done = subprocess.run(
-        engine_command(run_dir, tones_corpus, 1, *steps),
-        env=python_env(OMP_NUM_THREADS="2"),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
 
 
 def evaluate_cli(model: Path, corpus: Path, processes: int, mode: str, out: Path, *overrides: str) -> dict:

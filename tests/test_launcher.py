@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -321,7 +322,7 @@ def test_local_executor_signals_before_its_time_limit(tmp_path: Path, tones_corp
     assert len(stops) == 1 and stops[0]["requeued"] is False, done.stdout + done.stderr
     newest_step, _ = checkpoint.list_checkpoints(run_dir / "checkpoints")[0]
     assert newest_step == stops[0]["step"]
-    assert not (run_dir / "final").exists()
+    assert not RunDir(run_dir).is_finished() and not (run_dir / "final" / "model.safetensors").exists()
 
 
 def test_dry_run_works_off_the_cluster(tmp_path: Path) -> None:
@@ -336,3 +337,20 @@ def test_dry_run_works_off_the_cluster(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "srun --unbuffered" in json.loads(done.stdout)["sbatch"]
+
+
+def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
+    synthetic_run(tmp_path)
+    watcher = subprocess.Popen(
+        [PYTHON, str(ROOT / "launch" / "status.py"), str(tmp_path), "--watch", "0.3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=python_env(),
+    )
+    time.sleep(4)
+    watcher.send_signal(signal.SIGINT)
+    out, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0 and "Traceback" not in err
+    assert out.count("\033[2J") >= 3 and out.count("RUN ") >= 3  # the table, redrawn
+    assert " 16/" in out and "preemption x2" in out  # step 16 from the logs; two stops counted

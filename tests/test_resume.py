@@ -244,11 +244,12 @@ def test_final_model_transcribes_with_a_pipeline(tmp_path: Path, tones_corpus: P
     assert state == {"step": 2, "done": True}
 
 
-def test_deepspeed_zero2_resumes_exactly_and_on_another_world_size(
+def test_deepspeed_zero2_and_zero1_resume_exactly_and_on_another_world_size(
     tmp_path: Path, tones_corpus: Path
 ) -> None:
-    """ZeRO-2 over gloo: kill -9 and resume on 2 processes is bitwise exact (dropout on); resuming the ZeRO
-    shards of 2 processes on 1 goes through DeepSpeed's universal checkpoint format."""
+    """ZeRO-2 over gloo: kill -9 and resume on 2 processes is bitwise exact (dropout on). ZeRO-1: trained and
+    checkpointed on 2 processes, its shards resumed on 1 through DeepSpeed's universal checkpoint format, and
+    a corrupt newest checkpoint falls back to the older one (of the other world size)."""
     import torch
 
     deepspeed = ("train.backend=deepspeed", "train.zero_stage=2")
@@ -263,6 +264,7 @@ def test_deepspeed_zero2_resumes_exactly_and_on_another_world_size(
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert step_losses(straight) == step_losses(resumed)
 
+    deepspeed = ("train.backend=deepspeed", "train.zero_stage=1")
     plain, changed = tmp_path / "plain", tmp_path / "changed"
     run(command(plain, tones_corpus, 2, *deepspeed))
     run_and_kill_after_checkpoint(command(changed, tones_corpus, 2, *deepspeed), changed, 5)
@@ -308,3 +310,24 @@ def test_deepspeed_trains_in_bf16_on_cpu(tmp_path: Path, tones_corpus: Path) -> 
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 3 and all(isinstance(x, float) for x in losses)
     assert [r["eval_samples"] for r in records if r["kind"] == "eval"] == [16]
+
+
+def test_ddp_on_2_processes_kill_9_and_resume_is_bitwise_exact_with_dropout(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """Per-rank RNG restored under DDP: dropout and SpecAugment draw the same masks after the resume. Also:
+    `checkpoint.keep_last=2` after five checkpoints leaves exactly the newest two."""
+    import torch
+
+    every_2 = ("checkpoint.save_steps=2", "checkpoint.keep_last=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(command(straight, tones_corpus, 2, *DROPOUT_ON, *every_2))
+    assert [step for step, _ in checkpoint.list_checkpoints(straight / "checkpoints")] == [10, 8]
+    cmd = command(resumed, tones_corpus, 2, *DROPOUT_ON, *every_2)
+    run_and_kill_after_checkpoint(cmd, resumed, 6)
+    run(cmd)
+    starts = [r for r in read_run_logs(resumed) if r["kind"] == "meta" and not r.get("event")]
+    assert sorted({s["attempt"] for s in starts}) == [0, 1] and starts[-1]["resumed_from"] >= 6
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(straight) == step_losses(resumed)

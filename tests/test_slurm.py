@@ -202,7 +202,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     overrides = [
         "train.global_batch_size=8",
         "train.max_micro_batch_size=8",
-        "train.max_steps=600",
+        "train.max_steps=250",
         "logging.steps=1",
         "eval.steps=1000",
         "checkpoint.save_steps=1000",
@@ -233,7 +233,13 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     # 3. a time limit 100 s away, so that the USR2@90 signal is due within seconds
     wait_for_step(run_dir, 2, last_train(run_dir, 1) + 3)
-    elapsed = collect_status([run_dir])[0].job.elapsed
+    (running,) = collect_status([run_dir])  # two restarts so far: status counts them and still has an ETA
+    assert running.job.restarts == 2 and running.stops == ["preemption", "preemption"]
+    assert running.eta_s is not None and running.eta_s > 0
+    table = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
+    row = table.stdout.splitlines()[1]
+    assert "RUNNING" in row and " 2 " in row and "preemption x2" in row and row.rstrip()[-1].isdigit(), row
+    elapsed = running.job.elapsed
     minutes, seconds = (int(x) for x in elapsed.split(":")[-2:])
     limit = minutes * 60 + seconds + 100
     scontrol("update", f"JobId={job_id}", f"TimeLimit=0:{limit // 60:02d}:{limit % 60:02d}")
@@ -344,3 +350,84 @@ def check_results_agree(run_dir: Path, steps: list[int], restarts: list[int]) ->
     assert height >= 300 and width >= 800
     ink = (picture[..., :3] < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
     assert 0.01 < ink < 0.5
+
+
+def test_a_shape_no_node_has_waits_with_its_reason_in_status(tmp_path: Path, tones_corpus: Path) -> None:
+    """Refused by preflight; with --no-preflight it is queued, and status says why it waits."""
+    refused = subprocess.run(
+        [PYTHON, SUBMIT, str(RECIPES / "smoke.yaml"), f"data.dir={tones_corpus}", "cluster.cpus_per_task=8"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=python_env(),
+    )
+    assert refused.returncode == 2 and "cluster.cpus_per_task=8" in refused.stderr
+    ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "cluster.cpus_per_task=8", "--no-preflight")
+    try:
+        deadline = time.monotonic() + 60
+        while (status := collect_status([run_dir])[0]).job.reason != "PartitionConfig":
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+        assert status.job.state == "PENDING"
+        shown = subprocess.run(
+            [PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env()
+        )
+        assert "PENDING (PartitionConfig)" in shown.stdout
+        as_json = subprocess.run(
+            [PYTHON, STATUS, str(run_dir), "--json"], capture_output=True, text=True, env=python_env()
+        )
+        assert json.loads(as_json.stdout)["job"]["reason"] == "PartitionConfig"
+    finally:
+        subprocess.run(["scancel", job_id], check=False)
+
+
+def test_the_requeue_budget_stops_requeues_and_resume_continues(tmp_path: Path, tones_corpus: Path) -> None:
+    """cluster.max_requeues=1 and two stops: the second is not requeued, status and the log say why, its
+    checkpoint stays; --resume is refused while a job may still run, then continues the run to its end."""
+    overrides = ["train.global_batch_size=8", "train.max_steps=200", "logging.steps=1", "eval.steps=1000"]
+    ((job_id, run_dir),) = launch(
+        tmp_path, tones_corpus, "run.name=budget", "cluster.max_requeues=1", *overrides
+    )
+    wait_for_step(run_dir, 0, 3)
+    resume = [PYTHON, SUBMIT, "--resume", str(run_dir)]
+    refused = subprocess.run(resume, capture_output=True, text=True, env=python_env(), cwd=tmp_path)
+    assert refused.returncode == 2 and f"its job {job_id} is RUNNING" in refused.stderr
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    assert wait_until_done([run_dir])[run_dir] == "FAILED"
+    events = [r for r in read_run_logs(run_dir) if r.get("event") and r["rank"] == 0]
+    assert [e["requeued"] for e in events] == [True, False]
+    assert "requeue limit reached (cluster.max_requeues=1)" in events[-1]["error"]
+    from asrlaunch import checkpoint
+
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints")[0][0] == events[-1]["step"]
+    shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
+    assert "requeue limit reached" in shown.stdout
+    assert (
+        subprocess.run(resume, capture_output=True, text=True, env=python_env(), cwd=tmp_path).returncode == 0
+    )
+    assert wait_until_done([run_dir])[run_dir] == "COMPLETED"
+    # A job whose state cannot be read (UNKNOWN) may be running: refused, unless forced after checking squeue.
+    jobs = json.loads((run_dir / "job.json").read_text())
+    jobs["jobs"].append({**jobs["jobs"][-1], "job_id": "987654321"})
+    (run_dir / "job.json").write_text(json.dumps(jobs))
+    unknown = subprocess.run(resume, capture_output=True, text=True, env=python_env(), cwd=tmp_path)
+    assert unknown.returncode == 2 and "cannot be read" in unknown.stderr and "--force" in unknown.stderr
+    forced = subprocess.run(
+        [*resume, "--force"], capture_output=True, text=True, env=python_env(), cwd=tmp_path
+    )
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_a_gpu_shaped_job_runs_one_task_per_gpu(tmp_path: Path, tones_corpus: Path) -> None:
+    """2 nodes x 2 (fake) GPUs: four tasks, each with its own GPU; on CPUs the engine trains without them."""
+    ((_, run_dir),) = launch(tmp_path, tones_corpus, "cluster.nodes=2", "cluster.gpus_per_node=2")
+    assert wait_until_done([run_dir])[run_dir] == "COMPLETED"
+    metas = [r for r in read_run_logs(run_dir) if r["kind"] == "meta"]
+    assert sorted(m["rank"] for m in metas) == [0, 1, 2, 3] and {m["world_size"] for m in metas} == {4}
+    assert {json.dumps(m["plan"]) for m in metas} == {json.dumps(metas[0]["plan"])}
+    assert (metas[0]["plan"]["micro_batch"], metas[0]["plan"]["grad_accum"]) == (8, 1)
+    gpus = {(m["node"], m["cuda_visible_devices"].split(",")[m["local_rank"]]) for m in metas}
+    assert len(gpus) == 4 and len({node for node, _ in gpus}) == 2, gpus
+    assert {m["device"] for m in metas} == {"cpu"}

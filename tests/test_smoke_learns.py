@@ -1,4 +1,5 @@
-"""The README's first command: the smoke recipe, submitted as users do, learns (WER 1.0 -> <= 0.3)."""
+"""The README's first command: the smoke recipe, submitted as users do through SLURM, learns (WER 1.0 ->
+<= 0.3); `--wait` shows progress while it runs and ends with the results table."""
 
 from __future__ import annotations
 
@@ -23,12 +24,26 @@ def test_smoke_recipe_as_the_readme_runs_it_learns(tmp_path: Path) -> None:
         timeout=1200,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted slurm job" in done.stdout  # through the local SLURM cluster, as `make demo` runs it
     assert "COMPLETED: runs/smoke, final WER" in done.stdout
+    progress = [line for line in done.stdout.splitlines() if line.startswith("[wait] runs/smoke: ")]
+    assert any(" step " in line and "/390 " in line and "RUNNING" in line for line in progress), progress
+    table = done.stdout.split("# runs/smoke\n")[1]
+    assert table.startswith("| Training Loss | Epoch | Step | Validation Loss | Wer")
+    assert (
+        "model card: runs/smoke/final/README.md" in done.stdout
+        and "plot: runs/smoke/curves.png" in done.stdout
+    )
+    assert (tmp_path / "runs" / "smoke" / "results.md").read_text() in done.stdout
+    assert "Warning" not in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "data" / "smoke-tones" / "TRAIN").is_dir()  # generated on first use
     evals = [
         json.loads(line)
         for line in (tmp_path / "runs" / "smoke" / "logs" / "rank0.jsonl").read_text().splitlines()
     ]
+    (meta,) = [r for r in evals if r["kind"] == "meta"]
+    job_id = done.stdout.split("submitted slurm job ")[1].split(":")[0]
+    assert meta["job_id"] == job_id and meta["slurm_restart_count"] == 0
     wer = [r["wer"] for r in evals if r["kind"] == "eval"]
     assert wer[0] >= 0.95  # an untrained model gets nothing right
     assert wer[-1] <= 0.3

@@ -25,4 +25,10 @@ def clean_warnings() -> None:
 
 
 def error(message: object) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """`error: ...`, one line per problem (a message of several problems gives several lines)."""
+    lines = str(message).splitlines() or [""]
+    print(
+        "\n".join(f"error: {line}" if line[:1] not in (" ", "(") else line for line in lines),
+        file=sys.stderr,
+        flush=True,
+    )

@@ -76,10 +76,16 @@ class SynthSection(_Section):
     test: int = Field(100, ge=1)
     engine: Literal["auto", "tones", "espeak"] = "auto"  # auto: espeak where installed, else tones
     seed: int = 0
+    layout: Literal["timit", "audiofolder", "disk"] = "timit"  # as data.format reads it
+    sample_rate: int = Field(16000, ge=8000)  # other than 16 kHz: the loader resamples
 
 
 class DataSection(_Section):
     dir: str
+    # timit: TIMIT's LDC layout; audiofolder: audio files + metadata.csv (file_name, data.text_column), in
+    # train/ and test/ or with a `split` column; disk: a DatasetDict saved with save_to_disk (see sources.py).
+    format: Literal["timit", "audiofolder", "disk"] = "timit"
+    text_column: str = "text"
     # Where the prepared table is cached; default ~/.cache/asrlaunch/prepared
     cache_dir: str | None = None
     # Training-set size assumed by the launcher's plan before the data is read (TIMIT: 4620).
@@ -144,8 +150,14 @@ class EvalSection(_Section):
     at_start: bool = False
 
 
+Tracker = Literal["tensorboard", "mlflow", "wandb", "none"]
+DEFAULT_TRACKERS: tuple[Tracker, ...] = ("tensorboard",)
+
+
 class LoggingSection(_Section):
     steps: int = Field(10, ge=1)
+    # Experiment trackers (accelerate's): tensorboard, mlflow, wandb, or none; under <run_dir>/tracking/.
+    report_to: list[Tracker] = Field(default_factory=lambda: list(DEFAULT_TRACKERS))
     # Log the sample ids of every step (tests of world-size invariance and exact resume).
     sample_ids: bool = False
 

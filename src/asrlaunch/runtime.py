@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from asrlaunch.plan import BatchPlan
 from asrlaunch.recipe import Recipe
+from asrlaunch.tracking import trackers
 
 
 def versions() -> dict[str, str]:
@@ -77,7 +79,7 @@ def single_process_environment() -> None:
     )
 
 
-def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
+def make_accelerator(recipe: Recipe, plan: BatchPlan, tracking_dir: Path | None = None) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import (
         DeepSpeedPlugin,
@@ -111,6 +113,8 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan) -> Any:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=handlers,
         deepspeed_plugin=deepspeed,
+        log_with=trackers(recipe) or None,
+        project_dir=str(tracking_dir) if tracking_dir is not None else None,
     )
     if accelerator.num_processes != world_size:
         raise RuntimeError(

@@ -187,3 +187,48 @@ def wait_for(
         else:
             unknown_since = None
         time.sleep(poll_s)
+
+
+def progress_line(s: RunStatus) -> str:
+    """One run's progress in a line: state, step/total, loss, WER, samples/s, ETA, restarts."""
+    eta = format_duration(s.eta_s) if not s.job.ended else "-"
+    return (
+        f"{state_text(s)} step {_fmt(s.step)}/{_fmt(s.total_steps)} loss {_fmt(s.loss, '.4f')} "
+        f"WER {_fmt(s.wer, '.4f')} samples/s {_fmt(s.samples_per_s, '.1f')} ETA {eta} "
+        f"restarts {_fmt(s.job.restarts)}"
+    )
+
+
+class WaitProgress:
+    """What `--wait` shows while it polls: a tqdm bar per run on a terminal; elsewhere (a batch log, a pipe)
+    a plain line per run when its progress changed, and at least every `every_s` seconds."""
+
+    def __init__(self, terminal: bool, every_s: float = 30.0) -> None:
+        self.terminal, self.every_s = terminal, every_s
+        self.bars: dict[str, Any] = {}
+        self.shown: dict[str, tuple[str, float]] = {}
+
+    def __call__(self, statuses: list[RunStatus]) -> None:
+        for index, status in enumerate(statuses):
+            name, line = str(status.run_dir), progress_line(status)
+            if self.terminal:
+                self._bar(index, name, status, line)
+                continue
+            previous = self.shown.get(name)
+            if previous is None or previous[0] != line or time.monotonic() - previous[1] >= self.every_s:
+                print(f"[wait] {name}: {line}", flush=True)
+                self.shown[name] = (line, time.monotonic())
+
+    def _bar(self, index: int, name: str, status: RunStatus, line: str) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(name)
+        if bar is None:
+            bar = self.bars[name] = tqdm(desc=name, position=index, unit="step", dynamic_ncols=True)
+        bar.total = status.total_steps
+        bar.n = status.step or 0
+        bar.set_postfix_str(line.split(" step ")[0] + " " + line.split(" loss ", 1)[-1], refresh=True)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()

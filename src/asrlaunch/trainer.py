@@ -35,6 +35,7 @@ from asrlaunch.runtime import (
 )
 from asrlaunch.signals import JobInterrupted, StopRequest, requeue_job, stop_reason
 from asrlaunch.state import ResumeDecision, TrainCounters, oom_micro_cap
+from asrlaunch.tracking import Tracking
 
 
 class TrainingDivergedError(RuntimeError):
@@ -58,7 +59,7 @@ class Trainer:
         self.batch_plan = plan_batch(recipe.train.global_batch_size, world, micro_limit)
         self.fault = planned_fault()
         self.step_reached = 0
-        self.accelerator = make_accelerator(recipe, self.batch_plan)
+        self.accelerator = make_accelerator(recipe, self.batch_plan, run_dir.tracking)
         self.rank = self.accelerator.process_index
         self.input_dtype = input_dtype(self.accelerator)
         self.decision = self._agree_on_resume()
@@ -77,6 +78,7 @@ class Trainer:
         on_gpu = self.accelerator.device.type == "cuda"
         self.prefetcher = Prefetcher(self.data, self.batch_plan, self.rank, background=on_gpu)
         self.start_step = self._resume(Path(self.decision.checkpoint)) if self.decision.checkpoint else 0
+        self.tracking = Tracking(self.accelerator, recipe, run_dir, self.start_step)
 
     # -- set-up ---------------------------------------------------------------------------------------------
     def _agree_on_resume(self) -> ResumeDecision:
@@ -187,15 +189,21 @@ class Trainer:
 
     def _interrupt(self, step: int) -> None:
         self.save_checkpoint(step)
-        decided: list[Any] = [None, False]  # rank 0 classifies and requeues; every rank logs the same
+        decided: list[Any] = [None, False, {}]  # rank 0 classifies and requeues; every rank logs the same
         if self.accelerator.is_main_process:
             decided[0] = stop_reason(self.stop.signal, self.recipe.cluster.signal_delay_s)
-            budget = self.recipe.cluster.max_requeues
-            decided[1] = decided[0] != "terminated" and requeue_job(slurm_restart_count(), budget)
+            budget, restarts = self.recipe.cluster.max_requeues, slurm_restart_count()
+            decided[1] = decided[0] != "terminated" and requeue_job(restarts, budget)
+            if decided[0] != "terminated" and restarts >= budget and os.environ.get("SLURM_JOB_ID"):
+                decided[2] = {
+                    "error": f"requeue limit reached (cluster.max_requeues={budget}): the checkpoint of step "
+                    f"{step} is kept; continue with launch/submit.py --resume {self.run_dir}"
+                }
         broadcast_object_list(decided)
-        reason, requeued = decided
-        self.log.write("meta", step, self.plan.epoch_at(step), event=reason, requeued=requeued)
+        reason, requeued, extra = decided
+        self.log.write("meta", step, self.plan.epoch_at(step), event=reason, requeued=requeued, **extra)
         self.log.close()
+        self.tracking.close()
         raise JobInterrupted(step, reason, requeued)
 
     # -- one optimizer step ---------------------------------------------------------------------------------
@@ -319,7 +327,7 @@ class Trainer:
         sample_ids = (
             {"sample_ids": [self.data.ids[int(i)] for i in batch]} if self.recipe.logging.sample_ids else {}
         )
-        return self.log.write(
+        record = self.log.write(
             "train",
             step,
             self.plan.epoch_at(step),
@@ -330,6 +338,8 @@ class Trainer:
             ctc_infinite=self.counters.ctc_infinite_total,
             **sample_ids,
         )
+        self.tracking.log_train(record)
+        return record
 
     def _peak_memory(self) -> dict[str, float]:
         """On a GPU: the most device memory this process has held since it started, in GiB."""
@@ -351,6 +361,7 @@ class Trainer:
         )
         if result is None:
             return None
+        self.tracking.log({"eval/loss": result.eval_loss, "eval/wer": result.wer}, step)
         return self.log.write(
             "eval",
             step,
@@ -379,6 +390,9 @@ class Trainer:
             slurm_restart_count=slurm_restart_count(),
             nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
             host=os.uname().nodename,
+            node=os.environ.get("SLURMD_NODENAME"),  # SLURM's name of this task's node
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
         )
 
     def save_final(self) -> None:
@@ -396,3 +410,4 @@ class Trainer:
             partial.rename(final)
         self.accelerator.wait_for_everyone()
         self.log.close()
+        self.tracking.close()

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from asrlaunch.data.corpus import PreparedCorpus, prepare
 from asrlaunch.data.sampler import GlobalOrder
-from asrlaunch.data.timit import PreparedCorpus, load_corpus
+from asrlaunch.data.sources import corpus_sources
 from asrlaunch.plan import BatchPlan
 from asrlaunch.recipe import Recipe
 
@@ -57,18 +58,15 @@ def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
     if spec is not None and is_main and not data_dir.exists():
         engine = resolve_engine(spec.engine)
         print(f"generating a {engine} corpus in {data_dir} ({spec.train} train, {spec.test} test)", flush=True)
-        generate_corpus(data_dir, spec.train, spec.test, engine=engine, seed=spec.seed)
+        generate_corpus(
+            data_dir, spec.train, spec.test, engine=engine, seed=spec.seed, layout=spec.layout,
+            sample_rate=spec.sample_rate,
+        )
 
 
 def prepare_corpus(recipe: Recipe) -> PreparedCorpus:
     data = recipe.data
-    return load_corpus(
-        data.dir,
-        data.cache_dir or default_cache_dir(),
-        data.max_train_samples,
-        data.max_eval_samples,
-        data.text_normalization,
-    )
+    return prepare(corpus_sources(data), data.cache_dir or default_cache_dir(), data.text_normalization)
 
 
 class TrainData:

@@ -13,6 +13,7 @@ Two engines (`auto`, the command's default, takes espeak when espeak-ng and sox 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import shutil
 import subprocess
@@ -141,6 +142,63 @@ def write_split(
             written += 1
 
 
+def timit_utterances(root: Path) -> dict[str, list[tuple[str, Path, str]]]:
+    """(id, audio file, sentence) of each split of a TIMIT-layout corpus."""
+    from asrlaunch.data.timit import read_transcript, scan_split
+
+    return {
+        split: [(u.id, u.audio, read_transcript(u.transcript)) for u in scan_split(root, split)]
+        for split in ("train", "test")
+    }
+
+
+def resampled(path: Path, rate: int) -> np.ndarray:
+    import soundfile
+    import soxr
+
+    audio, original = soundfile.read(str(path), dtype="float32")
+    return audio if rate == original else np.asarray(soxr.resample(audio, original, rate), dtype=np.float32)
+
+
+def write_audiofolder(timit: Path, out: Path, rate: int) -> None:
+    """train/ and test/, each with its WAV files and a metadata.csv (file_name, text)."""
+    import soundfile
+
+    for split, utterances in timit_utterances(timit).items():
+        folder = out / split
+        folder.mkdir(parents=True)
+        with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(["file_name", "text"])
+            for ident, audio, sentence in utterances:
+                soundfile.write(str(folder / f"{ident}.wav"), resampled(audio, rate), rate, subtype="PCM_16")
+                writer.writerow([f"{ident}.wav", sentence])
+
+
+def write_disk(timit: Path, out: Path, rate: int) -> None:
+    """A DatasetDict (train, test) saved with save_to_disk: id, audio (WAV bytes, an Audio feature), text."""
+    import io
+
+    import datasets
+    import soundfile
+
+    splits = {}
+    for split, utterances in timit_utterances(timit).items():
+        rows: dict[str, list] = {"id": [], "audio": [], "text": []}
+        for ident, audio, sentence in utterances:
+            buffer = io.BytesIO()
+            soundfile.write(buffer, resampled(audio, rate), rate, format="WAV", subtype="PCM_16")
+            rows["id"].append(ident)
+            rows["audio"].append({"bytes": buffer.getvalue(), "path": None})
+            rows["text"].append(sentence)
+        # Stored as the Audio feature's own struct, then cast: encoding through Audio needs torchcodec.
+        stored = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+        features = datasets.Features({"id": datasets.Value("string"), "audio": stored, "text": datasets.Value("string")})
+        table = datasets.Dataset.from_dict(rows, features=features)
+        splits[split] = table.cast_column("audio", datasets.Audio(sampling_rate=rate, decode=False))
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+
+
 def generate_corpus(
     out: str | Path,
     train: int,
@@ -149,16 +207,26 @@ def generate_corpus(
     fmt: str = "sphere",
     lowercase: bool = False,
     seed: int = 0,
+    layout: str = "timit",
+    sample_rate: int = SAMPLE_RATE,
 ) -> Path:
-    """Write a TIMIT-layout corpus into `out` (created; written to a temporary folder, then renamed)."""
+    """Write a corpus into `out` (created; written to a temporary folder, then renamed): TIMIT's layout, or
+    the same utterances as an audiofolder or a dataset saved to disk, at `sample_rate`."""
     engine = resolve_engine(engine)
     if engine == "espeak" and not espeak_available():
         raise RuntimeError("the espeak engine needs espeak-ng and sox (apt-get install espeak-ng sox)")
     out = Path(out)
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")  # jobs of a sweep may race to create it
     shutil.rmtree(partial, ignore_errors=True)
+    timit = partial if layout == "timit" else partial.with_name(partial.name + "-timit")
     for split, count, offset in (("TRAIN", train, 1), ("TEST", test, 2)):
-        write_split(partial, split, count, np.random.default_rng([seed, offset]), engine, fmt, lowercase)
+        write_split(timit, split, count, np.random.default_rng([seed, offset]), engine, fmt, lowercase)
+    if layout == "audiofolder":
+        write_audiofolder(timit, partial, sample_rate)
+    elif layout == "disk":
+        write_disk(timit, partial, sample_rate)
+    if timit != partial:
+        shutil.rmtree(timit)
     try:
         partial.rename(out)
     except OSError:  # another job finished first; the corpus is the same (same seed)
@@ -176,11 +244,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--format", choices=["sphere", "wav"], default="sphere", dest="fmt")
     parser.add_argument("--lowercase", action="store_true", help="lower-case file and folder names")
+    parser.add_argument("--layout", choices=["timit", "audiofolder", "disk"], default="timit")
+    parser.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help="audiofolder and disk layouts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if Path(args.out).exists():
         parser.error(f"{args.out} exists already; choose a new folder")
-    path = generate_corpus(args.out, args.train, args.test, args.engine, args.fmt, args.lowercase, args.seed)
+    path = generate_corpus(
+        args.out, args.train, args.test, args.engine, args.fmt, args.lowercase, args.seed, args.layout,
+        args.sample_rate,
+    )
     engine = resolve_engine(args.engine)
     print(f"wrote {args.train} train and {args.test} test utterances ({engine}) to {path}")
     return 0

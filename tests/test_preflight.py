@@ -1,0 +1,92 @@
+"""Preflight: what is refused before anything is queued, one line naming the key; `--no-preflight` submits
+anyway and status then shows why the job waits."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.preflight import check_shape, limit_minutes, parse_sinfo_nodes
+from asrlaunch.recipe import load_recipe
+
+from .conftest import PYTHON, RECIPES, ROOT, python_env
+from .test_slurm import _cluster_up
+
+SINFO = """\
+node1|debug*|2|8000|gpu:2|infinite
+node1|low|2|8000|gpu:2|infinite
+node2|debug*|2|8000|gpu:2|infinite
+node3|debug*|4|16000|gpu:4(S:0-1)|1-00:00:00
+gpu7|gpu|64|512000|gpu:h100:8,shard:8|4:00:00
+"""
+SUBMIT = str(ROOT / "launch" / "submit.py")
+
+
+def test_sinfo_nodes_and_time_limits_parse() -> None:
+    nodes = {n.name: n for n in parse_sinfo_nodes(SINFO)}
+    assert nodes["node1"].partitions == {"debug", "low"} and nodes["node1"].default_partition == "debug"
+    assert (nodes["node3"].cpus, nodes["node3"].memory_mb, nodes["node3"].gpus) == (4, 16000, 4)
+    assert nodes["gpu7"].gpus == 8 and nodes["gpu7"].max_time == "4:00:00"
+    assert limit_minutes("infinite") is None and limit_minutes("1-00:00:00") == 1440
+    assert limit_minutes("4:00:00") == 240 and limit_minutes("30:00") == 30
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ok", "names"),
+    [
+        (["cluster.cpus_per_task=2"], True, ""),
+        (["cluster.cpus_per_task=4", "cluster.nodes=2"], False, "cluster.cpus_per_task=4"),
+        (["cluster.cpus_per_task=8"], False, "node3) has 4 CPUs"),
+        (["cluster.mem_gb=64"], False, "cluster.mem_gb"),
+        (["cluster.gpus_per_node=8"], False, "cluster.gpus_per_node"),
+        (
+            ["cluster.partition=gpu", "cluster.gpus_per_node=8", "cluster.time_min=300"],
+            False,
+            "cluster.time_min=300",
+        ),
+        (["cluster.partition=nope"], False, "no partition 'nope' (there are: debug, gpu, low)"),
+    ],
+)
+def test_the_job_shape_must_fit_a_node_of_its_partition(overrides: list[str], ok: bool, names: str) -> None:
+    recipe = load_recipe(RECIPES / "smoke.yaml", overrides)
+    check = check_shape(recipe, parse_sinfo_nodes(SINFO))
+    assert check.ok is ok, check.message
+    assert names in check.message
+
+
+@pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster")
+def test_a_new_users_timit32_submission_is_refused_with_what_to_fix(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [PYTHON, SUBMIT, str(RECIPES / "timit32.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=python_env(HF_HOME=str(tmp_path / "hf")),
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "Warning:" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, done.stderr
+    assert errors[0].startswith("error: data.dir: /datasets/timit/TIMIT: the TIMIT folder does not exist")
+    assert "model.name_or_path: facebook/wav2vec2-base is not in the Hugging Face cache" in errors[1]
+    assert "cluster.cpus_per_task=8" in errors[2] and "cluster.mem_gb" in errors[2]
+    assert "the largest node of debug (node1) has 2 CPUs" in errors[2]
+    assert not (tmp_path / "runs").exists()  # nothing written, nothing queued
+    dry = subprocess.run(
+        [PYTHON, SUBMIT, str(RECIPES / "timit32.yaml"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=python_env(HF_HOME=str(tmp_path / "hf")),
+    )
+    assert dry.returncode == 0 and "# preflight FAIL  data: data.dir:" in dry.stdout
+    assert "# preflight   ok  trackers: tensorboard" in dry.stdout
+
+
+def test_a_corpus_of_an_unexpected_size_is_named_beside_the_expected_one(tones_corpus: Path) -> None:
+    from asrlaunch.preflight import check_data
+
+    recipe = load_recipe(RECIPES / "smoke.yaml", [f"data.dir={tones_corpus}"])
+    check = check_data(recipe)
+    assert check.ok and "64 train / 16 test; data.expected_train_size says 400" in check.message
