@@ -112,23 +112,19 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     small_disk: Path, tmp_path: Path, tones_corpus: Path
 ) -> None:
     run_dir = small_disk / "run"
-    overrides = ("train.global_batch_size=8", "checkpoint.save_steps=3", "train.max_steps=10")
-    done = subprocess.run(
-        engine_command(
-            run_dir,
-            tones_corpus,
-            1,
-            "eval.at_start=false",
-            "logging.steps=1",
-            "eval.steps=100",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            *overrides,
-        ),
-        env=python_env(OMP_NUM_THREADS="2"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cache = f"data.cache_dir={tmp_path / 'cache'}"  # the corpus cache lives off the small disk
+
+    def train_on(folder: Path) -> subprocess.CompletedProcess[str]:
+        settings = ("train.global_batch_size=8", "checkpoint.save_steps=3", "train.max_steps=10", cache)
+        return subprocess.run(
+            engine_command(folder, tones_corpus, 1, "eval.at_start=false", "logging.steps=1", *settings),
+            env=python_env(OMP_NUM_THREADS="2"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    done = train_on(run_dir)
     assert done.returncode == 1, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr
@@ -143,22 +139,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     assert max(r["step"] for r in records if r["kind"] == "train") == 6
     moved = tmp_path / "moved"  # the user frees space: here, the run moves to a larger disk
     shutil.copytree(run_dir, moved)
-    again = subprocess.run(
-        engine_command(
-            moved,
-            tones_corpus,
-            1,
-            "eval.at_start=false",
-            "logging.steps=1",
-            "eval.steps=100",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            *overrides,
-        ),
-        env=python_env(OMP_NUM_THREADS="2"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = train_on(moved)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout and "(step 3," in again.stdout
     assert RunDir(moved).is_finished()

@@ -76,7 +76,9 @@ def test_bad_metadata_names_the_file_and_the_column(corpora: dict[str, Path], tm
     shutil.copytree(corpora["audiofolder"], folder)
     metadata = folder / "train" / "metadata.csv"
     original = metadata.read_text()
-    metadata.write_text(original.replace("file_name,text", "file_name,sentence", 1))
+    for split in ("train", "test"):
+        renamed = folder / split / "metadata.csv"
+        renamed.write_text(renamed.read_text().replace("file_name,text", "file_name,sentence", 1))
     data = DataSection(dir=str(folder), format="audiofolder")  # type: ignore[arg-type]
     with pytest.raises(DataError, match=rf"{metadata}: no column 'text' \(columns: file_name, sentence\)"):
         count_utterances(data)

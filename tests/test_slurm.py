@@ -265,7 +265,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
 
 
 def test_preempted_then_cancelled_run_resumes_and_collects(tmp_path: Path, tones_corpus: Path) -> None:
-    """A 2-task run is preempted (requeued by itself), then killed by scancel between checkpoints and
+    """A 2-task run is preempted (requeued by itself), then cancelled by scancel and
     re-submitted with `submit.py --resume`; the collector's table has one row per evaluation, replayed steps
     counted once, and the table, CSV, JSON, model card and plot agree."""
     ((job_id, run_dir),) = launch(
@@ -302,7 +302,9 @@ def test_preempted_then_cancelled_run_resumes_and_collects(tmp_path: Path, tones
     assert [a for a, _ in status.starts] == [0, 1, 2]
     preempted_at, resumed_at = (step for _, step in status.starts[1:])
     events = [r for r in read_run_logs(run_dir) if r.get("event") and r["rank"] == 0]
-    assert [(e["event"], e["step"]) for e in events] == [("preemption", preempted_at)]
+    # scancel's SIGTERM checkpoints the step reached, when SLURM's KillWait leaves the time to
+    assert [(e["event"], e["step"]) for e in events][:1] == [("preemption", preempted_at)]
+    assert [(e["event"], e["step"]) for e in events][1:] in ([], [("terminated", resumed_at)])
     assert resumed_at % 10 == 0 and preempted_at < resumed_at <= killed_at < 400
     shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
     assert "COMPLETED" in shown.stdout and f" {preempted_at},{resumed_at} " in shown.stdout
@@ -430,4 +432,4 @@ def test_a_gpu_shaped_job_runs_one_task_per_gpu(tmp_path: Path, tones_corpus: Pa
     assert (metas[0]["plan"]["micro_batch"], metas[0]["plan"]["grad_accum"]) == (8, 1)
     gpus = {(m["node"], m["cuda_visible_devices"].split(",")[m["local_rank"]]) for m in metas}
     assert len(gpus) == 4 and len({node for node, _ in gpus}) == 2, gpus
-    assert {m["device"] for m in metas} == {"cpu"}
+    assert {m["device"].split(":")[0] for m in metas} == {"cpu"}

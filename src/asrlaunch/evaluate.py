@@ -223,9 +223,18 @@ def evaluate_saved_model(
         )
     model = Wav2Vec2ForCTC.from_pretrained(model_dir).to(accelerator.device)
     started = time.perf_counter()
-    result = evaluate(
-        model, corpus.test, processor, accelerator, mode=mode, max_batch_seconds=recipe.eval.max_batch_seconds
-    )
+    try:
+        result = evaluate(
+            model,
+            corpus.test,
+            processor,
+            accelerator,
+            mode=mode,
+            max_batch_seconds=recipe.eval.max_batch_seconds,
+        )
+    finally:
+        # a gloo group left to the interpreter's exit can abort the process ("terminate called ...")
+        accelerator.end_training()
     seconds = time.perf_counter() - started
     if result is None:
         return {}
