@@ -16,8 +16,6 @@ from asrlaunch.evaluate import masked_group_norm
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 
-pytestmark = pytest.mark.xdist_group("trained_smoke")  # one worker trains the shared smoke model once
-
 GROUP_NORM = {  # wav2vec2-base's layout, tiny: group-norm conv stack, post-norm layers
     "hidden_size": 32,
     "num_hidden_layers": 2,

@@ -17,8 +17,6 @@ from asrlaunch.recipe import DataSection
 
 from .conftest import PYTHON, RECIPES, TRAINED_SMOKE, engine_command, python_env
 
-pytestmark = pytest.mark.xdist_group("trained_smoke")  # one worker trains the shared smoke model once
-
 LAYOUTS = {"timit": 16000, "audiofolder": 22050, "disk": 16000}
 
 

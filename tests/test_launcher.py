@@ -23,8 +23,6 @@ from asrlaunch.sweep import element_name, expand_sweep, resolve_runs
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 from .test_collect import synthetic_run
 
-pytestmark = pytest.mark.xdist_group("slurm")  # its executor choice and preflight read the shared cluster
-
 SUBMIT = str(ROOT / "launch" / "submit.py")
 GOLDEN = Path(__file__).parent / "golden"
 

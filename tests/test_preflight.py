@@ -14,8 +14,6 @@ from asrlaunch.recipe import load_recipe
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 from .test_slurm import _cluster_up
 
-pytestmark = pytest.mark.xdist_group("slurm")  # reads the cluster's nodes, which other tests take down
-
 SINFO = """\
 node1|debug*|2|8000|gpu:2|infinite
 node1|low|2|8000|gpu:2|infinite

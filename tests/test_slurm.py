@@ -29,7 +29,6 @@ def _cluster_up() -> bool:
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
-    pytest.mark.xdist_group("slurm"),  # one cluster: preemptions and downed nodes reach every job on it
     pytest.mark.skipif(not _cluster_up() and not os.environ.get("CI"), reason="no local SLURM cluster"),
 ]
 

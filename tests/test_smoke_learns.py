@@ -11,7 +11,7 @@ import pytest
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
 
 
 def test_smoke_recipe_as_the_readme_runs_it_learns(tmp_path: Path) -> None:
