@@ -149,24 +149,28 @@ def main(argv: list[str] | None = None) -> int:
         "--executor",
         "slurm",
     )
-    job_id = re.search(r"submitted slurm job (\S+)", out).group(1)  # type: ignore[union-attr]
+    job_id = re.search(r"submitted slurm job ([0-9_]+)", out).group(1)  # type: ignore[union-attr]
     run_dir = work / "soak"
     print(f"soak: job {job_id}, {args.stops} stops (seed {args.seed}): {', '.join(schedule)}", flush=True)
+    stopped_at = 0
     for index, kind in enumerate(schedule):
-        attempt = len(starts(run_dir)) - 1 if starts(run_dir) else 0
-        target = trained(run_dir, attempt) + rng.randint(3, 8)
+        attempt = starts(run_dir)[-1]["attempt"] if starts(run_dir) else 0
+        # past the previous stop: two failures at one step are, by design, a fault that repeats (not retried)
+        target = max(stopped_at, starts(run_dir)[-1]["step"] if starts(run_dir) else 0) + rng.randint(3, 8)
         wait(
             lambda a=attempt, t=target: trained(run_dir, a) >= t, f"attempt {attempt} to reach step {target}"
         )
         undo = stop(kind, job_id, rng)
         after = f"a new attempt after stop {index + 1} ({kind})"
-        wait(lambda a=attempt: len(starts(run_dir)) > a + 1, after, 600)
-        if undo:
-            run("scontrol", "update", f"nodename={undo}", "state=resume")
-        if kind == "time_limit":
+        if kind == "time_limit":  # the limit back before the requeued job starts, else it stops at once
+            wait(lambda: job_field(job_id, "JobState") != "RUNNING", "the time-limit stop", 300)
             run("scontrol", "update", f"JobId={job_id}", "TimeLimit=30")
+        wait(lambda a=attempt: starts(run_dir)[-1]["attempt"] > a, after, 600)
+        if undo:  # ReturnToService=2 may have brought the node back already: then this is refused
+            subprocess.run(["scontrol", "update", f"nodename={undo}", "state=resume"], capture_output=True)
+        stopped_at = trained(run_dir, attempt)
         print(
-            f"  stop {index + 1}: {kind} at step {trained(run_dir, attempt)} -> attempt {attempt + 1}",
+            f"  stop {index + 1}: {kind} at step {stopped_at} -> attempt {attempt + 1}",
             flush=True,
         )
     wait(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 900)
