@@ -92,9 +92,14 @@ TRAINED_SMOKE = ("train.max_steps=200", "train.global_batch_size=8", "eval.steps
 def trained_smoke(tones_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke model after 200 steps of 8: it transcribes (WER below 1), so transcripts can disagree."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
+    return train_to_the_end(run_dir, tones_corpus, 1, *TRAINED_SMOKE, threads=2)
+
+
+def train_to_the_end(run_dir: Path, corpus: Path, processes: int, *overrides: str, threads: int = 1) -> Path:
+    """An uninterrupted engine run (`engine_command`) that must succeed; its run directory."""
     done = subprocess.run(
-        engine_command(run_dir, tones_corpus, 1, *TRAINED_SMOKE),
-        env=python_env(OMP_NUM_THREADS="2"),
+        engine_command(run_dir, corpus, processes, *overrides),
+        env=python_env(OMP_NUM_THREADS=str(threads)),
         capture_output=True,
         text=True,
         timeout=900,

@@ -15,7 +15,7 @@ from asrlaunch.collect import merge_records
 from asrlaunch.logs import read_run_logs
 from asrlaunch.status import collect_status
 
-from .conftest import PYTHON, engine_command, python_env
+from .conftest import PYTHON, python_env, train_to_the_end
 from .test_slurm import (
     CLUSTER,
     SUBMIT,
@@ -44,16 +44,9 @@ JOB = ["cluster.nodes=2", "cluster.processes_per_node=1", *SHAPE]
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory, tones_corpus: Path) -> Path:
     """The same run uninterrupted: two gloo processes under torchrun, one thread each, as the job's tasks."""
-    run_dir = tmp_path_factory.mktemp("straight") / "run"
-    done = subprocess.run(
-        engine_command(run_dir, tones_corpus, 2, "eval.at_start=false", *SHAPE),
-        env=python_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return train_to_the_end(
+        tmp_path_factory.mktemp("straight") / "run", tones_corpus, 2, "eval.at_start=false", *SHAPE
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
 
 
 def same_weights(a: Path, b: Path) -> bool:
