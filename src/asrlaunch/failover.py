@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,6 +108,9 @@ def handle(run_dir: RunDir, exit_status: int) -> Verdict:
     if verdict.record is None:
         return verdict
     record = dict(verdict.record)
+    # `scontrol requeue` of our own job SIGTERMs this batch step at once: without this the record was lost
+    # now and then (SIGKILL follows only after KillWait, time enough to write one line).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if verdict.requeue:
         record["requeued"] = requeue_this_job()
     started = [m for m in metas if is_start(m) and m["attempt"] == attempt]
