@@ -120,6 +120,14 @@ def sample_ids(run_dir: Path) -> dict[int, list[str]]:
     return ids
 
 
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory, tones_corpus: Path) -> Path:
+    """The uninterrupted 1-process run (dropout off) the interrupted ones are compared with (read only)."""
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    run(command(run_dir, tones_corpus, 1))
+    return run_dir
+
+
 def test_kill_9_and_resume_is_bitwise_exact_with_dropout(tmp_path: Path, tones_corpus: Path) -> None:
     import torch
 
@@ -137,9 +145,8 @@ def test_kill_9_and_resume_is_bitwise_exact_with_dropout(tmp_path: Path, tones_c
     assert metas[1]["resumed_from"] in (5, 10)
 
 
-def test_world_size_2_to_1_keeps_samples_and_weights(tmp_path: Path, tones_corpus: Path) -> None:
-    straight, changed = tmp_path / "straight", tmp_path / "changed"
-    run(command(straight, tones_corpus, 1))
+def test_world_size_2_to_1_keeps_samples_and_weights(tmp_path: Path, tones_corpus: Path, plain: Path) -> None:
+    straight, changed = plain, tmp_path / "changed"
     run_and_kill_after_checkpoint(command(changed, tones_corpus, 2), changed, 5)
     keep_only_checkpoint(changed, 5)  # 2 processes accumulate 4 micro-batches, 1 process 8: 20 % 8 != 0
     run(command(changed, tones_corpus, 1))
@@ -204,12 +211,11 @@ def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
 
 
 def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one(
-    tmp_path: Path, tones_corpus: Path
+    tmp_path: Path, tones_corpus: Path, plain: Path
 ) -> None:
     import torch
 
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run(command(straight, tones_corpus, 1))
+    straight, killed = plain, tmp_path / "killed"
     cmd = command(killed, tones_corpus, 1, "checkpoint.save_steps=1", "checkpoint.keep_last=2")
     kill_while_writing_a_checkpoint(cmd, killed)
     checkpoints = killed / "checkpoints"

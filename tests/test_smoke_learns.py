@@ -27,7 +27,7 @@ def test_smoke_recipe_as_the_readme_runs_it_learns(tmp_path: Path) -> None:
     assert "submitted slurm job" in done.stdout  # through the local SLURM cluster, as `make demo` runs it
     assert "COMPLETED: runs/smoke, final WER" in done.stdout
     progress = [line for line in done.stdout.splitlines() if line.startswith("[wait] runs/smoke: ")]
-    assert any(" step " in line and "/390 " in line and "RUNNING" in line for line in progress), progress
+    assert any(" step " in line and "/260 " in line and "RUNNING" in line for line in progress), progress
     table = done.stdout.split("# runs/smoke\n")[1]
     assert table.startswith("| Training Loss | Epoch | Step | Validation Loss | Wer")
     assert (
