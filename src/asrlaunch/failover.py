@@ -108,9 +108,6 @@ def handle(run_dir: RunDir, exit_status: int) -> Verdict:
     if verdict.record is None:
         return verdict
     record = dict(verdict.record)
-    # `scontrol requeue` of our own job SIGTERMs this batch step at once: without this the record was lost
-    # now and then (SIGKILL follows only after KillWait, time enough to write one line).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if verdict.requeue:
         record["requeued"] = requeue_this_job()
     started = [m for m in metas if is_start(m) and m["attempt"] == attempt]
@@ -133,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--exit-status", type=int, required=True, help="srun's exit status")
     parser.add_argument("run_dirs", nargs="+", help="the job's run directory (a job array: every element's)")
     args = parser.parse_args(argv)
+    # Our own `scontrol requeue` SIGTERMs this batch step at once: without this, the failure record written
+    # after it was lost now and then (SIGKILL follows only after KillWait, time enough to write one line).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     run_dir = pick(args.run_dirs)
     verdict = handle(run_dir, args.exit_status)
     if verdict.record is not None:
