@@ -2,12 +2,16 @@
 utterances batched (masked group norm + attention mask) and one at a time; utterances/s of each, and how far
 their results are apart (per-utterance loss, transcripts, WER).
 
-    python bench/eval_base.py [--utterances 32] [--max-batch-seconds 40 160] [--tiny]
+    python bench/eval_base.py [--utterances 32] [--max-batch-seconds 40 160] [--tiny] [--repeat N]
+
+`--repeat N`: one untimed pass of each mode first (first-call costs: allocations, oneDNN kernels for new
+shapes), then the median of N timed passes; as in training, where every evaluation after the first is warm.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--utterances", type=int, default=32)
     parser.add_argument("--max-batch-seconds", type=float, nargs="+", default=[40.0, 160.0])
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: checks the script quickly")
+    parser.add_argument("--repeat", type=int, default=1, help="timed passes after a warm-up (1: one, cold)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="eval-base-"))
     corpus = load_corpus(write_corpus(work / "corpus", train=8, test=args.utterances), work / "cache")
@@ -61,14 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=True)
     results = {}
     for mode, seconds in [("sequential", 1.0)] + [("batched", s) for s in args.max_batch_seconds]:
-        started = time.perf_counter()
-        result = evaluate(
-            model, corpus.test, corpus.processor, accelerator, mode=mode, max_batch_seconds=seconds
-        )
+        passes = 1 if args.repeat == 1 else args.repeat + 1
+        elapsed = []
+        for _ in range(passes):
+            started = time.perf_counter()
+            result = evaluate(
+                model, corpus.test, corpus.processor, accelerator, mode=mode, max_batch_seconds=seconds
+            )
+            elapsed.append(time.perf_counter() - started)
         assert result is not None
-        elapsed = time.perf_counter() - started
         results[(mode, seconds)] = result
-        speed = result.samples / elapsed
+        speed = result.samples / statistics.median(elapsed[-args.repeat :])
         print(f"{mode:>10} (max {seconds:>5.0f} s of audio per batch): {speed:6.2f} utterances/s")
     single = results[("sequential", 1.0)]
     for (mode, seconds), result in results.items():
