@@ -231,6 +231,9 @@ def evaluate_saved_model(
             mode=mode,
             max_batch_seconds=recipe.eval.max_batch_seconds,
         )
+        # No rank tears its gloo pairs down while a peer still finishes the gather (rank 1 aborted once with
+        # "terminate called without an active exception"); training ends the same way (save_final).
+        accelerator.wait_for_everyone()
     finally:
         # a gloo group left to the interpreter's exit can abort the process ("terminate called ...")
         accelerator.end_training()
