@@ -58,10 +58,14 @@ def masked_group_norm(x: torch.Tensor, valid: torch.Tensor, norm: nn.GroupNorm) 
     """GroupNorm of (batch, channels, time) over each utterance's first `valid[b]` frames only: the same
     kernel on each unpadded slice, so each utterance gets what it gets alone. Frames past `valid` are zero."""
     groups, weight, bias, eps = norm.num_groups, norm.weight, norm.bias, norm.eps
-    out = torch.empty_like(x)
-    for b, n in enumerate(valid.tolist()):
-        out[b, :, :n] = nn.functional.group_norm(x[b : b + 1, :, :n], groups, weight, bias, eps)[0]
-        out[b, :, n:] = 0
+    pieces = [
+        nn.functional.group_norm(x[b : b + 1, :, :n], groups, weight, bias, eps)
+        for b, n in enumerate(valid.tolist())
+    ]
+    # the norm's own dtype: under fp16 autocast GroupNorm runs and returns fp32, as it does unpadded
+    out = x.new_zeros(x.shape, dtype=pieces[0].dtype)
+    for b, piece in enumerate(pieces):
+        out[b, :, : piece.shape[-1]] = piece[0]
     return out
 
 
