@@ -154,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak: job {job_id}, {args.stops} stops (seed {args.seed}): {', '.join(schedule)}", flush=True)
     stopped_at = 0
     for index, kind in enumerate(schedule):
-        attempt = starts(run_dir)[-1]["attempt"] if starts(run_dir) else 0
+        begun = starts(run_dir)  # one read of rank 0's log per stop
+        latest = begun[-1] if begun else {"attempt": 0, "step": 0}
+        attempt = latest["attempt"]
         # past the previous stop: two failures at one step are, by design, a fault that repeats (not retried)
-        target = max(stopped_at, starts(run_dir)[-1]["step"] if starts(run_dir) else 0) + rng.randint(3, 8)
+        target = max(stopped_at, latest["step"]) + rng.randint(3, 8)
         wait(
             lambda a=attempt, t=target: trained(run_dir, a) >= t, f"attempt {attempt} to reach step {target}"
         )

@@ -13,7 +13,7 @@ import pytest
 from asrlaunch.logs import read_run_logs
 from asrlaunch.status import TERMINAL, collect_status
 
-from .conftest import PYTHON, RECIPES, ROOT, engine_command, python_env
+from .conftest import PYTHON, RECIPES, ROOT, python_env, train_to_the_end
 
 SUBMIT, STATUS = str(ROOT / "launch" / "submit.py"), str(ROOT / "launch" / "status.py")
 CLUSTER = ROOT / "slurm" / "cluster.sh"
@@ -209,15 +209,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
         "eval.steps=1000",
         "checkpoint.save_steps=1000",
     ]
-    straight = tmp_path / "straight"
-    done = subprocess.run(
-        engine_command(straight, tones_corpus, 1, "eval.at_start=false", *overrides),
-        env=python_env(OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    straight = train_to_the_end(tmp_path / "straight", tones_corpus, 1, "eval.at_start=false", *overrides)
     ((job_id, run_dir),) = launch(
         tmp_path,
         tones_corpus,
