@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,7 @@ def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> 
     from asrlaunch.logs import read_run_logs
 
     run_dir = work / f"ours-{index}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a finished run of an earlier --work would exit at once
     command = [
         sys.executable,
         "-m",

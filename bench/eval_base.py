@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     from asrlaunch.evaluate import evaluate
     from asrlaunch.model import build_model
     from asrlaunch.recipe import ModelSection
+    from asrlaunch.runtime import keep_freed_host_memory
+
+    keep_freed_host_memory()  # as the evaluation CLI and training do on a CPU
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

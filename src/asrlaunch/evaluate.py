@@ -157,7 +157,7 @@ def rank_eval_batches(
 
 
 def evaluate(
-    model: Any,
+    net: Wav2Vec2ForCTC,
     table: datasets.Dataset,
     processor: Wav2Vec2Processor,
     accelerator: Accelerator,
@@ -165,8 +165,8 @@ def evaluate(
     mode: str = "batched",
     max_batch_seconds: float = 60.0,
 ) -> EvalResult | None:
-    """Rank r evaluates its share; the results are gathered and scored once, on rank 0 (None elsewhere)."""
-    net = accelerator.unwrap_model(model)  # no DDP forward: ranks run different numbers of batches
+    """Rank r evaluates its share; the results are gathered and scored once, on rank 0 (None elsewhere).
+    `net` is the bare model, not its DDP or DeepSpeed wrapper: ranks run different numbers of batches."""
     rows = table.with_format("numpy", columns=["input_values", "labels", "text"])
     lengths = np.asarray(table["length"])
     batches = rank_eval_batches(
@@ -209,11 +209,14 @@ def evaluate_saved_model(
     from asrlaunch.data.batches import prepare_corpus
     from asrlaunch.distenv import adopt_launcher_environment
     from asrlaunch.recipe import load_recipe
-    from asrlaunch.runtime import effective_precision
+    from asrlaunch.runtime import adopt_thread_limit, effective_precision, keep_freed_host_memory
 
     adopt_launcher_environment()
+    adopt_thread_limit()
     recipe = load_recipe(recipe_path, overrides)
     on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        keep_freed_host_memory()
     accelerator = Accelerator(
         cpu=on_cpu, mixed_precision=effective_precision(recipe.train.mixed_precision, on_cpu)
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from datetime import timedelta
@@ -130,6 +131,25 @@ def adopt_thread_limit() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+
+
+def keep_freed_host_memory() -> bool:
+    """On a CPU the host heap is the device's memory, and glibc's malloc hands every tensor over 32 MiB back
+    to the kernel when it is freed (mmap/munmap), so the next step faults the same pages in again: a fifth
+    of a training step on the CPU comparison's model (bench/compare_hf.py). Serve large blocks from the heap
+    and keep what was freed for the next step, as a GPU's caching allocator does. True when glibc took it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    settings = [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 256 << 20)]
+    return all(mallopt(parameter, value) == 1 for parameter, value in settings)
 
 
 def effective_precision(requested: str, on_cpu: bool) -> str:

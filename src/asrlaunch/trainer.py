@@ -114,6 +114,9 @@ class Trainer:
         fused = self.accelerator.device.type == "cuda" and self.recipe.train.backend == "ddp"
         optimizer = build_optimizer(model, self.recipe.train, fused=fused)
         scheduler = build_scheduler(optimizer, self.recipe.train, self.plan.total_steps)
+        # The bare model, which `prepare` wraps (DDP, DeepSpeed) but keeps: evaluation and saving use it, as
+        # accelerate's unwrap_model would return it, without the import of DeepSpeed that costs seconds.
+        self.net = model
         return self.accelerator.prepare(model, optimizer, scheduler)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
@@ -351,7 +354,7 @@ class Trainer:
         started = time.perf_counter()
         settings = self.recipe.eval
         result = evaluate(
-            self.model,
+            self.net,
             self.corpus.test,
             self.corpus.processor,
             self.accelerator,
@@ -401,7 +404,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             final, partial = self.run_dir.final, self.run_dir.final_partial
             shutil.rmtree(partial, ignore_errors=True)
-            self.accelerator.unwrap_model(self.model).save_pretrained(partial, safe_serialization=True)
+            self.net.save_pretrained(partial, safe_serialization=True)
             self.corpus.processor.save_pretrained(partial)
             if self.run_dir.card.exists():  # the collector's model card survives a re-save
                 shutil.copy(self.run_dir.card, partial / self.run_dir.card.name)
