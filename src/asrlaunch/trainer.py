@@ -114,8 +114,8 @@ class Trainer:
         fused = self.accelerator.device.type == "cuda" and self.recipe.train.backend == "ddp"
         optimizer = build_optimizer(model, self.recipe.train, fused=fused)
         scheduler = build_scheduler(optimizer, self.recipe.train, self.plan.total_steps)
-        # The bare model, which `prepare` wraps (DDP, DeepSpeed) but keeps: evaluation and saving use it, as
-        # accelerate's unwrap_model would return it, without the import of DeepSpeed that costs seconds.
+        # The bare model, which `prepare` wraps (DDP, DeepSpeed) but keeps: what accelerate's unwrap_model
+        # returns, without its import of DeepSpeed (seconds) at every first evaluation.
         self.net = model
         return self.accelerator.prepare(model, optimizer, scheduler)
 
