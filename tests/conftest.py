@@ -95,14 +95,34 @@ def trained_smoke(tones_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
     return train_to_the_end(run_dir, tones_corpus, 1, *TRAINED_SMOKE, threads=2)
 
 
+class BackgroundRun:
+    """An uninterrupted engine run (`engine_command`), started now and awaited by `result()`: a SLURM test
+    starts its reference run first, which then trains while the job waits on requeues and start-ups."""
+
+    def __init__(
+        self, run_dir: Path, corpus: Path, processes: int, *overrides: str, threads: int = 1
+    ) -> None:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.run_dir, self.stderr = run_dir, run_dir.parent / f"{run_dir.name}.stderr"
+        with self.stderr.open("w") as stderr:
+            self.process = subprocess.Popen(
+                engine_command(run_dir, corpus, processes, *overrides),
+                env=python_env(OMP_NUM_THREADS=str(threads)),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+
+    def result(self, timeout: float = 900) -> Path:
+        """The run directory, once the run has ended, and succeeded."""
+        try:
+            returncode = self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                kill_tree(self.process.pid)
+        assert returncode == 0, self.stderr.read_text()[-3000:]
+        return self.run_dir
+
+
 def train_to_the_end(run_dir: Path, corpus: Path, processes: int, *overrides: str, threads: int = 1) -> Path:
-    """An uninterrupted engine run (`engine_command`) that must succeed; its run directory."""
-    done = subprocess.run(
-        engine_command(run_dir, corpus, processes, *overrides),
-        env=python_env(OMP_NUM_THREADS=str(threads)),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
+    """An uninterrupted engine run that must succeed; its run directory."""
+    return BackgroundRun(run_dir, corpus, processes, *overrides, threads=threads).result()

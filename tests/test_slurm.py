@@ -13,7 +13,7 @@ import pytest
 from asrlaunch.logs import read_run_logs
 from asrlaunch.status import TERMINAL, collect_status
 
-from .conftest import PYTHON, RECIPES, ROOT, python_env, train_to_the_end
+from .conftest import PYTHON, RECIPES, ROOT, BackgroundRun, python_env
 
 SUBMIT, STATUS = str(ROOT / "launch" / "submit.py"), str(ROOT / "launch" / "status.py")
 CLUSTER = ROOT / "slurm" / "cluster.sh"
@@ -209,7 +209,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
         "eval.steps=1000",
         "checkpoint.save_steps=1000",
     ]
-    straight = train_to_the_end(tmp_path / "straight", tones_corpus, 1, "eval.at_start=false", *overrides)
+    straight = BackgroundRun(tmp_path / "straight", tones_corpus, 1, "eval.at_start=false", *overrides)
     ((job_id, run_dir),) = launch(
         tmp_path,
         tones_corpus,
@@ -249,7 +249,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     assert [e["event"] for e in events] == ["preemption", "preemption", "timeout"]
     assert all(e["requeued"] for e in events[1:])
     a, b = (
-        load_file(str(straight / "final" / "model.safetensors")),
+        load_file(str(straight.result() / "final" / "model.safetensors")),
         load_file(str(run_dir / "final" / "model.safetensors")),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)

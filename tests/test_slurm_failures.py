@@ -15,7 +15,7 @@ from asrlaunch.collect import merge_records
 from asrlaunch.logs import read_run_logs
 from asrlaunch.status import collect_status
 
-from .conftest import PYTHON, python_env, train_to_the_end
+from .conftest import PYTHON, BackgroundRun, python_env
 from .test_slurm import (
     CLUSTER,
     SUBMIT,
@@ -42,9 +42,10 @@ JOB = ["cluster.nodes=2", "cluster.processes_per_node=1", *SHAPE]
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory, tones_corpus: Path) -> Path:
-    """The same run uninterrupted: two gloo processes under torchrun, one thread each, as the job's tasks."""
-    return train_to_the_end(
+def straight(tmp_path_factory: pytest.TempPathFactory, tones_corpus: Path) -> BackgroundRun:
+    """The same run uninterrupted: two gloo processes under torchrun, one thread each, as the job's tasks;
+    it trains while the first test's job waits on its requeues."""
+    return BackgroundRun(
         tmp_path_factory.mktemp("straight") / "run", tones_corpus, 2, "eval.at_start=false", *SHAPE
     )
 
@@ -83,7 +84,7 @@ def events(run_dir: Path) -> list[str]:
 
 
 def test_dead_rank_full_job_signal_and_lost_node_each_requeue_and_end_exact(
-    tmp_path: Path, tones_corpus: Path, straight: Path
+    tmp_path: Path, tones_corpus: Path, straight: BackgroundRun
 ) -> None:
     ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=survivor", *JOB)
     wait_for_step(run_dir, 0, 8)
@@ -105,7 +106,7 @@ def test_dead_rank_full_job_signal_and_lost_node_each_requeue_and_end_exact(
     assert (
         kinds[0] == "crash" and kinds[1] == "failure" and "preemption" in kinds and kinds[-1] == "terminated"
     )
-    assert same_weights(straight, run_dir)
+    assert same_weights(straight.result(), run_dir)
     merged = merge_records(read_run_logs(run_dir))
     assert list(merged.train) == list(range(1, 41)) and len(merged.restarts) == 3  # every step once
     (status,) = collect_status([run_dir])
@@ -139,7 +140,7 @@ def test_a_fault_that_repeats_at_the_same_step_is_not_retried_forever(
 
 
 def test_sigterm_checkpoints_a_cancel_stays_and_term_preemption_requeues(
-    tmp_path: Path, tones_corpus: Path, straight: Path
+    tmp_path: Path, tones_corpus: Path, straight: BackgroundRun
 ) -> None:
     ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=term", "cluster.partition=low", *JOB)
     wait_for_step(run_dir, 0, 6)
@@ -163,6 +164,6 @@ def test_sigterm_checkpoints_a_cancel_stays_and_term_preemption_requeues(
     finally:
         subprocess.run(["bash", str(CLUSTER), "preempt-mode", "user"], check=True, capture_output=True)
     assert events(run_dir) == ["terminated", "preemption"]  # the second: SLURM marked it preempted
-    assert same_weights(straight, run_dir)
+    assert same_weights(straight.result(), run_dir)
     merged = merge_records(read_run_logs(run_dir))
     assert list(merged.train) == list(range(1, 41))
