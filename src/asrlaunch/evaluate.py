@@ -209,14 +209,12 @@ def evaluate_saved_model(
     from asrlaunch.data.batches import prepare_corpus
     from asrlaunch.distenv import adopt_launcher_environment
     from asrlaunch.recipe import load_recipe
-    from asrlaunch.runtime import adopt_thread_limit, effective_precision, keep_freed_host_memory
+    from asrlaunch.runtime import adopt_thread_limit, effective_precision
 
     adopt_launcher_environment()
     adopt_thread_limit()
     recipe = load_recipe(recipe_path, overrides)
     on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        keep_freed_host_memory()
     accelerator = Accelerator(
         cpu=on_cpu, mixed_precision=effective_precision(recipe.train.mixed_precision, on_cpu)
     )

@@ -127,10 +127,13 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan, tracking_dir: Path | None 
 
 def adopt_thread_limit() -> None:
     """torch read OMP_NUM_THREADS when it was imported, which may be before distenv adopted the CPUs SLURM
-    gave the task: apply it now, so a job computes with the same threads (and sums) as it was given."""
+    gave the task: apply it now, so a job computes with the same threads (and sums) as it was given. On a
+    CPU, also keep freed host memory (below)."""
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))
+    if not torch.cuda.is_available():
+        keep_freed_host_memory()
 
 
 # glibc's mallopt parameters (malloc.h)

@@ -18,8 +18,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from asrlaunch.checkpoint import CheckpointWriteError
 from asrlaunch.cli import clean_warnings, error
 from asrlaunch.data.timit import DataError
@@ -29,7 +27,7 @@ from asrlaunch.logs import RankLog, next_attempt, slurm_restart_count
 from asrlaunch.plan import BatchPlanError
 from asrlaunch.recipe import Recipe, RecipeError, load_recipe
 from asrlaunch.rundir import RunDir
-from asrlaunch.runtime import adopt_thread_limit, keep_freed_host_memory
+from asrlaunch.runtime import adopt_thread_limit
 from asrlaunch.signals import JobInterrupted, StopRequest
 from asrlaunch.trainer import RequeueLimitError, Trainer, TrainingDivergedError
 
@@ -73,8 +71,6 @@ def run_training(recipe: Recipe, run_dir: RunDir) -> None:
     """Train one rank of a run (the caller's process is one task of the world)."""
     adopt_launcher_environment()
     adopt_thread_limit()
-    if not torch.cuda.is_available():
-        keep_freed_host_memory()
     if run_dir.is_finished():
         print(f"{run_dir} finished already ({run_dir.final}); nothing to train", flush=True)
         return
