@@ -34,24 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
     args = parser.parse_args(argv)
     clean_warnings()
+    try:
+        return show(args.run_dirs, args.json, args.watch)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch ends, whether it lands in the sleep or in a redraw.
+        return 0 if args.watch else 130
+
+
+def show(run_dirs: list[str], as_json: bool, watch: float | None) -> int:
     while True:
-        statuses = collect_status(args.run_dirs)
+        statuses = collect_status(run_dirs)
         if not statuses:
-            error(f"no run directory (with {RunDir(Path()).recipe.name}) in {' '.join(args.run_dirs)}")
+            error(f"no run directory (with {RunDir(Path()).recipe.name}) in {' '.join(run_dirs)}")
             return 2
-        if args.json:
+        if as_json:
             for status in statuses:
                 print(json.dumps(status.to_json()))
         else:
-            if args.watch:
+            if watch:
                 print("\033[2J\033[H", end="")
             print(format_table(statuses), flush=True)
-        if not args.watch:
+        if not watch:
             return 0
-        try:
-            time.sleep(args.watch)
-        except KeyboardInterrupt:
-            return 0
+        time.sleep(watch)
 
 
 if __name__ == "__main__":

@@ -348,9 +348,15 @@ def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
         text=True,
         env=python_env(),
     )
-    time.sleep(4)
+    assert watcher.stdout is not None
+    seen = ""
+    while seen.count("RUN ") < 3:  # interrupt only once it has redrawn: a slow start is no failure
+        line = watcher.stdout.readline()
+        assert line, f"the watch ended by itself: {watcher.communicate(timeout=30)}"
+        seen += line
     watcher.send_signal(signal.SIGINT)
-    out, err = watcher.communicate(timeout=30)
+    rest, err = watcher.communicate(timeout=30)
+    out = seen + rest
     assert watcher.returncode == 0 and "Traceback" not in err
     assert out.count("\033[2J") >= 3 and out.count("RUN ") >= 3  # the table, redrawn
     assert " 16/" in out and "preemption x2" in out  # step 16 from the logs; two stops counted
