@@ -46,6 +46,8 @@ write_config() {
   local preempt_signal="SlurmctldParameters=preempt_send_user_signal"
   [ "$(cat "$PREEMPT_MODE_FILE" 2>/dev/null)" = term ] && preempt_signal="# preemption: SIGTERM, GraceTime, SIGKILL"
   local storage="AccountingStorageType=accounting_storage/none"
+  # cred_expire (job credential lifetime) is also how long a requeued job waits before it may start again:
+  # 5 s, SLURM's minimum (lower is rejected and falls back to 120 s); ample for step launches on localhost.
   if [ "$ACCOUNTING" = 1 ]; then
     storage="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -62,7 +64,7 @@ SlurmctldPort=16817
 SlurmdPort=16818
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=10
+AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid

@@ -15,7 +15,7 @@ from asrlaunch.collect import merge_records
 from asrlaunch.logs import read_run_logs
 from asrlaunch.rundir import RunDir
 
-from .conftest import engine_command, kill_tree, python_env
+from .conftest import BackgroundRun, engine_command, kill_tree, python_env
 
 pytestmark = pytest.mark.slow
 DROPOUT_ON = (
@@ -28,21 +28,20 @@ DROPOUT_ON = (
 )
 
 
+SHORT_RUN = (
+    "train.max_steps=12",
+    "train.max_micro_batch_size=4",
+    "checkpoint.save_steps=5",
+    "checkpoint.keep_last=3",
+    "logging.steps=1",
+    "logging.sample_ids=true",
+    "eval.steps=100",
+    "eval.at_start=false",
+)
+
+
 def command(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> list[str]:
-    return engine_command(
-        run_dir,
-        corpus,
-        processes,
-        "train.max_steps=12",
-        "train.max_micro_batch_size=4",
-        "checkpoint.save_steps=5",
-        "checkpoint.keep_last=3",
-        "logging.steps=1",
-        "logging.sample_ids=true",
-        "eval.steps=100",
-        "eval.at_start=false",
-        *overrides,
-    )
+    return engine_command(run_dir, corpus, processes, *SHORT_RUN, *overrides)
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -131,15 +130,16 @@ def plain(tmp_path_factory: pytest.TempPathFactory, tones_corpus: Path) -> Path:
 def test_kill_9_and_resume_is_bitwise_exact_with_dropout(tmp_path: Path, tones_corpus: Path) -> None:
     import torch
 
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(command(straight, tones_corpus, 1, *DROPOUT_ON))
+    # One thread each: the uninterrupted run trains on the other core meanwhile.
+    straight = BackgroundRun(tmp_path / "straight", tones_corpus, 1, *SHORT_RUN, *DROPOUT_ON)
+    resumed = tmp_path / "resumed"
     cmd = command(resumed, tones_corpus, 1, *DROPOUT_ON)
     run_and_kill_after_checkpoint(cmd, resumed, 5)
     second = run(cmd)
+    a, b = weights(straight.result()), weights(resumed)
     assert "resuming from" in second.stdout
-    a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert step_losses(straight) == step_losses(resumed)
+    assert step_losses(straight.run_dir) == step_losses(resumed)
     metas = [r for r in read_run_logs(resumed) if r["kind"] == "meta"]
     assert [m["attempt"] for m in metas] == [0, 1]
     assert metas[1]["resumed_from"] in (5, 10)

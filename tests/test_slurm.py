@@ -144,7 +144,7 @@ def test_sweep_is_one_job_array_and_both_complete(tmp_path: Path, tones_corpus: 
 
 def test_status_without_accounting_falls_back_to_squeue(tmp_path: Path, tones_corpus: Path) -> None:
     ((job_id, run_dir),) = launch(
-        tmp_path, tones_corpus, "run.name=noacct", "train.max_steps=60", "eval.steps=1000"
+        tmp_path, tones_corpus, "run.name=noacct", "train.max_steps=25", "eval.steps=1000"
     )
     subprocess.run(["bash", str(CLUSTER), "dbd-stop"], check=True, capture_output=True)
     try:
