@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
     args = parser.parse_args(argv)
     clean_warnings()
+    if args.watch:  # Ctrl-C ends a watch even where the caller started us with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return show(args.run_dirs, args.json, args.watch)
     except KeyboardInterrupt:
