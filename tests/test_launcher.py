@@ -341,8 +341,9 @@ def test_dry_run_works_off_the_cluster(tmp_path: Path) -> None:
 
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
     synthetic_run(tmp_path)
-    watcher = subprocess.Popen(
-        [PYTHON, str(ROOT / "launch" / "status.py"), str(tmp_path), "--watch", "0.3"],
+    watch = [PYTHON, str(ROOT / "launch" / "status.py"), str(tmp_path), "--watch", "0.3"]
+    watcher = subprocess.Popen(  # started with SIGINT ignored, as a non-interactive shell's background job is
+        ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *watch],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
