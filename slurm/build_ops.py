@@ -23,7 +23,12 @@ def main() -> int:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         print(f"[build_ops] {accelerator.device_name()}: no CPU op to build")
         return 0
-    builder.load()
+    try:
+        builder.load()
+    except Exception as failure:  # no compiler, say: only DeepSpeed on CPU needs the op, not the install
+        name = builder.absolute_name()
+        print(f"[build_ops] could not build {name} ({failure}); DeepSpeed on CPU will try again")
+        return 0
     print(f"[build_ops] {builder.absolute_name()} ready")
     return 0
 
