@@ -96,8 +96,9 @@ def trained_smoke(tones_corpus: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 class BackgroundRun:
-    """An uninterrupted engine run (`engine_command`), started now and awaited by `result()`: a SLURM test
-    starts its reference run first, which then trains while the job waits on requeues and start-ups."""
+    """An uninterrupted engine run (`engine_command`), started now and awaited by `result()`: a test starts
+    its reference run first, which then trains while the job waits on requeues (SLURM tests) or on the idle
+    core beside a one-thread run."""
 
     def __init__(
         self, run_dir: Path, corpus: Path, processes: int, *overrides: str, threads: int = 1
