@@ -12,7 +12,7 @@ venv: .venv/.installed
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # CPU wheel first: a bare `torch` requirement pulls CUDA builds
-	$(PY) -m pip install -q -e '.[train,tensorboard,deepspeed,test,dev]'
+	$(PY) -m pip install -q -e '.[train,deepspeed,test,dev]'
 	$(PY) slurm/build_ops.py   # DeepSpeed's CPU ops, compiled here once rather than inside the first run
 	touch $@
 

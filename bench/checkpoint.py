@@ -19,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from asrlaunch import checkpoint
-from asrlaunch.recipe import ModelSection
+from asrlaunch.core.recipe import ModelSection
+from asrlaunch.core.records import Kind, event_of
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.engine import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'|")} | {"[UNK]": 28, "[PAD]": 29}
@@ -30,7 +32,7 @@ def measure_checkpoint(label: str, section: ModelSection, work: Path) -> None:
     import torch
     from accelerate import Accelerator
 
-    from asrlaunch.model import build_model
+    from asrlaunch.engine.model import build_model
 
     accelerator = Accelerator(cpu=True)
     model = build_model(section, VOCAB, 29)
@@ -74,20 +76,20 @@ def restart_to_first_step(work: Path) -> None:
     ]
     out = subprocess.run(submit, cwd=work, capture_output=True, text=True, check=True).stdout
     job_id = out.split("job ")[1].split(":")[0]
-    log = work / "runs" / "restart" / "logs" / "rank0.jsonl"
+    log = RunDir(work / "runs" / "restart").rank_log(0)
 
     def records() -> list[dict]:
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
-    while not any(r["kind"] == "train" for r in records()):
+    while not any(r["kind"] == Kind.TRAIN for r in records()):
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    while not any(r["kind"] == "train" and r["attempt"] == 1 for r in records()):
+    while not any(r["kind"] == Kind.TRAIN and r["attempt"] == 1 for r in records()):
         time.sleep(0.5)
     shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     start = datetime.fromisoformat(shown.split("StartTime=")[1].split()[0]).timestamp()
-    stopped = next(r["time"] for r in records() if r.get("event"))
-    first = next(r["time"] for r in records() if r["kind"] == "train" and r["attempt"] == 1)
+    stopped = next(r["time"] for r in records() if (event := event_of(r)) is not None and event.is_stop)
+    first = next(r["time"] for r in records() if r["kind"] == Kind.TRAIN and r["attempt"] == 1)
     subprocess.run(["scancel", job_id], check=False)
     print(
         f"restart -> first new step: {first - start:5.1f} s from the requeued job's start "

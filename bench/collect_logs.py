@@ -11,20 +11,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from asrlaunch.collect import read_run, result_rows
+from asrlaunch.core.records import Kind
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.results.merge import read_run
+from asrlaunch.results.table import result_rows
 
 
 def write_logs(run_dir: Path, ranks: int, steps: int) -> int:
-    (run_dir / "logs").mkdir(parents=True)
+    run = RunDir(run_dir)
+    run.logs.mkdir(parents=True)
     plan = {"steps_per_epoch": 145, "world_size": ranks}
     recipe = {"run": {"name": "bench"}, "train": {"seed": 42}}
     lines = 0
     for rank in range(ranks):
-        with (run_dir / "logs" / f"rank{rank}.jsonl").open("w") as file:
+        with run.rank_log(rank).open("w") as file:
             file.write(
                 json.dumps(
                     {
-                        "kind": "meta",
+                        "kind": Kind.META.value,
                         "step": 0,
                         "epoch": 0,
                         "rank": rank,
@@ -41,7 +45,7 @@ def write_logs(run_dir: Path, ranks: int, steps: int) -> int:
                 file.write(
                     json.dumps(
                         {
-                            "kind": "train",
+                            "kind": Kind.TRAIN.value,
                             "step": step,
                             "epoch": round(step / 145, 4),
                             "rank": rank,
@@ -59,7 +63,7 @@ def write_logs(run_dir: Path, ranks: int, steps: int) -> int:
                     file.write(
                         json.dumps(
                             {
-                                "kind": "eval",
+                                "kind": Kind.EVAL.value,
                                 "step": step,
                                 "epoch": step / 145,
                                 "rank": 0,

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from asrlaunch.core.records import Kind
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -85,14 +87,15 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- our engine ----------------------------------------------------------------------------------------------
 def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
-    from asrlaunch.logs import read_run_logs
+    from asrlaunch.core.logs import read_run_logs
 
     run_dir = work / f"ours-{index}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a finished run of an earlier --work would exit at once
     command = [
         sys.executable,
         "-m",
-        "asrlaunch.train",
+        "asrlaunch",
+        "train",
         str(ROOT / "recipes" / "timit32.yaml"),
         "--run-dir",
         str(run_dir),
@@ -105,8 +108,8 @@ def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> 
     if done.returncode:
         raise SystemExit(f"our engine failed:\n{done.stderr[-3000:]}")
     records = read_run_logs(run_dir)
-    trains = [r for r in records if r["kind"] == "train" and r["rank"] == 0]
-    evals = [r for r in records if r["kind"] == "eval"]
+    trains = [r for r in records if r["kind"] == Kind.TRAIN and r["rank"] == 0]
+    evals = [r for r in records if r["kind"] == Kind.EVAL]
     return {
         "wall_s": wall,
         "train_samples_per_s": 32 * trains[-1]["step"] / train_seconds(trains),
@@ -152,7 +155,8 @@ def evaluate_both_modes(args: argparse.Namespace, corpus: Path, work: Path, run_
             [
                 sys.executable,
                 "-m",
-                "asrlaunch.evaluate",
+                "asrlaunch",
+                "evaluate",
                 str(ROOT / "recipes" / "timit32.yaml"),
                 "--model",
                 f"{run_dir}/final",

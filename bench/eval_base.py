@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_base import write_corpus  # noise at TIMIT's lengths
     from transformers import Wav2Vec2Config
 
+    from asrlaunch.core.recipe import ModelSection
     from asrlaunch.data.timit import load_corpus
-    from asrlaunch.evaluate import evaluate
-    from asrlaunch.model import build_model
-    from asrlaunch.recipe import ModelSection
-    from asrlaunch.runtime import keep_freed_host_memory
+    from asrlaunch.engine.evaluate import evaluate
+    from asrlaunch.engine.model import build_model
+    from asrlaunch.engine.runtime import keep_freed_host_memory
 
     keep_freed_host_memory()  # as the evaluation CLI and training do on a CPU
 

@@ -1,7 +1,7 @@
 """wav2vec2-base-sized training on one GPU: samples/s and peak memory, fp16 AMP, global batch 32.
 
 The model is built from wav2vec2-base's config (random init, 94M parameters, no download) and trained by the
-engine itself (`python -m asrlaunch.train recipes/timit32.yaml`) for ~50 steps on a generated corpus with
+engine itself (`asrlaunch train recipes/timit32.yaml`) for ~50 steps on a generated corpus with
 TIMIT's length distribution (0.9-7.8 s, mean ~3.1 s), for each micro-batch size given (accumulation makes up
 the rest of the 32). One prepared script for a lent GPU machine:
 
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.records import Kind
 from asrlaunch.data.synth import WORDS
-from asrlaunch.logs import read_run_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,8 @@ def train(work: Path, corpus: Path, micro: int, steps: int, tiny: bool) -> dict[
         [
             sys.executable,
             "-m",
-            "asrlaunch.train",
+            "asrlaunch",
+            "train",
             str(ROOT / "recipes" / "timit32.yaml"),
             "--run-dir",
             str(run_dir),
@@ -76,7 +78,7 @@ def train(work: Path, corpus: Path, micro: int, steps: int, tiny: bool) -> dict[
     )
     if done.returncode:
         raise SystemExit(f"micro-batch {micro} failed:\n{done.stderr[-3000:]}")
-    records = [r for r in read_run_logs(run_dir) if r["kind"] == "train" and r["rank"] == 0]
+    records = [r for r in read_run_logs(run_dir) if r["kind"] == Kind.TRAIN and r["rank"] == 0]
     steady = [r["samples_per_s"] for r in records if r["step"] > 10] or [records[-1]["samples_per_s"]]
     return {
         "samples_per_s": statistics.median(steady),

@@ -23,15 +23,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from asrlaunch.core.records import Event, Kind
+from asrlaunch.core.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("preemption", "usr2", "time_limit", "kill_rank", "node_down")
 # What each stop leaves in the logs: its own stop event (the trainer's or failover's).
 LOGGED_AS = {
-    "preemption": "preemption",
-    "usr2": "preemption",
-    "time_limit": "timeout",
-    "kill_rank": "failure",
-    "node_down": "terminated",
+    "preemption": Event.PREEMPTION,
+    "usr2": Event.PREEMPTION,
+    "time_limit": Event.TIMEOUT,
+    "kill_rank": Event.FAILURE,
+    "node_down": Event.TERMINATED,
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -41,18 +44,19 @@ def run(*command: str) -> str:
 
 
 def starts(run_dir: Path) -> list[dict]:
-    from asrlaunch.logs import is_start, meta_records
-    from asrlaunch.rundir import RunDir
+    from asrlaunch.core.logs import meta_records
+    from asrlaunch.core.records import is_start
+    from asrlaunch.core.rundir import RunDir
 
     return [m for m in meta_records(RunDir(run_dir).rank_log(0)) if is_start(m)]
 
 
 def trained(run_dir: Path, attempt: int) -> int:
-    from asrlaunch.logs import read_records
+    from asrlaunch.core.logs import read_records
 
-    log = run_dir / "logs" / "rank0.jsonl"
+    log = RunDir(run_dir).rank_log(0)
     steps = (
-        [r["step"] for r in read_records(log) if r["kind"] == "train" and r["attempt"] == attempt]
+        [r["step"] for r in read_records(log) if r["kind"] == Kind.TRAIN and r["attempt"] == attempt]
         if log.exists()
         else []
     )
@@ -80,24 +84,24 @@ def kill_rank(job_id: str, rank: int) -> None:
         except OSError:
             continue
         ours = f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
-        if ours and b"submitit.core._submit" in command:
+        if ours and b"submitit.core._submit" in command and not command.startswith(b"srun"):
             os.kill(int(proc.name), signal.SIGKILL)
 
 
-def stop(kind: str, job_id: str, rng: random.Random) -> str:
+def stop(how: str, job_id: str, rng: random.Random) -> str:
     """Apply one stop; returns what to undo afterwards (a node to resume), if anything."""
-    if kind == "preemption":
+    if how == "preemption":
         run("sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3")
-    elif kind == "usr2":
+    elif how == "usr2":
         run("scancel", "--signal=USR2", "--full", job_id)
-    elif kind == "time_limit":  # 100 s left: the USR2@90 warning is due within seconds
+    elif how == "time_limit":  # 100 s left: the USR2@90 warning is due within seconds
         hours, minutes, seconds = (["0", "0", *job_field(job_id, "RunTime").split(":")])[-3:]
         elapsed = int(hours) * 3600 + int(minutes) * 60 + int(seconds)
         limit = elapsed + 100
         run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
-    elif kind == "kill_rank":
+    elif how == "kill_rank":
         kill_rank(job_id, rng.randrange(2))
-    elif kind == "node_down":
+    elif how == "node_down":
         node = rng.choice(run("scontrol", "show", "hostnames", job_field(job_id, "NodeList")).split())
         run("scontrol", "update", f"nodename={node}", "state=down", "reason=soak")
         return node
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = work / "soak"
     print(f"soak: job {job_id}, {args.stops} stops (seed {args.seed}): {', '.join(schedule)}", flush=True)
     stopped_at = 0
-    for index, kind in enumerate(schedule):
+    for index, how in enumerate(schedule):
         begun = starts(run_dir)  # one read of rank 0's log per stop
         latest = begun[-1] if begun else {"attempt": 0, "step": 0}
         attempt = latest["attempt"]
@@ -162,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         wait(
             lambda a=attempt, t=target: trained(run_dir, a) >= t, f"attempt {attempt} to reach step {target}"
         )
-        undo = stop(kind, job_id, rng)
-        after = f"a new attempt after stop {index + 1} ({kind})"
-        if kind == "time_limit":  # the limit back before the requeued job starts, else it stops at once
+        undo = stop(how, job_id, rng)
+        after = f"a new attempt after stop {index + 1} ({how})"
+        if how == "time_limit":  # the limit back before the requeued job starts, else it stops at once
             wait(lambda: job_field(job_id, "JobState") != "RUNNING", "the time-limit stop", 300)
             run("scontrol", "update", f"JobId={job_id}", "TimeLimit=30")
         wait(lambda a=attempt: starts(run_dir)[-1]["attempt"] > a, after, 600)
@@ -172,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["scontrol", "update", f"nodename={undo}", "state=resume"], capture_output=True)
         stopped_at = trained(run_dir, attempt)
         print(
-            f"  stop {index + 1}: {kind} at step {stopped_at} -> attempt {attempt + 1}",
+            f"  stop {index + 1}: {how} at step {stopped_at} -> attempt {attempt + 1}",
             flush=True,
         )
     wait(lambda: job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED"), "the job to end", 900)
@@ -187,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "asrlaunch.train",
+            "asrlaunch",
+            "train",
             args.recipe,
             "--run-dir",
             str(straight),
@@ -200,16 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from safetensors.torch import load_file
 
-    from asrlaunch.collect import merge_records
-    from asrlaunch.logs import read_run_logs
+    from asrlaunch.core.logs import read_run_logs
+    from asrlaunch.results.merge import merge_records
 
-    a, b = (load_file(str(p / "final" / "model.safetensors")) for p in (straight, run_dir))
+    a, b = (load_file(str(RunDir(p).final / "model.safetensors")) for p in (straight, run_dir))
     bitwise = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     merged = merge_records(read_run_logs(run_dir))
     logged = Counter(
         r["event"] for r in read_run_logs(run_dir) if r.get("event") in LOGGED_AS.values() and r["rank"] == 0
     )
-    expected = Counter(LOGGED_AS[kind] for kind in schedule)
+    expected = Counter(LOGGED_AS[how] for how in schedule)
     result = {
         "state": state,
         "wall_s": round(wall, 1),

@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from asrlaunch.logs import read_run_logs
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.records import Kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,8 @@ def measure(processes: int, steps: int, corpus: Path, work: Path) -> float:
         [
             *launcher,
             "-m",
-            "asrlaunch.train",
+            "asrlaunch",
+            "train",
             str(ROOT / "recipes" / "smoke.yaml"),
             "--run-dir",
             str(run_dir),
@@ -57,7 +59,7 @@ def measure(processes: int, steps: int, corpus: Path, work: Path) -> float:
         check=True,
         capture_output=True,
     )
-    records = [r for r in read_run_logs(run_dir) if r["kind"] == "train" and r["rank"] == 0]
+    records = [r for r in read_run_logs(run_dir) if r["kind"] == Kind.TRAIN and r["rank"] == 0]
     return statistics.median(r["samples_per_s"] for r in records[1:])  # the first window includes warm-up
 
 

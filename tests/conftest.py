@@ -8,8 +8,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from asrlaunch.core.records import Event
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -23,6 +26,13 @@ def tones_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from asrlaunch.data.synth import generate_corpus
 
     return generate_corpus(tmp_path_factory.mktemp("corpus") / "TIMIT", train=64, test=16, seed=1)
+
+
+def notable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The event records that say what happened to a run (stops, errors, failures, splits), without the ones
+    that only account for time or for an injected fault (`checkpoint`, `fault`)."""
+    quiet = {Event.CHECKPOINT, Event.FAULT}
+    return [r for r in records if r.get("event") and r["event"] not in quiet]
 
 
 def python_env(**extra: str) -> dict[str, str]:
@@ -75,7 +85,8 @@ def engine_command(run_dir: Path, corpus: Path, processes: int, *overrides: str)
     return [
         *launcher,
         "-m",
-        "asrlaunch.train",
+        "asrlaunch",
+        "train",
         str(RECIPES / "smoke.yaml"),
         "--run-dir",
         str(run_dir),

@@ -7,17 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.collect import (
-    NO_LOG,
-    MixedRunsError,
-    ResultRow,
-    compare_tables,
-    merge_records,
-    parse_table,
-    read_run,
-    render_table,
-    result_rows,
-)
+from asrlaunch.results.merge import MixedRunsError, merge_records, read_run
+from asrlaunch.results.table import NO_LOG, ResultRow, compare_tables, parse_table, render_table, result_rows
 
 from .conftest import PYTHON, ROOT, python_env
 
@@ -303,10 +294,10 @@ def test_sweep_root_gets_a_summary_and_a_comparison_plot(tmp_path: Path) -> None
 
 
 def test_card_wall_time_and_device_hours_are_the_sums_over_attempts(tmp_path: Path) -> None:
-    from asrlaunch.collect import run_result
-    from asrlaunch.logs import read_run_logs
-    from asrlaunch.report import write_run_report
-    from asrlaunch.rundir import RunDir
+    from asrlaunch.core.logs import read_run_logs
+    from asrlaunch.core.rundir import RunDir
+    from asrlaunch.results.merge import run_result
+    from asrlaunch.results.report import write_run_report
 
     synthetic_run(tmp_path)
     with pytest.warns(UserWarning):

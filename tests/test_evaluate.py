@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from asrlaunch.data.sampler import eval_batches, shard_batches
-from asrlaunch.evaluate import masked_group_norm
+from asrlaunch.engine.evaluate import masked_group_norm
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 
@@ -64,10 +64,10 @@ def test_eval_batches_cover_every_utterance_once_within_the_budget() -> None:
 def evaluate_in_process(config: dict, corpus_dir: Path, cache: Path, mode: str) -> list:
     from accelerate import Accelerator
 
+    from asrlaunch.core.recipe import ModelSection
     from asrlaunch.data.timit import load_corpus
-    from asrlaunch.evaluate import evaluate
-    from asrlaunch.model import build_model
-    from asrlaunch.recipe import ModelSection
+    from asrlaunch.engine.evaluate import evaluate
+    from asrlaunch.engine.model import build_model
 
     corpus = load_corpus(corpus_dir, cache)
     torch.manual_seed(0)
@@ -103,7 +103,8 @@ def evaluate_cli(model: Path, corpus: Path, processes: int, mode: str, out: Path
         [
             *launcher,
             "-m",
-            "asrlaunch.evaluate",
+            "asrlaunch",
+            "evaluate",
             str(RECIPES / "smoke.yaml"),
             "--model",
             str(model),
@@ -159,9 +160,9 @@ def test_sharded_evaluation_agrees_on_1_2_and_3_processes(
 
 
 def test_group_norm_model_batched_equals_batch_1_on_2_processes(tones_corpus: Path, tmp_path: Path) -> None:
+    from asrlaunch.core.recipe import ModelSection
     from asrlaunch.data.timit import load_corpus
-    from asrlaunch.model import build_model
-    from asrlaunch.recipe import ModelSection
+    from asrlaunch.engine.model import build_model
 
     cache = tmp_path / "cache"
     corpus = load_corpus(tones_corpus, cache)

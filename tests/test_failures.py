@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch import checkpoint
-from asrlaunch.failover import decide
-from asrlaunch.faults import Fault, FaultSpecError, parse_fault
-from asrlaunch.logs import read_run_logs
-from asrlaunch.rundir import RunDir
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.recipe import ClusterSection
+from asrlaunch.core.records import is_start
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.engine import checkpoint
+from asrlaunch.engine.faults import FaultSpecError, parse_fault, parse_faults
+from asrlaunch.job.failover import decide
 
-from .conftest import engine_command, python_env
+from .conftest import engine_command, notable, python_env
 from .test_resume import sample_ids, step_losses
 
 
@@ -25,33 +28,68 @@ def meta(attempt: int, step: int, **event: object) -> dict:
     return {"kind": "meta", "step": step, "epoch": 0.0, "rank": 0, "attempt": attempt, "time": 0.0, **event}
 
 
+def at_step(step: int, *records: dict) -> RunHistory:
+    """The history of these records, its current attempt having trained to `step`."""
+    attempt = records[-1]["attempt"]
+    trained = {"kind": "train", "step": step, "epoch": 0.0, "rank": 0, "attempt": attempt, "time": 1.0}
+    return RunHistory.from_records([*records, trained])
+
+
+def budget(max_failures: int, restarts: int = 0) -> ClusterSection:
+    return ClusterSection(max_failures=max_failures, max_restarts_in_job=restarts)
+
+
 def test_failover_requeues_a_failure_once_per_budget_and_only_with_progress() -> None:
     start = [meta(0, 0)]
-    assert decide(start, 0, False, 2, 7).record is None  # the step ended well
-    assert decide([*start, meta(0, 7, event="preemption")], 1, False, 2, 7).record is None  # handled
-    assert decide([*start, meta(0, 7, event="error", retry=False)], 1, False, 2, 7).record is None
-    assert decide(start, 137, False, 2, 7, state="CANCELLED").record is None  # the user's decision
-    assert decide(start, 137, True, 2, 7).record is None  # finished: nothing to retry
-    first = decide(
-        [*start, meta(0, 7, event="crash", error="RuntimeError: peer gone", retry=True)], 137, False, 2, 7
+    assert decide(at_step(7, *start), 0, False, budget(2)).record is None  # the step ended well
+    handled = at_step(7, *start, meta(0, 7, event="preemption"))
+    assert decide(handled, 1, False, budget(2)).record is None  # the ranks checkpointed and logged it
+    assert (
+        decide(at_step(7, *start, meta(0, 7, event="error", retry=False)), 1, False, budget(2)).record is None
     )
+    assert decide(at_step(7, *start), 137, False, budget(2), state="CANCELLED").record is None  # the user's
+    assert decide(at_step(7, *start), 137, True, budget(2)).record is None  # finished: nothing to retry
+    crashed = at_step(7, *start, meta(0, 7, event="crash", error="RuntimeError: peer gone", retry=True))
+    first = decide(crashed, 137, False, budget(2))
     assert first.requeue and first.record is not None
     assert first.record["failures"] == 1 and first.record["errors"] == ["rank 0: RuntimeError: peer gone"]
     history = [*start, meta(0, 7, event="failure", requeued=True), meta(1, 5)]
-    again = decide(history, 137, False, 2, 12)
+    again = decide(at_step(12, *history), 137, False, budget(2))
     assert again.requeue  # progress since: 7 -> 12
-    stuck = decide(history, 137, False, 2, 7)
+    stuck = decide(at_step(7, *history), 137, False, budget(2))
     assert not stuck.requeue and "twice in a row at step 7" in stuck.record["error"]  # type: ignore[index]
-    spent = decide(history, 137, False, 1, 12)
+    spent = decide(at_step(12, *history), 137, False, budget(1))
     assert not spent.requeue and "cluster.max_failures=1" in spent.record["error"]  # type: ignore[index]
 
 
+def test_a_failure_restarts_in_the_allocation_first_then_requeues() -> None:
+    """Restarts inside the job come before requeues, per job; a node SLURM set down sends the job back to the
+    queue at once (a restart would run on it again); a hang the supervisor ended is a failure like a crash."""
+    hung = at_step(9, meta(0, 0), meta(0, 9, event="hang", hung_rank=1, error="rank 1 made no progress"))
+    assert decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=0).action == "restart"
+    assert decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=1).action == "restart"
+    assert decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=2).action == "requeue"
+    down = decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=0, bad_nodes=["node2"])
+    assert down.action == "requeue"
+    restarted = [meta(0, 0), meta(0, 9, event="failure", action="restart"), meta(1, 5)]
+    assert (
+        decide(at_step(12, *restarted), 137, False, budget(0, restarts=1), restarts_in_job=1).action == "none"
+    )
+    assert decide(at_step(12, *restarted), 137, False, budget(1, restarts=1), restarts_in_job=1).requeue
+
+
 def test_fault_specs_parse_or_say_the_accepted_form() -> None:
-    assert parse_fault("crash@step=30,rank=1") == Fault("crash", 30, 1, None)
+    crash = parse_fault("crash@step=30,rank=1")
+    assert (crash.kind, crash.step, crash.rank, crash.micro, crash.phase) == ("crash", 30, 1, None, "step")
     assert parse_fault("oom@step=5,micro=8").due(5, 0, 8) and not parse_fault("oom@step=5,micro=8").due(
         5, 0, 4
     )
-    for bad in ("boom@step=1", "crash@rank=1", "crash@step=x", "oom@step=1,color=2"):
+    stall = parse_fault("stall@step=10,rank=0,phase=eval,seconds=60")
+    assert stall.due(10, 0, 0, "eval") and not stall.due(10, 0, 0, "step") and stall.seconds == 60
+    slow, crashed = parse_faults("slow@rank=1,factor=2; crash@step=3,phase=checkpoint")
+    assert (slow.kind, slow.rank, slow.factor, slow.step) == ("slow", 1, 2.0, 0)
+    assert (crashed.kind, crashed.phase) == ("crash", "checkpoint")
+    for bad in ("boom@step=1", "crash@rank=1", "crash@step=x", "oom@step=1,color=2", "crash@step=1,phase=x"):
         with pytest.raises(FaultSpecError, match="expected <kind>@step="):
             parse_fault(bad)
 
@@ -87,7 +125,7 @@ def test_out_of_memory_splits_the_micro_batch_and_keeps_the_step(tmp_path: Path,
     RunDir(split).finished_marker.unlink()
     resumed = train(split, tones_corpus, "checkpoint.save_steps=3", "train.max_steps=8")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    starts = [r for r in read_run_logs(split) if r["kind"] == "meta" and not r.get("event")]
+    starts = [r for r in read_run_logs(split) if is_start(r)]
     assert [s["plan"]["micro_batch"] for s in starts] == [8, 4] and starts[-1]["resumed_from"] == 3
 
 
@@ -135,7 +173,7 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     checkpoint.verify(checkpoint.step_dir(checkpoints, 3))  # intact
     assert not list(checkpoints.glob(".step-*"))  # no partial folder left
     records = read_run_logs(run_dir)  # every line whole
-    assert [r["event"] for r in records if r.get("event")] == ["checkpoint_error", "error"]
+    assert [r["event"] for r in notable(records)] == ["checkpoint_error", "error"]
     assert max(r["step"] for r in records if r["kind"] == "train") == 6
     moved = tmp_path / "moved"  # the user frees space: here, the run moves to a larger disk
     shutil.copytree(run_dir, moved)
@@ -175,7 +213,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_does_not_requeue(
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 3, stderr[-2000:]
-    (event,) = [r for r in read_run_logs(run_dir) if r.get("event")]
+    (event,) = notable(read_run_logs(run_dir))
     assert event["event"] == "terminated" and event["requeued"] is False
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [event["step"]]
     last_trained = max(r["step"] for r in read_run_logs(run_dir) if r["kind"] == "train")

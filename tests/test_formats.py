@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.recipe import DataSection
 from asrlaunch.data.corpus import DataError, prepare
 from asrlaunch.data.sources import corpus_sources, count_utterances
 from asrlaunch.data.synth import generate_corpus
-from asrlaunch.logs import read_run_logs
-from asrlaunch.recipe import DataSection
 
 from .conftest import PYTHON, RECIPES, TRAINED_SMOKE, engine_command, python_env
 
@@ -30,7 +30,7 @@ def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def prepared(corpora: dict[str, Path], layout: str, cache: Path):
-    data = DataSection(dir=str(corpora[layout]), format=layout)  # type: ignore[arg-type]
+    data = DataSection(dir=str(corpora[layout]), format=layout)
     assert count_utterances(data) == {"train": 64, "test": 16}
     return prepare(corpus_sources(data), cache / layout, "clean")
 
@@ -79,7 +79,7 @@ def test_bad_metadata_names_the_file_and_the_column(corpora: dict[str, Path], tm
     for split in ("train", "test"):
         renamed = folder / split / "metadata.csv"
         renamed.write_text(renamed.read_text().replace("file_name,text", "file_name,sentence", 1))
-    data = DataSection(dir=str(folder), format="audiofolder")  # type: ignore[arg-type]
+    data = DataSection(dir=str(folder), format="audiofolder")
     with pytest.raises(DataError, match=rf"{metadata}: no column 'text' \(columns: file_name, sentence\)"):
         count_utterances(data)
     assert count_utterances(data.model_copy(update={"text_column": "sentence"}))["train"] == 64
@@ -92,7 +92,8 @@ def test_bad_metadata_names_the_file_and_the_column(corpora: dict[str, Path], tm
         [
             PYTHON,
             "-m",
-            "asrlaunch.train",
+            "asrlaunch",
+            "train",
             str(RECIPES / "smoke.yaml"),
             "--run-dir",
             str(tmp_path / "run"),

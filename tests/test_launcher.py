@@ -8,17 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from asrlaunch import checkpoint
-from asrlaunch.cluster import make_executor, sbatch_text
-from asrlaunch.logs import read_run_logs
-from asrlaunch.recipe import RecipeError, load_recipe
-from asrlaunch.rundir import RunDir
-from asrlaunch.scheduler import local_state
-from asrlaunch.sweep import element_name, expand_sweep, resolve_runs
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.recipe import RecipeError, load_recipe
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.engine import checkpoint
+from asrlaunch.job.scheduler import local_state
+from asrlaunch.launcher.submission import make_executor, sbatch_text
+from asrlaunch.launcher.sweep import element_name, expand_sweep, resolve_runs
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 from .test_collect import synthetic_run
@@ -62,8 +63,9 @@ def test_timit32_dry_run_shows_the_reference_scripts_model_settings(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     recipe = json.loads(done.stdout)["recipe"]
     overrides = recipe["model"]["overrides"]
-    dropouts = ("attention", "activation", "hidden", "feat_proj", "final")
-    dropouts = tuple(f"{name}_dropout" for name in dropouts)
+    dropouts = tuple(
+        f"{name}_dropout" for name in ("attention", "activation", "hidden", "feat_proj", "final")
+    )
     assert {key: overrides[key] for key in dropouts} == dict.fromkeys(dropouts, 0.0)
     masking = (overrides["mask_time_prob"], overrides["mask_time_length"], overrides["layerdrop"])
     assert masking == (0.05, 10, 0.0)
@@ -215,7 +217,12 @@ def test_hostile_strings_are_refused_and_nothing_runs(tmp_path: Path, override: 
 
 
 def test_torch_environment_of_a_slurm_task() -> None:
-    from asrlaunch.distenv import master_port, torch_env_from_slurm
+    from asrlaunch.job.task import SlurmTask, master_port
+
+    def torch_env_from_slurm(
+        environ: dict[str, str], resolve_address: Callable[[str], str]
+    ) -> dict[str, str]:
+        return SlurmTask.from_environ(environ).torch_environment(resolve_address)
 
     environ = {
         "SLURM_JOB_ID": "4242",

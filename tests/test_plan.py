@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from asrlaunch.plan import BatchPlanError, plan_batch, plan_steps, steps_per_epoch, valid_world_sizes
+from asrlaunch.core.plan import BatchPlanError, plan_batch, plan_steps, steps_per_epoch, valid_world_sizes
 
 
 @pytest.mark.parametrize("world", range(1, 65))

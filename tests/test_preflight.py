@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.preflight import check_shape, limit_minutes, parse_sinfo_nodes
-from asrlaunch.recipe import load_recipe
+from asrlaunch.core.recipe import load_recipe
+from asrlaunch.launcher.preflight import check_shape, limit_minutes, parse_sinfo_nodes
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 from .test_slurm import _cluster_up
@@ -85,7 +85,7 @@ def test_a_new_users_timit32_submission_is_refused_with_what_to_fix(tmp_path: Pa
 
 
 def test_a_corpus_of_an_unexpected_size_is_named_beside_the_expected_one(tones_corpus: Path) -> None:
-    from asrlaunch.preflight import check_data
+    from asrlaunch.launcher.preflight import check_data
 
     recipe = load_recipe(RECIPES / "smoke.yaml", [f"data.dir={tones_corpus}"])
     check = check_data(recipe)

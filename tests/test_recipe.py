@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from asrlaunch.recipe import RecipeError, load_recipe, parse_overrides
+from asrlaunch.core.recipe import RecipeError, load_recipe, parse_overrides
 
 from .conftest import RECIPES
 
@@ -71,7 +72,7 @@ def _write(tmp_path: Path, mutate: dict) -> Path:
 
 _DELETE = object()
 
-BROKEN = {
+BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "unknown top-level section": (
         {"trian.lr": 1.0},
         "trian: unknown key; valid keys here: checkpoint, cluster",

@@ -19,11 +19,11 @@ import soundfile
 import torch
 import yaml
 
-from asrlaunch.data.batches import collate
+from asrlaunch.core.recipe import load_recipe
 from asrlaunch.data.synth import espeak_audio, espeak_available
 from asrlaunch.data.timit import load_corpus
-from asrlaunch.model import build_model
-from asrlaunch.recipe import load_recipe
+from asrlaunch.engine.batches import collate
+from asrlaunch.engine.model import build_model
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 
@@ -224,7 +224,8 @@ def test_engine_writes_the_reference_vocabulary(quirky_corpus: Path, tmp_path: P
         [
             PYTHON,
             "-m",
-            "asrlaunch.train",
+            "asrlaunch",
+            "train",
             str(RECIPES / "timit32.yaml"),
             "--run-dir",
             str(run_dir),

@@ -7,13 +7,15 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from asrlaunch import checkpoint
-from asrlaunch.collect import merge_records
-from asrlaunch.logs import read_run_logs
-from asrlaunch.rundir import RunDir
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.records import is_start
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.engine import checkpoint
+from asrlaunch.results.merge import merge_records
 
 from .conftest import BackgroundRun, engine_command, kill_tree, python_env
 
@@ -140,7 +142,7 @@ def test_kill_9_and_resume_is_bitwise_exact_with_dropout(tmp_path: Path, tones_c
     assert "resuming from" in second.stdout
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert step_losses(straight.run_dir) == step_losses(resumed)
-    metas = [r for r in read_run_logs(resumed) if r["kind"] == "meta"]
+    metas = [r for r in read_run_logs(resumed) if is_start(r)]
     assert [m["attempt"] for m in metas] == [0, 1]
     assert metas[1]["resumed_from"] in (5, 10)
 
@@ -150,7 +152,7 @@ def test_world_size_2_to_1_keeps_samples_and_weights(tmp_path: Path, tones_corpu
     run_and_kill_after_checkpoint(command(changed, tones_corpus, 2), changed, 5)
     keep_only_checkpoint(changed, 5)  # 2 processes accumulate 4 micro-batches, 1 process 8: 20 % 8 != 0
     run(command(changed, tones_corpus, 1))
-    metas = [r for r in read_run_logs(changed) if r["kind"] == "meta"]
+    metas = [r for r in read_run_logs(changed) if is_start(r)]
     assert sorted({m["world_size"] for m in metas}) == [1, 2]
     assert sample_ids(straight) == sample_ids(changed)
     a, b = weights(straight), weights(changed)
@@ -205,7 +207,7 @@ def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
     resumed = run(cmd)
     assert "resuming from" in resumed.stdout and "step-000005" in resumed.stdout
     assert "skipping checkpoint" in resumed.stderr
-    last_meta = [r for r in read_run_logs(run_dir) if r["kind"] == "meta"][-1]
+    last_meta = [r for r in read_run_logs(run_dir) if is_start(r)][-1]
     assert last_meta["resumed_from"] == 5 and last_meta["attempt"] == 1
     assert not torn.exists()  # stale partial folders are cleaned at the next save
 
@@ -244,10 +246,10 @@ def test_final_model_transcribes_with_a_pipeline(tmp_path: Path, tones_corpus: P
     run(command(run_dir, tones_corpus, 1, "train.max_steps=2"))
     asr = pipeline("automatic-speech-recognition", model=str(run_dir / "final"), device="cpu")
     audio = read_audio(scan_split(tones_corpus, "test")[0].audio)
-    result = asr({"raw": audio, "sampling_rate": 16000})
+    result: Any = asr({"raw": audio, "sampling_rate": 16000})
     assert isinstance(result["text"], str)
-    state = json.loads(RunDir(run_dir).finished_marker.read_text())
-    assert state == {"step": 2, "done": True}
+    marker = json.loads(RunDir(run_dir).finished_marker.read_text())
+    assert marker == {"step": 2, "done": True}
 
 
 def test_deepspeed_zero2_and_zero1_resume_exactly_and_on_another_world_size(
@@ -332,7 +334,7 @@ def test_ddp_on_2_processes_kill_9_and_resume_is_bitwise_exact_with_dropout(
     cmd = command(resumed, tones_corpus, 2, *DROPOUT_ON, *every_2)
     run_and_kill_after_checkpoint(cmd, resumed, 6)
     run(cmd)
-    starts = [r for r in read_run_logs(resumed) if r["kind"] == "meta" and not r.get("event")]
+    starts = [r for r in read_run_logs(resumed) if is_start(r)]
     assert sorted({s["attempt"] for s in starts}) == [0, 1] and starts[-1]["resumed_from"] >= 6
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)

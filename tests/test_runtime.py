@@ -13,7 +13,7 @@ MIB = 2**20
 # Bytes glibc holds in mmap'd blocks (mallinfo2's hblkhd) while a 64 MiB tensor is alive.
 HELD_IN_MMAP = """
 import ctypes, sys, torch
-from asrlaunch.runtime import keep_freed_host_memory
+from asrlaunch.engine.runtime import keep_freed_host_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from asrlaunch.core.plan import plan_batch
 from asrlaunch.data.sampler import GlobalOrder, epoch_batches, padding_efficiency, rank_micro_batches
-from asrlaunch.plan import plan_batch
 
 
 def timit_like_lengths(count: int = 4620, seed: int = 0) -> np.ndarray:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.logs import read_run_logs
-from asrlaunch.status import TERMINAL, collect_status
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.records import is_start
+from asrlaunch.launcher.status import TERMINAL, collect_status
 
-from .conftest import PYTHON, RECIPES, ROOT, BackgroundRun, python_env
+from .conftest import PYTHON, RECIPES, ROOT, BackgroundRun, notable, python_env
 
 SUBMIT, STATUS = str(ROOT / "launch" / "submit.py"), str(ROOT / "launch" / "status.py")
 CLUSTER = ROOT / "slurm" / "cluster.sh"
@@ -107,7 +108,7 @@ def test_two_node_job_runs_and_completes(tmp_path: Path, tones_corpus: Path) -> 
         json.loads(line)
         for rank in (0, 1)
         for line in (run_dir / "logs" / f"rank{rank}.jsonl").read_text().splitlines()
-        if json.loads(line)["kind"] == "meta"
+        if is_start(json.loads(line))
     ]
     assert [m["world_size"] for m in metas] == [2, 2]
     assert metas[0]["plan"] == metas[1]["plan"]
@@ -164,7 +165,7 @@ def test_status_without_accounting_falls_back_to_squeue(tmp_path: Path, tones_co
 
 def last_train(run_dir: Path, attempt: int) -> int:
     """The last step trained by `attempt`, from rank 0's log (0 if none yet)."""
-    from asrlaunch.logs import read_records
+    from asrlaunch.core.logs import read_records
 
     path = run_dir / "logs" / "rank0.jsonl"
     if not path.exists():
@@ -245,7 +246,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     states = wait_until_done([run_dir], timeout=400)
     assert states[run_dir] == "COMPLETED"
     assert "Restarts=3" in scontrol("show", "job", job_id)
-    events = [r for r in read_run_logs(run_dir) if r.get("event")]
+    events = notable(read_run_logs(run_dir))
     assert [e["event"] for e in events] == ["preemption", "preemption", "timeout"]
     assert all(e["requeued"] for e in events[1:])
     a, b = (
@@ -253,7 +254,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
         load_file(str(run_dir / "final" / "model.safetensors")),
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
-    metas = [r for r in read_run_logs(run_dir) if r["kind"] == "meta" and not r.get("event")]
+    metas = [r for r in read_run_logs(run_dir) if is_start(r)]
     assert [m["attempt"] for m in metas] == [0, 1, 2, 3]
     assert [m["slurm_restart_count"] for m in metas] == [0, 1, 2, 3]
 
@@ -295,7 +296,7 @@ def test_preempted_then_cancelled_run_resumes_and_collects(tmp_path: Path, tones
     assert status.job_id != job_id and status.step == 200
     assert [a for a, _ in status.starts] == [0, 1, 2]
     preempted_at, resumed_at = (step for _, step in status.starts[1:])
-    events = [r for r in read_run_logs(run_dir) if r.get("event") and r["rank"] == 0]
+    events = [r for r in notable(read_run_logs(run_dir)) if r["rank"] == 0]
     stops = [(e["event"], e["step"]) for e in events]
     assert stops[0] == ("preemption", preempted_at)
     # scancel's SIGTERM checkpoints the step reached when SLURM's KillWait leaves the time to; else the
@@ -324,7 +325,7 @@ def check_results_agree(run_dir: Path, steps: list[int], restarts: list[int]) ->
 
     from matplotlib.image import imread
 
-    from asrlaunch.collect import HEADERS, NO_LOG, parse_table
+    from asrlaunch.results.table import HEADERS, NO_LOG, parse_table
 
     headers, table = parse_table((run_dir / "results.md").read_text())
     with (run_dir / "results.csv").open() as file:
@@ -394,10 +395,10 @@ def test_the_requeue_budget_stops_requeues_and_resume_continues(tmp_path: Path, 
     wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     assert wait_until_done([run_dir])[run_dir] == "FAILED"
-    events = [r for r in read_run_logs(run_dir) if r.get("event") and r["rank"] == 0]
+    events = [r for r in notable(read_run_logs(run_dir)) if r["rank"] == 0]
     assert [e["requeued"] for e in events] == [True, False]
     assert "requeue limit reached (cluster.max_requeues=1)" in events[-1]["error"]
-    from asrlaunch import checkpoint
+    from asrlaunch.engine import checkpoint
 
     assert checkpoint.list_checkpoints(run_dir / "checkpoints")[0][0] == events[-1]["step"]
     shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
@@ -422,7 +423,7 @@ def test_a_gpu_shaped_job_runs_one_task_per_gpu(tmp_path: Path, tones_corpus: Pa
     """2 nodes x 2 (fake) GPUs: four tasks, each with its own GPU; on CPUs the engine trains without them."""
     ((_, run_dir),) = launch(tmp_path, tones_corpus, "cluster.nodes=2", "cluster.gpus_per_node=2")
     assert wait_until_done([run_dir])[run_dir] == "COMPLETED"
-    metas = [r for r in read_run_logs(run_dir) if r["kind"] == "meta"]
+    metas = [r for r in read_run_logs(run_dir) if is_start(r)]
     assert sorted(m["rank"] for m in metas) == [0, 1, 2, 3] and {m["world_size"] for m in metas} == {4}
     assert {json.dumps(m["plan"]) for m in metas} == {json.dumps(metas[0]["plan"])}
     assert (metas[0]["plan"]["micro_batch"], metas[0]["plan"]["grad_accum"]) == (8, 1)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.collect import merge_records
-from asrlaunch.logs import read_run_logs
-from asrlaunch.status import collect_status
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.launcher.status import collect_status
+from asrlaunch.results.merge import merge_records
 
-from .conftest import PYTHON, BackgroundRun, python_env
+from .conftest import PYTHON, BackgroundRun, notable, python_env
 from .test_slurm import (
     CLUSTER,
     SUBMIT,
@@ -38,7 +38,7 @@ SHAPE = [
     "checkpoint.save_steps=5",
     "train.collective_timeout_s=60",
 ]
-JOB = ["cluster.nodes=2", "cluster.processes_per_node=1", *SHAPE]
+JOB = ["cluster.nodes=2", "cluster.processes_per_node=1", "cluster.max_restarts_in_job=0", *SHAPE]
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,7 @@ def kill_rank(job_id: str, rank: int) -> None:
             f"SLURM_JOB_ID={job_id}".encode() in environ
             and f"SLURM_PROCID={rank}".encode() in environ
             and b"submitit.core._submit" in command
+            and not command.startswith(b"srun")  # srun's own command line names the module too
         ):
             os.kill(int(proc.name), signal.SIGKILL)
             return
@@ -80,7 +81,7 @@ def kill_rank(job_id: str, rank: int) -> None:
 
 
 def events(run_dir: Path) -> list[str]:
-    return [r["event"] for r in read_run_logs(run_dir) if r.get("event") and r["rank"] == 0]
+    return [r["event"] for r in notable(read_run_logs(run_dir)) if r["rank"] == 0]
 
 
 def test_dead_rank_full_job_signal_and_lost_node_each_requeue_and_end_exact(

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from asrlaunch.core.records import is_start
+
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 
 pytestmark = pytest.mark.slow
@@ -41,7 +43,7 @@ def test_smoke_recipe_as_the_readme_runs_it_learns(tmp_path: Path) -> None:
         json.loads(line)
         for line in (tmp_path / "runs" / "smoke" / "logs" / "rank0.jsonl").read_text().splitlines()
     ]
-    (meta,) = [r for r in evals if r["kind"] == "meta"]
+    (meta,) = [r for r in evals if is_start(r)]
     job_id = done.stdout.split("submitted slurm job ")[1].split(":")[0]
     assert meta["job_id"] == job_id and meta["slurm_restart_count"] == 0
     wer = [r["wer"] for r in evals if r["kind"] == "eval"]

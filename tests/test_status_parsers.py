@@ -1,15 +1,17 @@
 """The scheduler's text, parsed: squeue, sacct, scontrol and time-left output pasted from SLURM 22.05, and
-the stop classification and requeue with a fake `subprocess.run`. No cluster needed."""
+what a SLURM task asks the scheduler (stop classification, requeue, the requeue budget, node exclusion) with a
+fake `subprocess.run`. No cluster needed."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from typing import Any
 
 import pytest
 
-from asrlaunch import signals
-from asrlaunch.scheduler import (
+from asrlaunch.core.recipe import ClusterSection
+from asrlaunch.job.scheduler import (
     TERMINAL,
     parse_restarts,
     parse_sacct,
@@ -17,6 +19,7 @@ from asrlaunch.scheduler import (
     parse_squeue,
     parse_time_left,
 )
+from asrlaunch.job.task import SlurmTask
 
 SQUEUE = """\
 42|RUNNING|node[1-2]|1:23|None
@@ -116,31 +119,81 @@ def test_stop_near_the_time_limit_is_a_timeout(
 ) -> None:
     fake = FakeRun(time_left)
     monkeypatch.setattr(subprocess, "run", fake)
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert signals.classify_stop(signal_delay_s=90) == expected
+    assert SlurmTask(job_id="42").stop_kind(signal.SIGUSR2, signal_delay_s=90) == expected
     assert fake.commands == [["squeue", "-h", "-j", "42", "-o", "%L"]]
 
 
-def test_stop_outside_slurm_is_a_signal(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert signals.classify_stop(60) == "signal"
+def test_stop_outside_slurm_is_a_signal() -> None:
+    assert SlurmTask.from_environ({}).stop_kind(signal.SIGUSR2, 60) == "signal"
+
+
+def test_a_task_reads_its_ids_from_slurms_variables() -> None:
+    task = SlurmTask.from_environ(
+        {
+            "SLURM_JOB_ID": "51",
+            "SLURM_ARRAY_JOB_ID": "50",
+            "SLURM_ARRAY_TASK_ID": "3",
+            "SLURM_RESTART_COUNT": "2",
+            "SLURMD_NODENAME": "node2",
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "8",
+            "SLURM_NTASKS_PER_NODE": "4(x2)",
+        }
+    )
+    assert (task.target, task.array_index, task.restart_count, task.node) == ("50_3", 3, 2, "node2")
+    assert (task.proc_id, task.ntasks, task.tasks_per_node) == (5, 8, 4)
+    assert SlurmTask.from_environ({}).restart_count == 0 and not SlurmTask.from_environ({}).in_slurm
+
+
+def test_the_requeue_budget_is_one_comparison() -> None:
+    """A start may run after `max_requeues` requeues; a stop may ask for a requeue only below it."""
+    assert SlurmTask(job_id="1", restart_count=2).within_requeue_budget(2)
+    assert not SlurmTask(job_id="1", restart_count=3).within_requeue_budget(2)
+    assert SlurmTask(job_id="1", restart_count=1).within_requeue_budget(2, another=True)
+    assert not SlurmTask(job_id="1", restart_count=2).within_requeue_budget(2, another=True)
+
+
+class OneProcess:
+    num_processes, is_main_process = 1, True
 
 
 def test_requeue_targets_the_array_element_and_respects_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeRun()
+    from asrlaunch.engine.stopping import StopDecision
+    from asrlaunch.job.signals import StopRequest
+
+    fake = FakeRun("15:00\n")  # squeue's time left: far from the time limit, so USR2 means a preemption
     monkeypatch.setattr(subprocess, "run", fake)
-    monkeypatch.setenv("SLURM_JOB_ID", "51")
-    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "50")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
-    assert signals.requeue_job(restarts_so_far=1, max_requeues=2)
-    assert fake.commands == [["scontrol", "requeue", "50_0"]]
-    assert not signals.requeue_job(restarts_so_far=2, max_requeues=2)  # budget spent: no command at all
-    assert len(fake.commands) == 1
-    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
-    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
-    assert signals.requeue_job(0, 5) and fake.commands[-1] == ["scontrol", "requeue", "51"]
+    request = StopRequest()
+    request.signal = signal.SIGUSR2
+    cluster = ClusterSection(max_requeues=2)
+
+    def decide(task: SlurmTask) -> tuple[str, bool]:
+        stop = StopDecision(request, OneProcess(), task, cluster)._decide(7, "--resume")
+        return str(stop.kind), stop.requeued
+
+    element = SlurmTask(job_id="51", array_job_id="50", array_task_id="0", restart_count=1)
+    assert decide(element) == ("preemption", True)
+    assert fake.commands[-1] == ["scontrol", "requeue", "50_0"]
+    spent = SlurmTask(job_id="51", array_job_id="50", array_task_id="0", restart_count=2)
+    count = len(fake.commands)
+    assert decide(spent) == ("preemption", False)  # budget spent: no requeue asked for
+    assert not any(c[:2] == ["scontrol", "requeue"] for c in fake.commands[count:])
+    assert SlurmTask(job_id="51").requeue() and fake.commands[-1] == ["scontrol", "requeue", "51"]
     fake.returncode = 1
-    assert not signals.requeue_job(0, 5)  # scontrol refused (e.g. nodes not up yet)
+    assert not SlurmTask(job_id="51").requeue()  # scontrol refused (e.g. nodes not up yet)
+
+
+def test_a_requeue_without_a_node_holds_updates_and_releases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SLURM changes the exclusions of pending jobs only; the nodes excluded before stay excluded."""
+    shown = "JobId=42 JobName=smoke\n   JobState=RUNNING ExcNodeList=node3\n"
+    fake = FakeRun(shown)
+    monkeypatch.setattr(subprocess, "run", fake)
+    assert SlurmTask(job_id="42").requeue_without(["node1"]) == (True, True)
+    assert fake.commands[1:] == [
+        ["scontrol", "requeuehold", "42"],
+        ["scontrol", "update", "JobId=42", "ExcNodeList=node1,node3"],
+        ["scontrol", "release", "42"],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -149,10 +202,7 @@ def test_requeue_targets_the_array_element_and_respects_the_budget(monkeypatch: 
 def test_sigterm_is_a_preemption_only_when_slurm_marked_the_job_preempted(
     monkeypatch: pytest.MonkeyPatch, preempt_time: str, expected: str
 ) -> None:
-    import signal as signals_module
-
     fake = FakeRun(f"JobId=42 JobName=smoke\n   JobState=RUNNING PreemptTime={preempt_time}\n")
     monkeypatch.setattr(subprocess, "run", fake)
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    assert signals.stop_reason(signals_module.SIGTERM, 90) == expected
+    assert SlurmTask(job_id="42").stop_kind(signal.SIGTERM, 90) == expected
     assert fake.commands == [["scontrol", "show", "job", "42"]]

@@ -62,7 +62,8 @@ def test_espeak_speech_in_sphere_is_read_like_timit(tmp_path: Path) -> None:
         [
             PYTHON,
             "-m",
-            "asrlaunch.data.synth",
+            "asrlaunch",
+            "synth",
             "--out",
             str(out),
             "--train",
@@ -159,7 +160,7 @@ def test_bad_corpora_name_the_file(tmp_path: Path) -> None:
 
 
 def test_the_engine_reports_a_bad_corpus_without_a_traceback(tmp_path: Path) -> None:
-    """As users meet it: `python -m asrlaunch.train` on a corpus with a damaged file (a file at another
+    """As users meet it: `python -m asrlaunch.engine.train` on a corpus with a damaged file (a file at another
     sample rate is no longer an error: it is resampled, see test_formats.py)."""
     root = generate_corpus(tmp_path / "corpus", train=5, test=2)
     wav = _one_wav(root)

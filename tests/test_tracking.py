@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.recipe import load_recipe
-from asrlaunch.rundir import RunDir
-from asrlaunch.tracking import hyperparameters, missing_packages
+from asrlaunch.core.recipe import load_recipe
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.engine.tracking import hyperparameters
+from asrlaunch.launcher.preflight import missing_packages
 
 from .conftest import RECIPES, engine_command
 from .test_resume import kill_when, run

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.collect import run_result
-from asrlaunch.logs import read_run_logs
-from asrlaunch.report import write_run_report
-from asrlaunch.rundir import RunDir
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.results.merge import run_result
+from asrlaunch.results.report import write_run_report
 
 from .conftest import engine_command, python_env
 
@@ -158,7 +158,7 @@ def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(
 
 
 def test_ctc_min_frames_counts_a_blank_between_repeats() -> None:
-    from asrlaunch.model import ctc_min_frames
+    from asrlaunch.engine.model import ctc_min_frames
 
     assert ctc_min_frames([]) == 0
     assert ctc_min_frames([1, 2, 3]) == 3

@@ -117,8 +117,15 @@ def fingerprint(sources: list[Source], vocab: dict[str, int], mode: Normalizatio
     return digest.hexdigest()[:16]
 
 
-def _rows(sources: list[Source], texts: list[Transcript], processor: Wav2Vec2Processor) -> Iterator[dict[str, Any]]:
+def _rows(
+    sources: list[Source],
+    texts: list[Transcript],
+    processor: Wav2Vec2Processor,
+    on_progress: Callable[[], None] | None = None,
+) -> Iterator[dict[str, Any]]:
     for source, text in zip(sources, texts, strict=True):
+        if on_progress is not None:
+            on_progress()
         audio = to_16k(*source.read(), source.where)
         values = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE).input_values[0]
         labels = processor.tokenizer(text.target).input_ids
@@ -127,7 +134,12 @@ def _rows(sources: list[Source], texts: list[Transcript], processor: Wav2Vec2Pro
 
 
 def prepare_split(
-    sources: list[Source], texts: list[Transcript], processor: Wav2Vec2Processor, cache_dir: Path, key: str
+    sources: list[Source],
+    texts: list[Transcript],
+    processor: Wav2Vec2Processor,
+    cache_dir: Path,
+    key: str,
+    on_progress: Callable[[], None] | None = None,
 ) -> datasets.Dataset:
     """Decode, normalise and tokenise once; later runs memory-map the cached Arrow file."""
     import datasets
@@ -147,7 +159,7 @@ def prepare_split(
         "length": datasets.Value("int64"),
     })
     writer = datasets.arrow_writer.ArrowWriter(features=features, path=str(partial / "table.arrow"))
-    for row in _rows(sources, texts, processor):
+    for row in _rows(sources, texts, processor, on_progress):
         writer.write(row)
     writer.finalize()
     writer.close()
@@ -174,7 +186,12 @@ def normalise(sources: list[Source], mode: Normalization) -> list[Transcript]:
     return texts
 
 
-def prepare(splits: dict[str, list[Source]], cache_dir: str | Path, mode: Normalization) -> PreparedCorpus:
+def prepare(
+    splits: dict[str, list[Source]],
+    cache_dir: str | Path,
+    mode: Normalization,
+    on_progress: Callable[[], None] | None = None,
+) -> PreparedCorpus:
     """Normalise and prepare both splits; the vocabulary spans both, as in the HF recipe."""
     cache_dir = Path(cache_dir)
     texts = {name: normalise(splits[name], mode) for name in SPLITS}
@@ -182,7 +199,12 @@ def prepare(splits: dict[str, list[Source]], cache_dir: str | Path, mode: Normal
     processor = make_processor(vocab, cache_dir)
     tables = {
         name: prepare_split(
-            splits[name], texts[name], processor, cache_dir, f"{name}-{fingerprint(splits[name], vocab, mode)}"
+            splits[name],
+            texts[name],
+            processor,
+            cache_dir,
+            f"{name}-{fingerprint(splits[name], vocab, mode)}",
+            on_progress,
         )
         for name in SPLITS
     }

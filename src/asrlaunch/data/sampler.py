@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from asrlaunch.plan import BatchPlan, steps_per_epoch
+from asrlaunch.core.plan import BatchPlan, steps_per_epoch
 
 # Length grouping sorts within chunks of this many global batches. A deliberate design, not the Trainer's:
 # its LengthGroupedSampler sorts megabatches of min(len // (batch * 4), 50) per-device batches (36 for TIMIT

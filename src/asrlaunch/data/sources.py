@@ -22,7 +22,7 @@ import numpy as np
 
 from asrlaunch.data.corpus import DataError, Source, decode, file_stamp
 from asrlaunch.data.timit import scan_split, timit_sources
-from asrlaunch.recipe import DataSection
+from asrlaunch.core.recipe import DataSection
 
 METADATA = "metadata.csv"
 SPLITS = ("train", "test")

@@ -7,7 +7,7 @@ Two engines (`auto`, the command's default, takes espeak when espeak-ng and sox 
   silence; speakers differ in tempo, pitch and loudness, with background noise. A ~0.2M-parameter model
   learns it in a couple of minutes on a CPU, which is what a smoke run needs to show that training works.
 
-    python -m asrlaunch.data.synth --out data/synth --train 400 --test 100
+    asrlaunch synth --out data/synth --train 400 --test 100
 """
 
 from __future__ import annotations
@@ -235,7 +235,9 @@ def generate_corpus(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from asrlaunch.core.exits import ExitCode
+
+    parser = argparse.ArgumentParser(prog="asrlaunch synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="corpus folder to create (must not exist)")
     parser.add_argument("--train", type=int, default=400, help="training utterances")
     parser.add_argument("--test", type=int, default=100, help="test utterances")
@@ -256,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     engine = resolve_engine(args.engine)
     print(f"wrote {args.train} train and {args.test} test utterances ({engine}) to {path}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ Two normalisations (`data.text_normalization`):
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,3 +72,8 @@ def build_vocab(texts: Iterable[str], mode: Normalization = "clean") -> dict[str
     vocab[PAD] = len(vocab)
     return vocab
 
+
+def ctc_min_frames(labels: Sequence[int]) -> int:
+    """The fewest output frames a CTC path can emit `labels` in: one per label, plus a blank between two
+    equal neighbours. With fewer frames the loss is infinite (then zeroed by `ctc_zero_infinity`)."""
+    return len(labels) + sum(1 for a, b in itertools.pairwise(labels) if a == b)

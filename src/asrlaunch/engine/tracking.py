@@ -1,0 +1,84 @@
+"""Experiment trackers through accelerate's tracking API: `logging.report_to` (tensorboard, the
+default; mlflow; wandb; none). Rank 0 writes, under <run_dir>/tracking/: train loss, lr, grad norm and
+samples/s every logging window, eval loss and WER at every evaluation, the recipe as hyperparameters.
+
+A resumed attempt continues the same tracked run: TensorBoard's writer is opened with `purge_step` at the
+first step the attempt logs, so the events an earlier attempt logged past it (the steps now replayed) are
+dropped by TensorBoard's reader; MLflow continues the same run id (kept in tracking/mlflow_run_id) and W&B
+the same run id (derived from the run directory), where replayed steps add points rather than replace them.
+Which trackers a recipe names is the recipe's (`LoggingSection.trackers`); which package each needs is
+preflight's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from asrlaunch.core.recipe import Recipe
+from asrlaunch.core.rundir import RunDir
+
+
+def hyperparameters(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The recipe as dotted keys with scalar values (what every tracker's hyperparameter table accepts)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(hyperparameters(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
+    return flat
+
+
+def init_kwargs(recipe: Recipe, run_dir: RunDir, start_step: int) -> dict[str, dict[str, Any]]:
+    kwargs: dict[str, dict[str, Any]] = {}
+    names = recipe.logging.trackers
+    if "tensorboard" in names and start_step:
+        kwargs["tensorboard"] = {"purge_step": start_step + 1}  # the first step this attempt logs
+    if "mlflow" in names:
+        stored = run_dir.tracking / "mlflow_run_id"
+        kwargs["mlflow"] = (
+            {"run_id": stored.read_text().strip()} if stored.exists() else {"run_name": run_dir.path.name}
+        )
+    if "wandb" in names:
+        stable = hashlib.sha1(str(run_dir.path.resolve()).encode()).hexdigest()[:16]
+        kwargs["wandb"] = {
+            "dir": str(run_dir.tracking),
+            "id": stable,
+            "resume": "allow",
+            "name": run_dir.path.name,
+        }
+    return kwargs
+
+
+class Tracking:
+    """Opens the recipe's trackers at a start (rank 0) and logs records to them."""
+
+    def __init__(self, accelerator: Any, recipe: Recipe, run_dir: RunDir, start_step: int) -> None:
+        self.accelerator, self.enabled = accelerator, bool(recipe.logging.trackers)
+        if not self.enabled:
+            return
+        if accelerator.is_main_process:
+            run_dir.tracking.mkdir(parents=True, exist_ok=True)
+            if "MLFLOW_TRACKING_URI" not in os.environ:  # a local file store in the run directory
+                os.environ["MLFLOW_TRACKING_URI"] = (run_dir.tracking / "mlruns").resolve().as_uri()
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
+        config = hyperparameters(recipe.to_dict())
+        accelerator.init_trackers(
+            recipe.run.name, config=config, init_kwargs=init_kwargs(recipe, run_dir, start_step)
+        )
+        stored = run_dir.tracking / "mlflow_run_id"
+        if accelerator.is_main_process and "mlflow" in recipe.logging.trackers and not stored.exists():
+            stored.write_text(accelerator.get_tracker("mlflow", unwrap=True).info.run_id + "\n")
+
+    def log(self, values: Mapping[str, float | None], step: int) -> None:
+        if self.enabled:
+            self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.accelerator.end_training()
+            self.enabled = False

@@ -1,0 +1,421 @@
+"""The optimisation loop of one rank: resume, train steps (out-of-memory splits), evaluation, checkpoints,
+stop signals and the final save. Every figure leaves through the metrics sink (sink.py); `train.py` is the
+entry."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate.utils import broadcast_object_list, set_seed
+
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.logs import RankLog
+from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
+from asrlaunch.core.recipe import Recipe
+from asrlaunch.core.records import Event
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.data.prepare import ensure_corpus, prepare_corpus
+from asrlaunch.engine import checkpoint
+from asrlaunch.engine.batches import Prefetcher, TrainData
+from asrlaunch.engine.evaluate import evaluate
+from asrlaunch.engine.faults import Fault, Faults, planned_faults
+from asrlaunch.engine.metrics import TrainMetrics
+from asrlaunch.engine.model import build_model, build_optimizer, build_scheduler
+from asrlaunch.engine.runtime import input_dtype, load_universal_checkpoints, make_accelerator, versions
+from asrlaunch.engine.sink import Console, MetricsSink
+from asrlaunch.engine.state import ResumeDecision, TrainCounters
+from asrlaunch.engine.stopping import StopDecision
+from asrlaunch.engine.timing import ComputeClock
+from asrlaunch.engine.tracking import Tracking
+from asrlaunch.job.heartbeat import Heartbeat, waiting
+from asrlaunch.job.signals import JobInterrupted, StopRequest
+from asrlaunch.job.task import SlurmTask
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients."""
+
+
+class RequeueLimitError(RuntimeError):
+    """The job was restarted more often than cluster.max_requeues allows."""
+
+
+class Trainer:
+    """The optimisation loop over the run's global order; one instance per rank."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: RunDir,
+        stop: StopRequest | None = None,
+        task: SlurmTask | None = None,
+        heartbeat: Heartbeat | None = None,
+    ) -> None:
+        self.recipe, self.run_dir = recipe, run_dir
+        self.task = task if task is not None else SlurmTask.from_environ()
+        self.heartbeat = heartbeat or Heartbeat(run_dir, int(os.environ.get("RANK", "0")), time.time())
+        self.step_reached = 0
+        history = RunHistory.read(run_dir)  # every rank reads it: all agree on the micro-batch cap
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.batch_plan = batch_plan(recipe, world, history.oom_micro_cap())
+        self.accelerator = make_accelerator(recipe, self.batch_plan, run_dir.tracking)
+        self.rank = self.accelerator.process_index
+        self.input_dtype = input_dtype(self.accelerator)
+        self.decision = self._agree_on_resume(history)
+        self.heartbeat.attempt = self.decision.attempt
+        self.data = self._load_data()
+        self.plan: StepPlan = plan_run(recipe, world, len(self.data), history.oom_micro_cap())
+        self.model, self.optimizer, self.scheduler = self._build_model()
+        self.counters = TrainCounters()
+        self.window = TrainMetrics(self.batch_plan.global_batch, self._peak_memory)
+        self.log = RankLog(run_dir, self.rank, attempt=self.decision.attempt)
+        self.faults = Faults(planned_faults(), self.rank, self._log_fault)
+        self.faults.slow_model(self.net, lambda: self.step_reached)
+        on_gpu = self.accelerator.device.type == "cuda"
+        self.prefetcher = Prefetcher(self.data, self.batch_plan, self.rank, background=on_gpu)
+        self.clock = ComputeClock(self.accelerator.device)
+        request = stop if stop is not None else StopRequest()  # falsy until signalled
+        self.stopping = StopDecision(request, self.accelerator, self.task, recipe.cluster)
+        self.start_step = self._resume(Path(self.decision.checkpoint)) if self.decision.checkpoint else 0
+        self.sink = MetricsSink(
+            self.log,
+            self.window,
+            Tracking(self.accelerator, recipe, run_dir, self.start_step),
+            Console(self.plan.total_steps, self.start_step, enabled=self.accelerator.is_main_process),
+            self.accelerator,
+        )
+
+    # -- set-up ---------------------------------------------------------------------------------------------
+    def _agree_on_resume(self, history: RunHistory) -> ResumeDecision:
+        """Rank 0 decides, every rank follows; before `prepare`, because ZeRO shards of another world size
+        need DeepSpeed's universal loader."""
+        main = self.accelerator.is_main_process
+        decided: list[Any] = [
+            ResumeDecision.decide(self.run_dir, history, self.task.restart_count) if main else None
+        ]
+        with waiting():
+            broadcast_object_list(decided)
+        decision: ResumeDecision = decided[0]
+        self.universal = self.recipe.train.backend == "deepspeed" and decision.saved_world_size not in (
+            None,
+            self.batch_plan.world_size,
+        )
+        if self.universal:
+            load_universal_checkpoints(self.accelerator)
+        return decision
+
+    def _load_data(self) -> TrainData:
+        main = self.accelerator.is_main_process
+        # The other ranks wait at a barrier while rank 0 prepares the corpus (and ticks its heartbeat).
+        with waiting() if not main else contextlib.nullcontext(), self.accelerator.main_process_first():
+            ensure_corpus(self.recipe, main)
+            self.corpus = prepare_corpus(self.recipe, on_progress=self.heartbeat.progress)
+        return TrainData(self.corpus, self.batch_plan.global_batch, self.recipe.train.seed)
+
+    def _build_model(self) -> tuple[Any, Any, Any]:
+        set_seed(self.recipe.train.seed)
+        model = build_model(
+            self.recipe.model, self.corpus.vocab, self.corpus.processor.tokenizer.pad_token_id
+        )
+        # CTC frames per padded length, cached: the check for too-short transcripts costs nothing per step.
+        output_lengths = model._get_feat_extract_output_lengths
+        self._frames = functools.cache(lambda samples: int(output_lengths(samples)))
+        fused = self.accelerator.device.type == "cuda" and self.recipe.train.backend == "ddp"
+        optimizer = build_optimizer(model, self.recipe.train, fused=fused)
+        scheduler = build_scheduler(optimizer, self.recipe.train, self.plan.total_steps)
+        # The bare model, which `prepare` wraps (DDP, DeepSpeed) but keeps: what accelerate's unwrap_model
+        # returns, without its import of DeepSpeed (seconds) at every first evaluation.
+        self.net = model
+        return self.accelerator.prepare(model, optimizer, scheduler)
+
+    def _log_fault(self, fault: Fault, step: int) -> None:
+        self.log.event(Event.FAULT, step, self.plan.epoch_at(step), fault=fault.text)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self, step: int) -> dict[str, Any]:
+        """The trainer's own state beside the tensors accelerate saves: position, counters, logging window."""
+        return {
+            "step": step,
+            "epoch": self.plan.epoch_at(step),
+            "samples_consumed": step * self.batch_plan.global_batch,
+            "world_size": self.batch_plan.world_size,
+            "attempt": self.log.attempt,
+            **self.counters.state_dict(),
+            **self.window.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        self.counters.load_state_dict(state)
+        self.window.load_state_dict(state)
+        return int(state["step"])
+
+    def _resume(self, folder: Path) -> int:
+        """Load model, optimizer, scheduler, scaler and RNG; the data position is the step itself."""
+        source = folder
+        if self.universal:  # ZeRO shards of another world size: convert once, on rank 0
+            source = checkpoint.universal_dir(folder)
+            if self.accelerator.is_main_process:
+                checkpoint.to_universal(folder)
+            self.accelerator.wait_for_everyone()
+        self.accelerator.load_state(str(source))
+        # accelerate restores its micro-step counter, which is only right for the accumulation it was saved
+        # with; checkpoints are taken on optimizer-step boundaries, so on any world size it restarts at 0.
+        self.accelerator.step = 0
+        state = checkpoint.read_state(folder)
+        step = self.load_state_dict(state)
+        if self.accelerator.is_main_process:
+            how = ", ZeRO state through DeepSpeed's universal format" if self.universal else ""
+            print(
+                f"resuming from {folder} (step {step}, epoch {state['epoch']:.2f}, "
+                f"saved by {self.decision.saved_world_size} processes{how})",
+                flush=True,
+            )
+        return step
+
+    def save_checkpoint(self, step: int) -> Path | None:
+        """A checkpoint of `step`; None when it could not be written and `checkpoint.on_error` is continue."""
+        settings, epoch = self.recipe.checkpoint, self.plan.epoch_at(step)
+        self.heartbeat.enter("checkpoint", step)
+        self.faults.at_phase("checkpoint", step)
+        started = time.perf_counter()
+        with self.sink.paused():
+            try:
+                saved = checkpoint.save(
+                    self.accelerator,
+                    self.run_dir.checkpoints,
+                    step,
+                    self.state_dict(step),
+                    settings.keep_last,
+                )
+            except checkpoint.CheckpointWriteError as problem:
+                with contextlib.suppress(OSError):  # the disk that failed holds the log too
+                    self.sink.event(Event.CHECKPOINT_ERROR, step, epoch, error=str(problem))
+                if settings.on_error == "stop":
+                    raise
+                if self.accelerator.is_main_process:
+                    print(f"warning: {problem}; training goes on without it", flush=True)
+                return None
+        self.sink.event(Event.CHECKPOINT, step, epoch, seconds=round(time.perf_counter() - started, 3))
+        self.heartbeat.enter("step", step)
+        return saved
+
+    def _stop_agreed(self) -> bool:
+        with waiting():
+            return self.stopping.agreed()
+
+    def _interrupt(self, step: int) -> None:
+        self.save_checkpoint(step)
+        stop = self.stopping.decide(step, f"`asrlaunch submit --resume {self.run_dir}`")
+        self.sink.event(stop.kind, step, self.plan.epoch_at(step), **stop.fields())
+        self.sink.close()
+        raise JobInterrupted(step, stop.kind.value, stop.requeued)
+
+    # -- one optimizer step ---------------------------------------------------------------------------------
+    def train_step(self, step: int) -> tuple[Any, float, np.ndarray]:
+        """One optimizer step; out of memory, it is redone with half the micro-batch and twice the
+        accumulation: the same samples, the same global batch, the same update up to summation order."""
+        self.step_reached = step
+        while True:
+            try:
+                self.faults.at_step(step, self.batch_plan.micro_batch)
+                return self._train_step(step)
+            except torch.cuda.OutOfMemoryError as error:
+                self._split_micro_batch(step, error)
+
+    def _split_micro_batch(self, step: int, error: Exception) -> None:
+        old = self.batch_plan
+        if old.micro_batch == 1:
+            raise error
+        new = plan_batch(old.global_batch, old.world_size, old.micro_batch // 2)
+        self.sink.event(
+            Event.OOM_SPLIT, step, self.plan.epoch_at(step), plan=new.to_dict(), error=str(error)[:300]
+        )
+        if old.world_size > 1 or self.recipe.train.backend == "deepspeed":
+            # Peers may be inside this step's gradient all-reduce: no agreement is possible mid-step. The job
+            # fails, failover retries it, and the next start begins with the smaller micro-batch.
+            raise error
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.gradient_accumulation_steps = new.grad_accum
+        self.accelerator.step = 0
+        self.batch_plan = self.prefetcher.plan = new
+        self.plan = dataclasses.replace(self.plan, batch=new)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _train_step(self, step: int) -> tuple[Any, float, np.ndarray]:
+        """Forward/backward over this rank's micro-batches of global step `step`, then one update. The loss
+        stays on the device (the metrics read it once per logging window)."""
+        accelerator, clock = self.accelerator, self.clock
+        batch = self.data.order.batch(step)
+        frames = self._frames(self.data.order.pad_length(step))
+        self.counters.ctc_infinite_total += int((self.data.ctc_min_frames[batch] > frames).sum())
+        losses, grad_norm = [], float("nan")
+        next_step = step + 1 if step + 1 < self.plan.total_steps else None
+        for inputs in self.prefetcher.get(step, next_step):
+            with accelerator.accumulate(self.model), accelerator.autocast():
+                with clock.span():
+                    loss = self.model(
+                        input_values=inputs.input_values.to(
+                            accelerator.device, self.input_dtype, non_blocking=True
+                        ),
+                        labels=inputs.labels.to(accelerator.device, non_blocking=True),
+                    ).loss
+                if accelerator.sync_gradients:  # this backward waits for the other ranks' gradients
+                    with waiting():
+                        accelerator.backward(loss)
+                    grad_norm = self._update()
+                else:
+                    with clock.span():
+                        accelerator.backward(loss)
+            losses.append(loss.detach())
+        return torch.stack(losses).float().mean(), grad_norm, batch
+
+    def _update(self) -> float:
+        """Clip, step (unless the gradients are not finite) and schedule; all ranks agree after all-reduce."""
+        limit = self.recipe.train.max_grad_norm or float("inf")
+        norm = self.accelerator.clip_grad_norm_(
+            self.model.parameters(), limit
+        )  # DeepSpeed: it clipped itself
+        norm = float("nan") if norm is None else float(norm)
+        finite = bool(np.isfinite(norm))
+        if finite or self.accelerator.scaler is not None:  # the fp16 scaler skips overflowing steps itself
+            self.optimizer.step()
+        skipped = not finite or self.accelerator.optimizer_step_was_skipped
+        if not skipped:  # as the Trainer: a step that left the weights alone does not advance the schedule
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        counters = self.counters
+        counters.nonfinite_total += int(skipped)
+        counters.nonfinite_in_a_row = counters.nonfinite_in_a_row + 1 if skipped else 0
+        if counters.nonfinite_in_a_row >= self.recipe.train.max_consecutive_nonfinite:
+            raise TrainingDivergedError(
+                f"{counters.nonfinite_in_a_row} optimizer steps in a row had non-finite gradients; lower "
+                "train.lr, raise train.warmup_steps or check the data"
+            )
+        return norm
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        plan, recipe, start = self.plan, self.recipe, self.start_step
+        self.write_start(start)
+        if recipe.eval.at_start and start == 0:
+            self.run_eval(0)
+        for step in range(start, plan.total_steps):
+            started = time.perf_counter()
+            loss, grad_norm, batch = self.train_step(step)
+            seconds = time.perf_counter() - started
+            self.sink.step_done(loss, seconds, self.clock.take())
+            done = step + 1
+            self.heartbeat.step_done(done, seconds)
+            if done % recipe.logging.steps == 0 or done == plan.total_steps:
+                self.write_train_record(done, grad_norm, batch)
+            if done % recipe.eval.steps == 0 or done == plan.total_steps:
+                self.run_eval(done)
+            self.sink.advance(done)
+            if done < plan.total_steps and self._stop_agreed():
+                self.sink.console.close()
+                self._interrupt(done)
+            save_every = recipe.checkpoint.save_steps
+            if save_every and done % save_every == 0 and done < plan.total_steps:
+                self.save_checkpoint(done)
+        self.sink.console.close()
+        self.prefetcher.close()
+        self.save_final()
+
+    def write_train_record(self, step: int, grad_norm: float, batch: np.ndarray) -> dict[str, Any]:
+        sample_ids = (
+            {"sample_ids": [self.data.ids[int(i)] for i in batch]} if self.recipe.logging.sample_ids else {}
+        )
+        return self.sink.train(
+            step,
+            self.plan.epoch_at(step),
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=round(grad_norm, 6),
+            nonfinite_skipped=self.counters.nonfinite_total,
+            ctc_infinite=self.counters.ctc_infinite_total,
+            **sample_ids,
+        )
+
+    def _peak_memory(self) -> dict[str, float]:
+        """On a GPU: the most device memory this process has held since it started, in GiB."""
+        if self.accelerator.device.type != "cuda":
+            return {}
+        return {"max_memory_gib": round(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30, 3)}
+
+    def run_eval(self, step: int) -> dict[str, Any] | None:
+        self.heartbeat.enter("eval", step)
+        self.faults.at_phase("eval", step)
+        started = time.perf_counter()
+        settings = self.recipe.eval
+        with self.sink.paused():
+            result = evaluate(
+                self.net,
+                self.corpus.test,
+                self.corpus.processor,
+                self.accelerator,
+                self.input_dtype,
+                mode=settings.mode,
+                max_batch_seconds=settings.max_batch_seconds,
+                on_batch=self.heartbeat.progress,
+            )
+        self.heartbeat.enter("step" if step else "startup", step)
+        if result is None:
+            return None
+        return self.sink.eval(
+            step,
+            self.plan.epoch_at(step),
+            eval_loss=round(result.eval_loss, 6),
+            wer=round(result.wer, 6),
+            eval_samples=result.samples,
+            eval_seconds=round(time.perf_counter() - started, 3),
+        )
+
+    def write_start(self, start_step: int) -> None:
+        """This rank's start record: the attempt's plan, where it resumed, where it runs."""
+        self.log.start(
+            start_step,
+            self.plan.epoch_at(start_step),
+            world_size=self.batch_plan.world_size,
+            plan=self.plan.to_dict(),
+            versions=versions(),
+            recipe=self.recipe.to_dict(),
+            device=str(self.accelerator.device),
+            resumed_from=start_step or None,
+            job_id=self.task.job_id,
+            slurm_restart_count=self.task.restart_count,
+            nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
+            host=os.uname().nodename,
+            node=self.task.node,
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            process_started=round(self.heartbeat.started, 3),
+        )
+
+    def save_final(self) -> None:
+        """save_pretrained model + processor, written aside, then moved into final/ (beside a model card the
+        collector may have written there), the finished marker last."""
+        self.heartbeat.enter("final", self.plan.total_steps)
+        with waiting():
+            self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            final, partial = self.run_dir.final, self.run_dir.final_partial
+            shutil.rmtree(partial, ignore_errors=True)
+            self.net.save_pretrained(partial, safe_serialization=True)
+            self.corpus.processor.save_pretrained(partial)
+            final.mkdir(exist_ok=True)
+            for path in partial.iterdir():
+                os.replace(path, final / path.name)
+            partial.rmdir()
+            self.run_dir.mark_finished(self.plan.total_steps)
+        with waiting():
+            self.accelerator.wait_for_everyone()
+        self.sink.close()

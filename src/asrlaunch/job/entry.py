@@ -1,0 +1,35 @@
+"""What a submitit task runs: one rank of a run, read from its run directory.
+
+Pickled by the launcher (which must not import torch), so torch is imported only when the job runs. Requeues
+are ours, not submitit's: at a stop signal the trainer saves a checkpoint and rank 0 requeues the job within
+the requeue budget (job/task.py); after a failed step the batch script's failover decides (job/failover.py).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.job.signals import JobInterrupted
+
+
+class TrainJob:
+    """Calling it with a run directory trains that run's recipe."""
+
+    def __call__(self, run_dir: str) -> str:
+        from asrlaunch.core.recipe import load_recipe
+        from asrlaunch.engine.train import run_training
+
+        run = RunDir(Path(run_dir))
+        try:
+            run_training(load_recipe(run.recipe), run)
+        except JobInterrupted as stopped:
+            print(str(stopped), file=sys.stderr, flush=True)
+            if not stopped.requeued:
+                raise
+            # Requeued: SLURM ends this task now. Returning normally could let the step end as COMPLETED.
+            time.sleep(300)
+            raise
+        return run_dir

@@ -1,0 +1,237 @@
+"""The supervisor: a process beside srun, not a rank, that ends a step whose ranks stopped making progress.
+
+The batch script starts it before srun and stops it after (launcher/submission.py):
+
+    python -m asrlaunch supervise RUN_DIR [RUN_DIR ...] &        (a job array: one run per element)
+
+Every few seconds it reads the ranks' heartbeats (heartbeat.py). A rank hangs when its last progress, or the
+last sign that its process lives, is older than its phase's budget: `train.startup_timeout_s` until its first
+step, `train.hang_timeout_s` for steps (or ten times the longest step it took, when that is more),
+`eval.hang_timeout_s` between evaluation batches, `checkpoint.hang_timeout_s` for checkpoint writes and the
+final save. Then the supervisor
+1. names the rank that hangs: among the ranks without progress, one that is not waiting for the others in a
+   collective (a silent one first: its process no longer runs), the one furthest behind;
+2. captures the Python stacks of every thread of every rank it can reach into `stacks/`: `py-spy dump` for
+   ranks on this host (it reads a stopped process too), and for the others each rank's faulthandler, asked
+   with SIGQUIT through `scancel` (and SIGCONT, so a stopped rank wakes to answer);
+3. logs a `hang` event (rank, node, phase, step, the stacks' file) and ends the step with SIGKILL
+   (`scancel --signal=KILL JOB.STEP`). The failover step after srun decides what comes next (failover.py).
+No torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.logs import RankLog
+from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe
+from asrlaunch.core.records import Event
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.job.heartbeat import Beat, read_beats
+from asrlaunch.job.task import SlurmTask
+
+POLL_S = 2.0
+SILENT_S = 15.0  # a heartbeat thread writes every 2 s: this much silence means its process does not run
+
+
+@dataclass(frozen=True)
+class RankState:
+    rank: int
+    phase: str
+    step: int
+    stale_s: float  # since its last progress
+    silent_s: float  # since its process was last seen alive
+    waiting: bool
+    budget_s: float
+    beat: Beat | None
+
+    @property
+    def hung(self) -> bool:
+        return max(self.stale_s, self.silent_s) > self.budget_s
+
+
+@dataclass(frozen=True)
+class Hang:
+    rank: RankState
+    suspects: list[int]
+
+
+def budget(recipe: Recipe, phase: str, beat: Beat | None) -> float:
+    """How long a rank in `phase` may go without progress."""
+    if phase == "step":
+        return max(float(recipe.train.hang_timeout_s), 10.0 * (beat.max_step_s if beat else 0.0))
+    if phase == "eval":
+        return float(recipe.eval.hang_timeout_s)
+    if phase in ("checkpoint", "final"):
+        return float(recipe.checkpoint.hang_timeout_s)
+    return float(recipe.train.startup_timeout_s)
+
+
+def rank_states(
+    recipe: Recipe, beats: dict[int, Beat], world: int, started: float, now: float
+) -> list[RankState]:
+    """Every rank of this step as the supervisor sees it; a rank whose process has not written a heartbeat
+    since this step started is starting up, silent since then."""
+    states = []
+    for rank in range(world):
+        beat = beats.get(rank)
+        if beat is not None and beat.started < started - 5.0:  # a process of an earlier step
+            beat = None
+        if beat is not None and beat.phase == "done":
+            continue
+        phase = beat.phase if beat else "startup"
+        since, seen = (beat.since, beat.time) if beat else (started, started)
+        states.append(
+            RankState(
+                rank,
+                phase,
+                beat.step if beat else 0,
+                now - since,
+                now - seen,
+                bool(beat and beat.waiting),
+                budget(recipe, phase, beat),
+                beat,
+            )
+        )
+    return states
+
+
+def judge(states: Sequence[RankState]) -> Hang | None:
+    """When any rank is past its phase's budget, the rank to blame: a silent one (its process stopped), even
+    where its own phase would allow more time (a rank stopped inside a checkpoint stalls its peers' steps),
+    else a late one that is not waiting for its peers, the one furthest behind (lowest step), the lowest
+    rank."""
+    hung = [s for s in states if s.hung]
+    if not hung:
+        return None
+    silent = [s for s in states if s.silent_s > SILENT_S]
+    suspects = silent or [s for s in hung if not s.waiting] or hung
+    blamed = min(suspects, key=lambda s: (s.silent_s <= SILENT_S, s.waiting, s.step, s.rank))
+    return Hang(blamed, [s.rank for s in suspects])
+
+
+def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, name: str) -> Path:
+    """The Python stacks of every thread of every rank that can be read, into one file."""
+    target = run_dir.stacks / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    here, sections = socket.gethostname(), {}
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    for state in states:
+        beat = state.beat
+        if beat is not None and beat.host == here and Path(spy).exists():
+            text = _py_spy(spy, beat.pid)
+            if text:
+                sections[state.rank] = f"py-spy dump of pid {beat.pid} on {beat.host}\n{text}"
+    missing = [s for s in states if s.rank not in sections and s.beat is not None]
+    if missing and task.in_slurm:  # faulthandler in each rank (registered by the trainer) answers SIGQUIT
+        for step in task.running_steps():
+            task.cancel_step(step, "QUIT")
+            task.cancel_step(step, "CONT")
+        time.sleep(3.0)
+        for state in missing:
+            assert state.beat is not None
+            dumped = run_dir.rank_stacks(state.rank, state.beat.pid)
+            if dumped.exists() and dumped.stat().st_size:
+                sections[state.rank] = f"faulthandler of pid {state.beat.pid}\n{dumped.read_text()}"
+    lines = []
+    for state in states:
+        head = f"== rank {state.rank}: phase {state.phase}, step {state.step}, waiting {state.waiting}, "
+        head += f"no progress for {state.stale_s:.0f} s, silent for {state.silent_s:.0f} s"
+        lines.append(f"{head}\n{sections.get(state.rank, '(no stacks: not reachable from here)')}\n")
+    target.write_text("\n".join(lines))
+    return target
+
+
+def _py_spy(spy: str, pid: int) -> str:
+    """A consistent snapshot (the process paused a moment), or, for a stopped process that ptrace cannot
+    pause, a read of its memory as it is."""
+    for extra in ([], ["--nonblocking"]):
+        try:
+            done = subprocess.run(
+                [spy, "dump", "--pid", str(pid), *extra], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout
+    return ""
+
+
+def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: SlurmTask) -> None:
+    blamed = hang.rank
+    history = RunHistory.read(run_dir)
+    attempt = blamed.beat.attempt if blamed.beat and blamed.beat.attempt is not None else None
+    if attempt is None:
+        attempt = history.next_attempt(task.restart_count)
+    stacks = dump_stacks(run_dir, states, task, f"attempt{attempt}-step{blamed.step}.txt")
+    node = blamed.beat.node if blamed.beat else None
+    steps_per_epoch = (history.current.plan.get("steps_per_epoch") if history.current else None) or 1
+    message = (
+        f"rank {blamed.rank} on {node or 'its node'} made no progress for {blamed.stale_s:.0f} s in its "
+        f"{blamed.phase} phase (step {blamed.step}), over its budget of {blamed.budget_s:.0f} s; its stacks: "
+        f"{stacks}"
+    )
+    with RankLog(run_dir, 0, attempt=attempt) as log:
+        log.event(
+            Event.HANG,
+            blamed.step,
+            blamed.step / steps_per_epoch,
+            hung_rank=blamed.rank,
+            suspects=hang.suspects,
+            node=node,
+            phase=blamed.phase,
+            stale_s=round(max(blamed.stale_s, blamed.silent_s), 1),
+            budget_s=blamed.budget_s,
+            stacks=str(stacks),
+            error=message,
+        )
+    print(f"asrlaunch: hang: {message}; ending the step", file=sys.stderr, flush=True)
+    for step in task.running_steps():
+        task.cancel_step(step, "KILL")
+
+
+def supervise(run_dir: RunDir, task: SlurmTask, poll_s: float = POLL_S) -> Hang | None:
+    """Watch one step until a rank hangs (then end it) or the batch script stops us."""
+    started = time.time()
+    try:
+        recipe = load_recipe(run_dir.recipe)
+    except RecipeError:
+        return None
+    world = recipe.cluster.world_size
+    while True:
+        time.sleep(poll_s)
+        if run_dir.is_finished():
+            return None
+        states = rank_states(recipe, read_beats(run_dir), world, started, time.time())
+        hang = judge(states)
+        if hang is not None:
+            end_step(run_dir, hang, states, task)
+            return hang
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="asrlaunch supervise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dirs", nargs="+", help="the job's run directory (a job array: every element's)")
+    parser.add_argument("--poll", type=float, default=POLL_S, help="seconds between looks at the heartbeats")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the batch script's teardown stops us
+    task = SlurmTask.from_environ()
+    run_dirs = args.run_dirs
+    supervise(RunDir(Path(run_dirs[task.array_index if len(run_dirs) > 1 else 0])), task, args.poll)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""What one SLURM task knows about itself, and every question it asks the scheduler: one object, as submitit's
+`JobEnvironment`. No torch.
+
+`SlurmTask.from_environ()` reads the job and array ids, the restart count, the node and the task's place in
+the step from SLURM's variables; its methods make every `scontrol`/`squeue` call of the worker side (the
+trainer's stop decision, failover and the supervisor in the batch script): the job's state, whether it was
+preempted, the time left, requeue, node exclusion. Outside SLURM (`job_id` None) they answer without a call.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from asrlaunch.core.records import Event
+from asrlaunch.job.scheduler import parse_scontrol_jobs, parse_time_left, run_command
+
+PORT_BASE, PORT_SPAN = 20000, 20000
+
+
+def master_port(job_id: str) -> int:
+    """A port derived from the job id, so two jobs sharing a node do not collide."""
+    return PORT_BASE + int(job_id) % PORT_SPAN
+
+
+def within_requeue_budget(requeues: int, max_requeues: int) -> bool:
+    """The one rule of the requeue budget: a job may have been requeued at most `cluster.max_requeues`
+    times. A start checks the requeues it has had; a stop checks them plus the one it is about to ask for."""
+    return requeues <= max_requeues
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    job_id: str | None = None
+    array_job_id: str | None = None
+    array_task_id: str | None = None
+    restart_count: int = 0  # SLURM_RESTART_COUNT: unset on a job's first run, then 1, 2, 3 after requeues
+    node: str | None = None  # SLURMD_NODENAME: SLURM's name of this task's node
+    nodelist: str | None = None
+    proc_id: int = 0
+    ntasks: int = 1
+    local_id: int = 0
+    tasks_per_node: int = 1
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> SlurmTask:
+        env = os.environ if environ is None else environ
+        return cls(
+            job_id=env.get("SLURM_JOB_ID") or None,
+            array_job_id=env.get("SLURM_ARRAY_JOB_ID") or None,
+            array_task_id=env.get("SLURM_ARRAY_TASK_ID") or None,
+            restart_count=int(env.get("SLURM_RESTART_COUNT", "0") or 0),
+            node=env.get("SLURMD_NODENAME") or None,
+            nodelist=env.get("SLURM_JOB_NODELIST") or None,
+            proc_id=int(env.get("SLURM_PROCID", "0") or 0),
+            ntasks=int(env.get("SLURM_NTASKS", "1") or 1),
+            local_id=int(env.get("SLURM_LOCALID", "0") or 0),
+            tasks_per_node=int((env.get("SLURM_NTASKS_PER_NODE", "") or "1").split("(")[0] or 1),
+        )
+
+    @property
+    def in_slurm(self) -> bool:
+        return self.job_id is not None
+
+    @property
+    def target(self) -> str:
+        """The id scontrol and squeue know this job (or this element of a job array) by."""
+        if self.array_job_id and self.array_task_id:
+            return f"{self.array_job_id}_{self.array_task_id}"
+        return self.job_id or ""
+
+    @property
+    def array_index(self) -> int:
+        return int(self.array_task_id or 0)
+
+    def within_requeue_budget(self, max_requeues: int, another: bool = False) -> bool:
+        """Requeues so far (and `another`, about to be asked for) within `cluster.max_requeues`."""
+        return within_requeue_budget(self.restart_count + int(another), max_requeues)
+
+    # -- what the scheduler says about this job -------------------------------------------------------------
+    def show(self) -> dict[str, str]:
+        """`scontrol show job` of this job, as fields ({} outside SLURM, or when the controller is silent)."""
+        if not self.job_id:
+            return {}
+        jobs = parse_scontrol_jobs(run_command(["scontrol", "show", "job", self.job_id]) or "")
+        return next(iter(jobs.values()), {})
+
+    def state(self) -> str:
+        """This job's state now (a user's scancel shows as CANCELLED)."""
+        return self.show().get("JobState", "")
+
+    def preempted(self) -> bool:
+        """SLURM marks a job it preempts (PreemptTime) before the grace time's SIGTERM reaches it."""
+        return self.show().get("PreemptTime", "None") not in ("None", "Unknown", "")
+
+    def time_left(self) -> float | None:
+        if not self.job_id:
+            return None
+        shown = run_command(["squeue", "-h", "-j", self.job_id, "-o", "%L"])
+        return parse_time_left(shown.splitlines()[0] if shown and shown.strip() else "")
+
+    def stop_kind(self, signum: int | None, signal_delay_s: int) -> Event:
+        """What a stop signal means. SIGTERM: a preemption when SLURM marked the job preempted (a job that
+        ends inside its grace time is not requeued by SLURM, so we requeue it as after USR2); otherwise a lost
+        node or the user's signal: `terminated`, never requeued by us (SLURM requeues a lost node's job; a
+        user's stays stopped for `--resume`). USR2: a timeout within the signal delay of the time limit, else
+        a preemption (`preempt_send_user_signal`); outside SLURM a `signal`."""
+        if signum == signal.SIGTERM:
+            return Event.PREEMPTION if self.preempted() else Event.TERMINATED
+        if not self.job_id:
+            return Event.SIGNAL
+        left = self.time_left()
+        return Event.TIMEOUT if left is not None and left <= signal_delay_s + 30 else Event.PREEMPTION
+
+    # -- what this task asks of the scheduler -------------------------------------------------------------
+    def requeue(self) -> bool:
+        """`scontrol requeue` this job (or array element); False outside SLURM or when refused."""
+        return self._scontrol("requeue", self.target)
+
+    def requeue_without(self, nodes: Sequence[str]) -> tuple[bool, bool]:
+        """Requeue this job, kept off `nodes` from its next start on (added to those it already excludes).
+        SLURM changes the node exclusions of pending jobs only: the job is requeued held, updated, released.
+        Returns (requeued, excluded)."""
+        if not nodes:
+            return self.requeue(), False
+        known = self.show().get("ExcNodeList", "(null)")  # a hostlist (`node[3-4]`), which SLURM takes back
+        excluded = sorted({*nodes, *([known] if known not in ("(null)", "") else [])})
+        if not self._scontrol("requeuehold", self.target):
+            return self.requeue(), False
+        updated = self._scontrol("update", f"JobId={self.target}", f"ExcNodeList={','.join(excluded)}")
+        return self._scontrol("release", self.target), updated
+
+    def _scontrol(self, *args: str) -> bool:
+        if not self.job_id:
+            return False
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+        return done.returncode == 0
+
+    def cancel_step(self, step: str, signal_name: str = "KILL") -> bool:
+        """Send a signal to every task of one job step (`JOB.STEP`), on whatever node it runs."""
+        done = subprocess.run(
+            ["scancel", f"--signal={signal_name}", f"{self.job_id}.{step}"], capture_output=True, timeout=60
+        )
+        return done.returncode == 0
+
+    def running_steps(self) -> list[str]:
+        """The ids of this job's job steps that run now (srun's; not the batch or extern step)."""
+        shown = run_command(["squeue", "-h", "-s", "-j", self.job_id or "", "-o", "%i"]) or ""
+        steps = [line.strip().rsplit(".", 1)[-1] for line in shown.splitlines() if "." in line]
+        return [step for step in steps if step.isdigit()]
+
+    # -- torch.distributed from SLURM's variables ---------------------------------------------------------
+    def torch_environment(self, resolve_address: Callable[[str], str] | None = None) -> dict[str, str]:
+        """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this task. The master
+        address is the first node's NodeAddr, because node names need not resolve (here they do not)."""
+        resolve = resolve_address or first_node_address
+        port_key = self.job_id or "0"
+        if self.array_job_id and self.array_task_id:
+            port_key = str(int(self.array_job_id) * 1000 + int(self.array_task_id))
+        return {
+            "RANK": str(self.proc_id),
+            "LOCAL_RANK": str(self.local_id),
+            "WORLD_SIZE": str(self.ntasks),
+            "LOCAL_WORLD_SIZE": str(self.tasks_per_node),
+            "MASTER_ADDR": resolve(self.nodelist or ""),
+            "MASTER_PORT": str(master_port(port_key)),
+        }
+
+
+def hostnames(nodelist: str) -> list[str]:
+    """`node[1-3]` -> node1, node2, node3 (scontrol's expansion)."""
+    shown = run_command(["scontrol", "show", "hostnames", nodelist])
+    return shown.split() if shown else [nodelist]
+
+
+def node_address(node: str) -> str:
+    """A node's NodeAddr (its name when scontrol does not say)."""
+    for item in (run_command(["scontrol", "show", "node", node]) or "").split():
+        if item.startswith("NodeAddr="):
+            return item.removeprefix("NodeAddr=")
+    return node
+
+
+def first_node_address(nodelist: str) -> str:
+    return node_address(hostnames(nodelist)[0])
+
+
+def torch_env_from_submitit_local(environ: Mapping[str, str]) -> dict[str, str]:
+    """The same variables for a task of submitit's local executor (all tasks on this machine)."""
+    return {
+        "RANK": environ["SUBMITIT_LOCAL_GLOBALID"],
+        "LOCAL_RANK": environ["SUBMITIT_LOCAL_LOCALID"],
+        "WORLD_SIZE": environ["SUBMITIT_LOCAL_NTASKS"],
+        "LOCAL_WORLD_SIZE": environ["SUBMITIT_LOCAL_NTASKS"],
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(master_port(environ["SUBMITIT_LOCAL_JOB_ID"])),
+    }
+
+
+def adopt_launcher_environment() -> None:
+    """In a task that no torch launcher started (srun, submitit), export the torch.distributed variables, and
+    cap intra-op threads at the CPUs SLURM gave the task, so tasks sharing a node do not oversubscribe it."""
+    if "OMP_NUM_THREADS" not in os.environ and "SLURM_CPUS_PER_TASK" in os.environ:
+        os.environ["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]
+    if "RANK" in os.environ:
+        return
+    if "SUBMITIT_LOCAL_GLOBALID" in os.environ:
+        os.environ.update(torch_env_from_submitit_local(os.environ))
+        return
+    task = SlurmTask.from_environ()
+    if task.in_slurm and task.ntasks > 1:
+        os.environ.update(task.torch_environment())

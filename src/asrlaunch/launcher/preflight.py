@@ -1,0 +1,191 @@
+"""Checks on the submitting machine before anything is queued (about a second, no torch): the data, the
+model, the trackers' packages, and whether the job's shape fits a node of its partition. Each problem is one
+line naming the recipe key to change; `submit.py --no-preflight` skips them (data seen only by compute nodes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from asrlaunch.core.recipe import Recipe
+from asrlaunch.job.scheduler import run_command
+
+SINFO_FORMAT = "%N|%P|%c|%m|%G|%l"
+# tracker -> (the module it needs, the pyproject extra that installs it)
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "train"),
+    "mlflow": ("mlflow", "mlflow"),
+    "wandb": ("wandb", "wandb"),
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+    def line(self) -> str:
+        return f"{'ok' if self.ok else 'FAIL':>4}  {self.name}: {self.message}"
+
+
+def check_data(recipe: Recipe) -> Check:
+    from asrlaunch.data.sources import DataError, count_utterances
+
+    data = recipe.data
+    root = Path(data.dir)
+    if not root.exists() and data.generate is not None:
+        return Check(
+            "data", True, f"{root} does not exist yet: the job generates it ({data.generate.engine})"
+        )
+    try:
+        counts = count_utterances(data)
+    except DataError as error:
+        return Check("data", False, f"data.dir: {error}")
+    expected = data.expected_train_size
+    note = "" if expected in (None, counts["train"]) else f"; data.expected_train_size says {expected}"
+    return Check(
+        "data", True, f"{root} ({data.format}): {counts['train']} train / {counts['test']} test{note}"
+    )
+
+
+def check_model(recipe: Recipe) -> Check:
+    model = recipe.model
+    if model.config is not None:
+        return Check("model", True, "built from model.config (random init)")
+    path = Path(model.name_or_path)
+    if path.exists():
+        ok = (path / "config.json").exists()
+        return Check("model", ok, f"{path}" + ("" if ok else ": no config.json (model.name_or_path)"))
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model.name_or_path, "config.json")
+    if isinstance(cached, str):
+        return Check("model", True, f"{model.name_or_path} is in the Hugging Face cache")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        name = model.name_or_path
+        return Check(
+            "model",
+            False,
+            f"model.name_or_path: {name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"fetch it where the hub is reachable (`huggingface-cli download {name}`, same HF_HOME), "
+            "or point model.name_or_path at a local copy",
+        )
+    return Check("model", True, f"{model.name_or_path} is not cached: the job downloads it from the hub")
+
+
+def missing_packages(recipe: Recipe) -> list[str]:
+    """One line per tracker whose package is not installed, naming the extra to install."""
+    lines = []
+    for name in recipe.logging.trackers:
+        module, extra = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            lines.append(
+                f"logging.report_to: {name} needs the {module} package: pip install 'asrlaunch[{extra}]' "
+                "(or drop it from logging.report_to)"
+            )
+    return lines
+
+
+def check_trackers(recipe: Recipe) -> Check:
+    missing = missing_packages(recipe)
+    return Check("trackers", not missing, "; ".join(missing) or ", ".join(recipe.logging.report_to))
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    partitions: frozenset[str]
+    default_partition: str
+    cpus: int
+    memory_mb: int
+    gpus: int
+    max_time: str
+
+
+def parse_sinfo_nodes(text: str) -> list[Node]:
+    """`sinfo -h -N -o '%N|%P|%c|%m|%G|%l'` (one line per node and partition; `*` marks the default)."""
+    rows: dict[str, dict] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 6:
+            continue
+        name, partition, cpus, memory, gres, limit = parts[:6]
+        gpus = sum(int(g.split("(")[0].split(":")[-1]) for g in gres.split(",") if g.startswith("gpu"))
+        row = rows.setdefault(
+            name,
+            {
+                "partitions": set(),
+                "default": "",
+                "cpus": int(cpus.rstrip("+")),
+                "memory": int(memory.rstrip("+")),
+                "gpus": gpus,
+                "limit": limit,
+            },
+        )
+        row["partitions"].add(partition.rstrip("*"))
+        if partition.endswith("*"):
+            row["default"] = partition.rstrip("*")
+    return [
+        Node(name, frozenset(r["partitions"]), r["default"], r["cpus"], r["memory"], r["gpus"], r["limit"])
+        for name, r in rows.items()
+    ]
+
+
+def limit_minutes(text: str) -> float | None:
+    """sinfo's time limit (`infinite`, `1-00:00:00`, `4:00:00`, `30:00`) in minutes; None when unlimited."""
+    if text in ("infinite", "UNLIMITED", "n/a", ""):
+        return None
+    days, _, clock = text.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 1440 + parts[0] * 60 + parts[1] + parts[2] / 60
+
+
+def check_shape(recipe: Recipe, nodes: list[Node]) -> Check:
+    """Does the job fit: enough nodes of its partition with the CPUs, memory and GPUs one node must give?"""
+    cluster = recipe.cluster
+    partition = cluster.partition or next((n.default_partition for n in nodes if n.default_partition), "")
+    members = [n for n in nodes if partition in n.partitions]
+    if not members:
+        known = sorted({p for n in nodes for p in n.partitions})
+        return Check(
+            "shape", False, f"cluster.partition: no partition {partition!r} (there are: {', '.join(known)})"
+        )
+    cpus = cluster.cpus_per_task * cluster.tasks_per_node
+    memory = int(cluster.mem_gb * 1024) if cluster.mem_gb else 0
+    fit = [n for n in members if n.cpus >= cpus and n.memory_mb >= memory and n.gpus >= cluster.gpus_per_node]
+    big = max(members, key=lambda n: (n.cpus, n.memory_mb, n.gpus))
+    size = f"{big.cpus} CPUs, {big.memory_mb} MB, {big.gpus} GPUs"
+    largest = f"the largest node of {partition} ({big.name}) has {size}"
+    if len(fit) < cluster.nodes:
+        wanted = (
+            f"{cluster.nodes} node(s) with {cpus} CPUs (cluster.cpus_per_task={cluster.cpus_per_task} x "
+            f"{cluster.tasks_per_node} tasks), {memory} MB (cluster.mem_gb) and {cluster.gpus_per_node} GPUs "
+            "(cluster.gpus_per_node)"
+        )
+        return Check("shape", False, f"the job needs {wanted}; {len(fit)} of {partition} qualify: {largest}")
+    limit = limit_minutes(big.max_time)
+    if limit is not None and cluster.time_min > limit:
+        return Check(
+            "shape",
+            False,
+            f"cluster.time_min={cluster.time_min} exceeds {partition}'s limit of {limit:.0f} min",
+        )
+    return Check(
+        "shape",
+        True,
+        f"{cluster.nodes} x ({cpus} CPUs, {memory} MB, {cluster.gpus_per_node} GPUs) fits {partition}",
+    )
+
+
+def preflight(recipe: Recipe, executor: str) -> list[Check]:
+    checks = [check_data(recipe), check_model(recipe), check_trackers(recipe)]
+    if executor == "slurm":
+        nodes = parse_sinfo_nodes(run_command(["sinfo", "-h", "-N", "-o", SINFO_FORMAT]) or "")
+        checks.append(check_shape(recipe, nodes) if nodes else Check("shape", False, "sinfo listed no nodes"))
+    return checks

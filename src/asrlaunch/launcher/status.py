@@ -1,0 +1,280 @@
+"""One line per run: the scheduler's state (scheduler.py) and progress from the logs; `--wait` polls it.
+
+Launcher side: no torch, one scheduler query per source for all runs; of each log, the tail is parsed for
+progress and the meta records (starts and stops) of the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asrlaunch.core.goodput import Goodput, goodput, stragglers
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.records import event_of
+from asrlaunch.core.rundir import RunDir, expand_run_dirs
+from asrlaunch.job.scheduler import TERMINAL, JobState, local_state, slurm_states
+
+__all__ = ["TERMINAL", "RunStatus", "collect_status", "format_table", "wait_for"]
+
+
+@dataclass
+class RunStatus:
+    run_dir: RunDir
+    job_id: str = ""
+    job: JobState = field(default_factory=JobState)
+    step: int | None = None
+    total_steps: int | None = None
+    global_batch: int = 32
+    epoch: float | None = None
+    loss: float | None = None
+    wer: float | None = None
+    samples_per_s: float | None = None
+    # (attempt, step it started from) for every start of rank 0; the stop events (timeout, preemption, ...)
+    starts: list[tuple[int, int]] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
+    error: str = ""  # the last stop event's message, when it ended the run (e.g. a requeue limit)
+    stopped: str = ""  # a stop that checkpointed and was not requeued: where, and the command to continue
+    failure: str = ""  # the latest failure: which rank failed first, where, how, and what followed
+    slow: list[str] = field(default_factory=list)  # stragglers of the current attempt
+    goodput: Goodput | None = None
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.step is None or self.total_steps is None or not self.samples_per_s:
+            return None
+        return (self.total_steps - self.step) * self.global_batch / self.samples_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            **fields,
+            "run_dir": str(self.run_dir),
+            "job": dataclasses.asdict(self.job),
+            "eta_s": self.eta_s,
+            "goodput": self.goodput.to_json() if self.goodput else None,
+        }
+
+    @property
+    def notes(self) -> list[str]:
+        """What the table's row cannot say, one line each."""
+        lines = [self.error, self.failure, self.stopped, *(f"slow: {s}" for s in self.slow)]
+        if self.goodput is not None and self.goodput.ratio is not None:
+            lines.append(f"goodput: {self.goodput.summary()}")
+        return [line for line in lines if line]
+
+
+def progress_from_logs(status: RunStatus) -> None:
+    """Progress, starts, stops and the last error from the run's history; the total steps from the latest
+    start's own plan (the submission's plan.json before any start)."""
+    history = RunHistory.read(status.run_dir)
+    current = history.current
+    plan = current.plan if current is not None and current.plan else status.run_dir.read_plan()
+    status.total_steps = plan.get("total_steps")
+    status.global_batch = plan.get("global_batch", status.global_batch)
+    progress = history.progress
+    status.step, status.epoch, status.loss = progress.step, progress.epoch, progress.loss
+    status.wer, status.samples_per_s = progress.wer, progress.samples_per_s
+    status.starts = history.starts
+    status.stops = [str(kind) for kind in history.stops]
+    status.error = history.last_error
+    status.failure = failure_line(history)
+    status.stopped = stopped_line(history, status.run_dir)
+    status.slow = [s.describe() for s in stragglers(current)]
+    status.goodput = goodput(history)
+
+
+def failure_line(history: RunHistory) -> str:
+    """`failure at step 12: rank 1 on node2 first (signal KILL); requeued without node2 (...)`."""
+    if not history.failures:
+        return ""
+    last = history.failures[-1]
+    first = ""
+    if "first_rank" in last:
+        where = f" on {last['first_node']}" if last.get("first_node") else ""
+        first = f": rank {last['first_rank']}{where} first ({last.get('first_exit', '?')})"
+    action = {"restart": "restarted in the allocation", "requeue": "requeued"}.get(last.get("action", ""), "")
+    action = action or ("requeued" if last.get("requeued") else "not retried")
+    excluded = last.get("excluded_nodes")
+    if excluded:
+        action += f" without {', '.join(excluded)} ({last.get('excluded_why', '')})"
+    return f"failure at step {last['step']}{first}; {action}"
+
+
+def stopped_line(history: RunHistory, run_dir: RunDir) -> str:
+    """A stop that checkpointed and stays stopped (the user's scancel, a requeue limit): where it is kept and
+    how to continue it."""
+    attempt = history.current
+    stop = attempt.stop if attempt is not None else None
+    kind = event_of(stop) if stop else None
+    if stop is None or kind is None or not kind.stopped_by_signal or stop.get("requeued"):
+        return ""
+    return (
+        f"stopped at step {stop['step']} ({kind}) with its checkpoint; continue with: "
+        f"asrlaunch submit --resume {run_dir}"
+    )
+
+
+def collect_status(paths: Sequence[str | Path]) -> list[RunStatus]:
+    statuses = []
+    for run_dir in expand_run_dirs([Path(p) for p in paths]):
+        jobs = run_dir.jobs()
+        status = RunStatus(run_dir, job_id=jobs[-1]["job_id"] if jobs else "")
+        status.job.source = jobs[-1]["executor"] if jobs else ""
+        progress_from_logs(status)
+        statuses.append(status)
+    slurm = slurm_states(s.job_id for s in statuses if s.job_id and s.job.source == "slurm")
+    for status in statuses:
+        if status.job.source == "slurm":
+            status.job = slurm.get(status.job_id, JobState("UNKNOWN", source="slurm"))
+        elif status.job.source == "local":
+            status.job = local_state(status.job_id, status.run_dir)
+    return statuses
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+HEADER = (
+    "RUN",
+    "JOB",
+    "STATE",
+    "NODES",
+    "ELAPSED",
+    "RESTARTS",
+    "RESUMED AT",
+    "STOPS",
+    "STEP",
+    "EPOCH",
+    "LOSS",
+    "WER",
+    "SAMPLES/S",
+    "GOODPUT",
+    "ETA",
+)
+
+
+def stop_summary(stops: Sequence[str]) -> str:
+    """`preemption x2, timeout x1`: every kind of stop is counted apart."""
+    counts = {kind: stops.count(kind) for kind in dict.fromkeys(stops)}
+    return ", ".join(f"{kind} x{count}" for kind, count in counts.items()) or "-"
+
+
+def state_text(status: RunStatus) -> str:
+    """The state, with the reason a pending job waits (`PENDING (PartitionConfig)`); a job that ended on a
+    stop that checkpointed and stays stopped is STOPPED (SLURM says FAILED), not a failure."""
+    if status.job.ended and status.stopped:
+        return "STOPPED"
+    return f"{status.job.state} ({status.job.reason})" if status.job.reason else status.job.state
+
+
+def table_row(s: RunStatus) -> tuple[str, ...]:
+    return (
+        str(s.run_dir),
+        s.job_id or "-",
+        state_text(s),
+        s.job.nodes or "-",
+        s.job.elapsed or "-",
+        _fmt(s.job.restarts),
+        ",".join(str(start) for _, start in s.starts[1:]) or "-",
+        stop_summary(s.stops),
+        f"{_fmt(s.step)}/{_fmt(s.total_steps)}",
+        _fmt(s.epoch, ".2f"),
+        _fmt(s.loss, ".4f"),
+        _fmt(s.wer, ".4f"),
+        _fmt(s.samples_per_s, ".1f"),
+        f"{s.goodput.ratio:.0%}" if s.goodput and s.goodput.ratio is not None else "-",
+        format_duration(s.eta_s) if not s.job.ended else "-",
+    )
+
+
+def format_table(statuses: Sequence[RunStatus]) -> str:
+    rows = [HEADER, *(table_row(s) for s in statuses)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(HEADER))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    notes = [f"{s.run_dir}: {note}" for s in statuses for note in s.notes]
+    return "\n".join(lines + notes)
+
+
+def wait_for(
+    run_dirs: Sequence[RunDir],
+    poll_s: float = 2.0,
+    on_poll: Callable[[list[RunStatus]], None] | None = None,
+    unknown_limit_s: float = 60.0,
+) -> list[RunStatus]:
+    """Poll until every run's job has ended (or the scheduler has forgotten it for `unknown_limit_s`)."""
+    unknown_since: float | None = None
+    while True:
+        statuses = collect_status([run.path for run in run_dirs])
+        if on_poll is not None:
+            on_poll(statuses)
+        if all(s.job.ended for s in statuses):
+            return statuses
+        # A job the scheduler no longer knows (purged, no accounting) will not come back.
+        if any(s.job.state == "UNKNOWN" for s in statuses):
+            unknown_since = unknown_since or time.monotonic()
+            if time.monotonic() - unknown_since > unknown_limit_s:
+                return statuses
+        else:
+            unknown_since = None
+        time.sleep(poll_s)
+
+
+def progress_line(s: RunStatus) -> str:
+    """One run's progress in a line: state, step/total, loss, WER, samples/s, ETA, restarts."""
+    eta = format_duration(s.eta_s) if not s.job.ended else "-"
+    return (
+        f"{state_text(s)} step {_fmt(s.step)}/{_fmt(s.total_steps)} loss {_fmt(s.loss, '.4f')} "
+        f"WER {_fmt(s.wer, '.4f')} samples/s {_fmt(s.samples_per_s, '.1f')} ETA {eta} "
+        f"restarts {_fmt(s.job.restarts)}"
+    )
+
+
+class WaitProgress:
+    """What `--wait` shows while it polls: a tqdm bar per run on a terminal; elsewhere (a batch log, a pipe)
+    a plain line per run when its progress changed, and at least every `every_s` seconds."""
+
+    def __init__(self, terminal: bool, every_s: float = 30.0) -> None:
+        self.terminal, self.every_s = terminal, every_s
+        self.bars: dict[str, Any] = {}
+        self.shown: dict[str, tuple[str, float]] = {}
+
+    def __call__(self, statuses: list[RunStatus]) -> None:
+        for index, status in enumerate(statuses):
+            name, line = str(status.run_dir), progress_line(status)
+            if self.terminal:
+                self._bar(index, name, status, line)
+                continue
+            previous = self.shown.get(name)
+            if previous is None or previous[0] != line or time.monotonic() - previous[1] >= self.every_s:
+                print(f"[wait] {name}: {line}", flush=True)
+                self.shown[name] = (line, time.monotonic())
+
+    def _bar(self, index: int, name: str, status: RunStatus, line: str) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(name)
+        if bar is None:
+            bar = self.bars[name] = tqdm(desc=name, position=index, unit="step", dynamic_ncols=True)
+        bar.total = status.total_steps
+        bar.n = status.step or 0
+        bar.set_postfix_str(line.split(" step ")[0] + " " + line.split(" loss ", 1)[-1], refresh=True)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()

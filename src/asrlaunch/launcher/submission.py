@@ -1,0 +1,206 @@
+"""Runs -> submitit jobs on SLURM (or local processes): executor choice, job parameters, the sbatch preview,
+run directory creation and submission with rollback. Launcher side: no torch. Watching jobs is status.py's.
+
+The batch script is submitit's: `#SBATCH` lines from the recipe's `cluster` section, then srun with one task
+per device. Ours are its setup and teardown lines: the batch shell outlives stop signals, and after srun the
+failover step (job/failover.py) decides whether a failed step is retried.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from asrlaunch.core.exits import ExitCode
+from asrlaunch.core.plan import StepPlan, plan_run
+from asrlaunch.core.recipe import Recipe
+from asrlaunch.job.triage import STEP_MARKER
+from asrlaunch.launcher.sweep import RunSpec, submitit_folder
+
+EXECUTORS = ("auto", "slurm", "local")
+LOCAL_PARAMETERS = ("name", "nodes", "timeout_min", "tasks_per_node", "gpus_per_node", "signal_delay_s")
+
+
+class SubmitError(RuntimeError):
+    """The submission cannot go ahead as asked (executor, run directory, sweep)."""
+
+
+def slurm_available() -> bool:
+    """True when a SLURM controller answers (sinfo returns within a few seconds)."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=5).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def choose_executor(requested: str) -> str:
+    if requested not in EXECUTORS:
+        raise SubmitError(f"executor {requested!r} is not one of {', '.join(EXECUTORS)}")
+    if requested == "auto":
+        return "slurm" if slurm_available() else "local"
+    if requested == "slurm" and not slurm_available():
+        raise SubmitError(
+            "no SLURM controller answers (sinfo failed): start one with "
+            "`bash slurm/cluster.sh start`, or use --executor local"
+        )
+    return requested
+
+
+def batch_setup(run_dirs: Sequence[Path]) -> list[str]:
+    """Before srun. Stop signals reach the batch shell too (`scancel --full`, `B:` signals, preemption's
+    SIGTERM): bash's default would end it and take the step with it, so it traps them (the tasks act on them).
+    Then a loop opens (closed in `batch_teardown`): each turn marks the step's start in the job's error
+    output (triage reads srun's reports after it) and starts the supervisor beside srun."""
+    python, dirs = shlex.quote(sys.executable), " ".join(shlex.quote(str(p.resolve())) for p in run_dirs)
+    return [
+        "trap : USR2 TERM",
+        "asrlaunch_restarts=0",
+        "while :; do",
+        f'echo "{STEP_MARKER} (restarts in this allocation: $asrlaunch_restarts)" >&2',
+        f"{python} -m asrlaunch supervise {dirs} &",
+        "asrlaunch_supervisor=$!",
+    ]
+
+
+def batch_teardown(run_dirs: Sequence[Path]) -> list[str]:
+    """After srun: the supervisor stops, failover decides (job/failover.py); its exit status 75 runs srun
+    again inside this allocation, anything else ends the loop, and the job ends with srun's exit status."""
+    python, dirs = shlex.quote(sys.executable), " ".join(shlex.quote(str(p.resolve())) for p in run_dirs)
+    return [
+        "asrlaunch_status=$?",
+        'kill "$asrlaunch_supervisor" 2>/dev/null; wait "$asrlaunch_supervisor" 2>/dev/null',
+        f"{python} -m asrlaunch failover --exit-status $asrlaunch_status --restarts $asrlaunch_restarts "
+        + dirs,
+        f"[ $? -eq {int(ExitCode.RESTART)} ] || break",
+        "asrlaunch_restarts=$((asrlaunch_restarts + 1))",
+        "done",
+        "exit $asrlaunch_status",
+    ]
+
+
+def executor_parameters(recipe: Recipe, run_dirs: Sequence[Path] = ()) -> dict[str, Any]:
+    """submitit's AutoExecutor parameters for the recipe's `cluster` section: one task per device; a dead
+    task ends the step (`--kill-on-bad-exit`), the job is requeueable (a lost node) and fails over."""
+    cluster = recipe.cluster
+    params: dict[str, Any] = {
+        "name": recipe.run.name,
+        "nodes": cluster.nodes,
+        "tasks_per_node": cluster.tasks_per_node,
+        "cpus_per_task": cluster.cpus_per_task,
+        "timeout_min": cluster.time_min,
+        "slurm_signal_delay_s": cluster.signal_delay_s,
+    }
+    if cluster.gpus_per_node:
+        params["gpus_per_node"] = cluster.gpus_per_node
+    if cluster.mem_gb is not None:
+        params["mem_gb"] = cluster.mem_gb
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(cluster, key) is not None:
+            params[f"slurm_{key}"] = getattr(cluster, key)
+    params["slurm_additional_parameters"] = {"requeue": True, **cluster.extra_sbatch}
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+    if run_dirs:
+        params["slurm_setup"] = batch_setup(run_dirs)
+        params["slurm_teardown"] = batch_teardown(run_dirs)
+    return params
+
+
+def make_executor(kind: str, folder: Path, recipe: Recipe, run_dirs: Sequence[Path] = ()) -> Any:
+    import submitit
+
+    executor: Any
+    if kind == "local":
+        # LocalExecutor itself: AutoExecutor refuses its signal_delay_s (USR2 before the time limit).
+        executor = submitit.LocalExecutor(folder=folder)
+        params = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe).items()}
+        params = {k: v for k, v in params.items() if k in LOCAL_PARAMETERS}
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        params = executor_parameters(recipe, run_dirs)
+        params["slurm_array_parallelism"] = max(1, len(run_dirs))
+    executor.update_parameters(**params)
+    return executor
+
+
+def sbatch_text(recipe: Recipe, folder: Path, run_dirs: Sequence[Path]) -> str:
+    """The exact sbatch script submitit would submit for this recipe (the dry run shows it).
+
+    submitit has no public API for this: we use its SlurmExecutor's `_convert_parameters`,
+    `_make_submission_file_text` and `_submitit_command_str`, and override `affinity` (which asks srun) so
+    a dry run works off the cluster too. These are private members; pyproject pins submitit below its next
+    minor release, and tests/golden/timit32_2x4.sbatch catches a change of their output.
+    """
+    from submitit.slurm.slurm import SlurmExecutor
+
+    class Preview(SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 2
+
+    executor = Preview(folder)
+    generic = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe, run_dirs).items()}
+    executor.update_parameters(
+        **executor._convert_parameters(generic), array_parallelism=max(1, len(run_dirs))
+    )
+    if len(run_dirs) > 1:
+        executor.parameters["map_count"] = len(run_dirs)
+    return str(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
+
+
+def plan_for(recipe: Recipe) -> StepPlan:
+    """The plan of the recipe's job shape, before the data is read (`data.expected_train_size`)."""
+    return plan_run(recipe, recipe.cluster.world_size)
+
+
+def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tuple[RunSpec, str]]:
+    """Submit the runs: one job, or one job array for a sweep. Returns (run, job id) pairs.
+
+    Everything is checked before the first directory is written; if the submission itself fails, the
+    directories it created are removed again, so the same command can simply be repeated.
+    """
+    from asrlaunch.job.entry import TrainJob
+
+    plans = [plan_for(spec.recipe) for spec in specs]
+    for spec in specs:
+        if spec.run_dir.is_run() and not resume:
+            raise SubmitError(
+                f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
+                "or continue it with --resume"
+            )
+    created = [spec.run_dir.path for spec in specs if not spec.run_dir.path.exists()]
+    try:
+        for spec, plan in zip(specs, plans, strict=True):
+            spec.run_dir.create(spec.recipe.to_yaml(), plan.to_dict())
+        executor = make_executor(
+            kind, submitit_folder(specs), specs[0].recipe, [s.run_dir.path for s in specs]
+        )
+        run_dirs = [str(spec.run_dir.path.resolve()) for spec in specs]
+        jobs = (
+            executor.map_array(TrainJob(), run_dirs)
+            if len(specs) > 1
+            else [executor.submit(TrainJob(), run_dirs[0])]
+        )
+    except Exception as error:
+        for run_dir in created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise SubmitError(
+            f"submission failed ({type(error).__name__}: {error}); nothing was submitted"
+        ) from error
+    for spec, job in zip(specs, jobs, strict=True):
+        spec.run_dir.record_job(
+            {
+                "job_id": str(job.job_id),
+                "executor": kind,
+                "submitted": time.time(),
+                "overrides": list(spec.overrides),
+            }
+        )
+    return [(spec, str(job.job_id)) for spec, job in zip(specs, jobs, strict=True)]

@@ -1,0 +1,68 @@
+"""The one CLI: `asrlaunch COMMAND`, the launch/ scripts users know, every recipe's dry run, and the rule of
+what a resume may change, checked before anything is queued."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.cli.main import COMMANDS
+from asrlaunch.core.plan import plan_run
+from asrlaunch.core.recipe import load_recipe
+from asrlaunch.core.rundir import RunDir
+
+from .conftest import PYTHON, RECIPES, ROOT, python_env
+
+ASRLAUNCH = str(Path(PYTHON).parent / "asrlaunch")
+
+
+def run(*command: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(command), capture_output=True, text=True, cwd=cwd, env=python_env(), timeout=120
+    )
+
+
+def test_asrlaunch_lists_its_commands_and_names_the_valid_ones_on_a_typo() -> None:
+    shown = run(ASRLAUNCH, "--help")
+    assert shown.returncode == 0
+    for name in ("submit", "status", "collect", "train", "evaluate", "cluster", *COMMANDS):
+        assert f"\n  {name} " in shown.stdout, name
+    typo = run(ASRLAUNCH, "sumbit")
+    assert typo.returncode == 2 and typo.stderr.startswith(
+        "error: unknown command 'sumbit'; the commands are: "
+    )
+    assert "submit" in typo.stderr and len(typo.stderr.splitlines()) == 1
+    assert run(PYTHON, "-m", "asrlaunch", "status", "--help").stdout.startswith("usage: asrlaunch status")
+
+
+@pytest.mark.parametrize("script", ["submit", "status", "collect"])
+def test_the_launch_scripts_are_the_same_commands(script: str) -> None:
+    shown = run(PYTHON, str(ROOT / "launch" / f"{script}.py"), "--help")
+    assert shown.returncode == 0 and shown.stdout.startswith(f"usage: asrlaunch {script}")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_every_recipe_dry_runs(tmp_path: Path, recipe: str) -> None:
+    done = run(ASRLAUNCH, "submit", str(RECIPES / recipe), "--dry-run", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    loaded = load_recipe(RECIPES / recipe)
+    assert shown["recipe"] == loaded.to_dict()
+    assert shown["total_steps"] == plan_run(loaded, loaded.cluster.world_size).total_steps
+    assert "srun --unbuffered" in shown["sbatch"] and not (tmp_path / "runs").exists()
+
+
+def test_a_resume_may_not_change_what_makes_the_run(tmp_path: Path) -> None:
+    recipe = load_recipe(RECIPES / "smoke.yaml", [f"data.dir={tmp_path / 'corpus'}"])
+    run_dir = RunDir(tmp_path / "runs" / "smoke")
+    run_dir.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
+    refused = run(ASRLAUNCH, "submit", "--resume", str(run_dir), "train.lr=3e-4", "seed=7", cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert refused.stderr.startswith("error: train.lr, train.seed: a resumed run keeps its recipe except ")
+    assert not run_dir.job.exists()  # nothing was queued
+    changes = ("cluster.time_min=30", "train.max_steps=5")
+    allowed = run(ASRLAUNCH, "submit", "--resume", str(run_dir), *changes, "--dry-run", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr

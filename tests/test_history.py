@@ -1,0 +1,93 @@
+"""The run's history, status and the logging window, on pasted log lines: attempts, stops and their kinds,
+resume points, failures, out-of-memory caps, the next attempt, the last error, progress."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.logs import read_records
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.engine.metrics import TrainMetrics, window_loss
+from asrlaunch.launcher.status import RunStatus, format_table, progress_from_logs
+
+# Pasted logs of 2 ranks: a crash of rank 1 and a failure (requeued), an out-of-memory split, a preemption.
+PASTED = Path(__file__).parent / "fixtures" / "history"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> RunDir:
+    run = RunDir(tmp_path / "run")
+    run.logs.mkdir(parents=True)
+    for rank in (0, 1):
+        run.rank_log(rank).write_text((PASTED / f"rank{rank}.jsonl").read_text())
+    return run
+
+
+def test_the_history_of_a_run_with_a_failure_a_split_and_a_preemption(run_dir: RunDir) -> None:
+    history = RunHistory.read(run_dir)
+    assert [a.number for a in history.attempts] == [0, 1, 2]
+    assert history.starts == [(0, 0), (1, 5), (2, 12)] and history.restarts == [5, 12]
+    assert history.stops == ["failure", "preemption"]  # one stop per attempt, though both ranks logged it
+    assert [f["errors"] for f in history.failures] == [["rank 1: RuntimeError: peer gone"]]
+    assert history.oom_micro_cap() == 2
+    assert history.next_attempt(restart_count=0) == 3 and history.next_attempt(restart_count=7) == 7
+    first = history.attempts[0]
+    assert first.world_size == 2 and first.last_step == 8 and first.plan["total_steps"] == 40
+    assert [e["event"] for e in first.events] == ["checkpoint", "crash", "failure"]  # in time order
+    assert not first.final_error and history.current is history.attempts[2]
+    assert history.last_error == ""  # the last start came after the last error
+    assert (history.progress.step, history.progress.loss, history.progress.wer) == (14, 2.2, 0.9)
+
+
+def test_the_same_history_from_records_read_whole(run_dir: RunDir) -> None:
+    records = [r for path in run_dir.rank_logs().values() for r in read_records(path)]
+    whole, read = RunHistory.from_records(records), RunHistory.read(run_dir)
+    assert whole.starts == read.starts and whole.stops == read.stops and whole.progress == read.progress
+
+
+def test_an_error_no_retry_can_fix_is_the_runs_last_error(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    limit = "requeue limit reached (cluster.max_requeues=1): the checkpoint of step 12 is kept"
+    lines = [
+        {"kind": "meta", "step": 0, "epoch": 0.0, "rank": 0, "attempt": 0, "time": 1.0, "world_size": 1},
+        {"kind": "meta", "step": 12, "epoch": 1.5, "rank": 0, "attempt": 0, "time": 2.0, "event": "timeout",
+         "requeued": False, "error": limit},
+    ]  # fmt: skip
+    run.rank_log(0).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    history = RunHistory.read(run)
+    assert history.last_error == limit and history.stops == ["timeout"]
+
+
+def test_status_shows_the_history(run_dir: RunDir) -> None:
+    status = RunStatus(run_dir)
+    progress_from_logs(status)
+    assert (status.step, status.total_steps, status.epoch, status.loss, status.wer) == (
+        14,
+        40,
+        1.75,
+        2.2,
+        0.9,
+    )
+    assert status.starts == [(0, 0), (1, 5), (2, 12)] and status.stops == ["failure", "preemption"]
+    row = format_table([status]).splitlines()[1]
+    assert " 5,12 " in row and "failure x1, preemption x1" in row and "14/40" in row
+
+
+def test_the_logging_window_filters_non_finite_losses_as_the_trainer_did() -> None:
+    """transformers 4.15 (`logging_nan_inf_filter`): a NaN step adds the mean of the window so far."""
+    assert window_loss([1.0, 3.0]) == 2.0
+    assert window_loss([1.0, 3.0, math.nan, 4.0]) == pytest.approx((1 + 3 + 4 / 3 + 4) / 4)
+    assert window_loss([math.inf, 2.0]) == 1.0  # a first step that is not finite adds 0
+    metrics = TrainMetrics(global_batch=8)
+    for loss, seconds, compute in ((1.0, 0.5, 0.2), (math.nan, 0.7, 0.3), (2.0, 0.6, 0.25)):
+        metrics.step_done(loss, seconds, compute)
+    figures = metrics.flush()
+    assert figures["loss"] == pytest.approx(round((1.0 + 0.5 + 2.0) / 3, 6))
+    assert figures["step_s"] == 0.6 and figures["compute_s"] == 0.25 and figures["samples_per_s"] > 0
+    assert metrics.flush()["loss"] != metrics.flush()["loss"]  # an empty window: NaN (no steps)

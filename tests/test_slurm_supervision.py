@@ -1,0 +1,178 @@
+"""The supervisor and in-job restarts on the real local SLURM cluster: a silent hang (SIGSTOP) of the only
+rank and of one of two ranks, a restart inside the allocation, a requeue that leaves the failing node out, a
+dead rank ending the step while its peer is in a long phase, an out-of-memory split across processes. Every
+run that completes is bitwise equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.records import is_start
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.launcher.status import collect_status
+
+from .conftest import PYTHON, BackgroundRun, python_env, train_to_the_end
+from .test_slurm import (
+    last_train,
+    launch,
+    pytestmark,  # noqa: F401  (the same marks: slurm, slow, skipped without a cluster)
+    scontrol,
+    wait_for_step,
+    wait_until_done,
+)
+from .test_slurm_failures import SHAPE, kill_rank, same_weights
+
+
+def rank_pid(job_id: str, rank: int) -> int:
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ours = f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
+        if ours and b"submitit.core._submit" in command and not command.startswith(b"srun"):
+            return int(proc.name)
+    raise AssertionError(f"no task of rank {rank} of job {job_id} found")
+
+
+def stop_rank(job_id: str, rank: int) -> None:
+    """SIGSTOP: the shape of a GPU kernel hang or a stalled file system (nothing runs, nothing dies)."""
+    os.kill(rank_pid(job_id, rank), signal.SIGSTOP)
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_run_logs(run_dir) if r.get("event") == kind]
+
+
+def test_the_only_rank_stopped_is_a_hang_restarted_in_the_job(tmp_path: Path, tones_corpus: Path) -> None:
+    overrides = [
+        "train.global_batch_size=8",
+        "train.max_steps=250",
+        "logging.steps=1",
+        "eval.steps=1000",
+        "checkpoint.save_steps=10",
+    ]
+    straight = BackgroundRun(tmp_path / "straight", tones_corpus, 1, "eval.at_start=false", *overrides)
+    ((job_id, run_dir),) = launch(
+        tmp_path, tones_corpus, "run.name=hang1", "train.hang_timeout_s=30", *overrides
+    )
+    wait_for_step(run_dir, 0, 20)
+    stop_rank(job_id, 0)
+    stopped = time.monotonic()
+    assert wait_until_done([run_dir], timeout=400)[run_dir] == "COMPLETED"
+    assert time.monotonic() - stopped < 180  # detected, stacks taken, restarted, trained to the end
+    (hung,) = events(run_dir, "hang")
+    assert hung["hung_rank"] == 0 and hung["node"] == "node1" and hung["phase"] == "step"
+    assert hung["stale_s"] > 30 and hung["budget_s"] == 30
+    stacks = Path(hung["stacks"]).read_text()
+    assert "== rank 0" in stacks and "py-spy dump" in stacks and "engine/trainer.py:" in stacks, stacks[:2000]
+    (failure,) = events(run_dir, "failure")
+    assert (
+        failure["action"] == "restart"
+        and failure["first_rank"] == 0
+        and failure["first_exit"].startswith("hang")
+    )
+    assert "Restarts=0" in scontrol("show", "job", job_id)  # the same allocation: no requeue
+    (status,) = collect_status([run_dir])
+    assert status.stops == ["hang"] and status.job.restarts == 0
+    assert same_weights(straight.result(), run_dir)
+
+
+def test_a_hung_rank_restarts_in_the_job_then_a_dead_one_requeues_without_its_node(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """2 nodes of the 3-node partition: rank 1 (node2) is stopped, the supervisor ends the step, the job
+    restarts in its allocation; then rank 1 dies, the restart budget is spent, and the job is requeued without
+    node2, on node1 and node3, to the end."""
+    shape = [*SHAPE, "train.max_steps=80"]
+    straight = BackgroundRun(tmp_path / "straight", tones_corpus, 2, "eval.at_start=false", *shape)
+    job = ["cluster.nodes=2", "cluster.processes_per_node=1", "cluster.max_restarts_in_job=1", *shape]
+    ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=hang2", "train.hang_timeout_s=30", *job)
+    wait_for_step(run_dir, 0, 8)
+    stop_rank(job_id, 1)
+    wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3, timeout=300)  # restarted, training again
+    kill_rank(job_id, 1)
+    assert wait_until_done([run_dir], timeout=400)[run_dir] == "COMPLETED"
+    (hang,) = events(run_dir, "hang")
+    assert hang["hung_rank"] == 1 and hang["node"] == "node2" and 1 in hang["suspects"]
+    restart, requeue = events(run_dir, "failure")
+    assert restart["action"] == "restart" and restart["first_rank"] == 1 and restart["first_node"] == "node2"
+    assert requeue["action"] == "requeue" and requeue["first_exit"] == "signal KILL"
+    assert requeue["excluded_nodes"] == ["node2"] and "rank 1 failed there first" in requeue["excluded_why"]
+    shown = scontrol("show", "job", job_id)
+    assert "ExcNodeList=node2" in shown and "Restarts=1" in shown
+    assert " NodeList=node[1,3]" in shown  # the requeued job ran on the other two nodes
+    text = subprocess.run(
+        [PYTHON, "-m", "asrlaunch", "status", str(run_dir)], capture_output=True, text=True, env=python_env()
+    ).stdout
+    assert "without node2 (rank 1 failed there first (signal KILL))" in text and "hang x1" in text
+    assert "goodput: " in text
+    assert same_weights(straight.result(), run_dir)
+
+
+def test_a_dead_rank_ends_the_step_at_once_while_its_peer_is_in_a_long_phase(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """Rank 0 sleeps 120 s at the start of an evaluation (no collective there); rank 1 dies as it starts the
+    same evaluation: srun ends the step within seconds, not after the sleep or the collective timeout."""
+    faults = "stall@step=6,rank=0,phase=eval,seconds=120;crash@step=6,rank=1,phase=eval"
+    job = [
+        "cluster.nodes=2",
+        "cluster.processes_per_node=1",
+        "cluster.max_restarts_in_job=0",
+        "cluster.max_failures=0",
+        "train.collective_timeout_s=300",
+        *SHAPE,
+        "eval.steps=6",
+    ]
+    ((_, run_dir),) = launch(
+        tmp_path, tones_corpus, "run.name=dead", *job, env=python_env(ASRLAUNCH_FAULT=faults)
+    )
+    assert wait_until_done([run_dir], timeout=300)[run_dir] == "FAILED"
+    crash = next(r for r in events(run_dir, "fault") if r["rank"] == 1)
+    (failure,) = events(run_dir, "failure")
+    assert failure["time"] - crash["time"] < 30, failure["time"] - crash["time"]
+    assert failure["first_rank"] == 1 and failure["first_exit"] == "signal KILL"
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_out_of_memory_on_one_of_two_ranks_continues_at_half_the_micro_batch(
+    tmp_path: Path, tones_corpus: Path, backend: str
+) -> None:
+    shape = [
+        "train.global_batch_size=8",
+        "train.max_micro_batch_size=4",
+        "train.max_steps=10",
+        "logging.steps=1",
+        "logging.sample_ids=true",
+        "eval.steps=1000",
+        "checkpoint.save_steps=3",
+    ]
+    reference = train_to_the_end(tmp_path / "one", tones_corpus, 1, "eval.at_start=false", *shape)
+    job = ["cluster.nodes=2", "cluster.processes_per_node=1", f"train.backend={backend}", *shape]
+    env = python_env(ASRLAUNCH_FAULT="oom@step=5,micro=4,rank=1")
+    ((_, run_dir),) = launch(tmp_path, tones_corpus, "run.name=oom", *job, env=env)
+    assert wait_until_done([run_dir], timeout=400)[run_dir] == "COMPLETED"
+    (split,) = [r for r in events(run_dir, "oom_split") if r["rank"] == 1]
+    assert (split["step"], split["plan"]["micro_batch"], split["plan"]["grad_accum"]) == (5, 2, 2)
+    (failure,) = events(run_dir, "failure")
+    assert failure["action"] == "restart" and failure["first_rank"] == 1
+    starts = [r for r in read_run_logs(run_dir) if is_start(r) and r["rank"] == 0]
+    assert [s["plan"]["micro_batch"] for s in starts] == [4, 2] and starts[1]["resumed_from"] == 3
+    ids = {
+        r["step"]: r["sample_ids"] for r in read_run_logs(run_dir) if r["kind"] == "train" and r["rank"] == 0
+    }
+    expected = {r["step"]: r["sample_ids"] for r in read_run_logs(reference) if r["kind"] == "train"}
+    assert ids == expected  # the same samples at every step, before and after the split
+    history = RunHistory.read(RunDir(run_dir))
+    assert history.oom_micro_cap() == 2 and json.dumps(history.restarts) == "[3]"

@@ -1,0 +1,157 @@
+"""The supervisor's judgement, failover's triage and the run's goodput, on pasted output and made-up
+heartbeats (no cluster); a straggler named by status and the collector after a real two-process run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from asrlaunch.core.goodput import goodput, stop_history, stragglers
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.recipe import load_recipe
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.job.heartbeat import Beat
+from asrlaunch.job.supervisor import SILENT_S, budget, judge, rank_states
+from asrlaunch.job.triage import describe_exit, node_states, srun_failures
+
+from .conftest import PYTHON, RECIPES, engine_command, python_env
+
+RECIPE = load_recipe(RECIPES / "smoke.yaml", ["data.dir=x", "train.hang_timeout_s=30"])
+NOW = 1000.0
+
+
+def beat(rank: int, phase: str = "step", step: int = 20, since: float = 990.0, seen: float = 999.0,
+         waiting: bool = False, max_step_s: float = 0.5) -> Beat:  # fmt: skip
+    return Beat(
+        rank, 100 + rank, "vm", f"node{rank + 1}", 500.0, 0, phase, step, since, waiting, max_step_s, seen
+    )
+
+
+def test_a_stopped_rank_is_blamed_not_the_peer_that_waits_for_it() -> None:
+    beats = {
+        0: beat(0, since=950.0, seen=999.0, waiting=True),  # alive, in the all-reduce, no progress for 50 s
+        1: beat(1, since=955.0, seen=955.0),  # its process stopped: no heartbeat for 45 s
+    }
+    hang = judge(rank_states(RECIPE, beats, 2, started=400.0, now=NOW))
+    assert hang is not None and hang.rank.rank == 1 and hang.suspects == [1]
+    assert hang.rank.silent_s > SILENT_S and hang.rank.budget_s == 30
+
+
+def test_a_rank_stopped_in_a_long_phase_is_blamed_for_its_peers_wait() -> None:
+    """Rank 1 stopped inside a checkpoint write (whose budget is long); rank 0 waits for it in a step."""
+    beats = {0: beat(0, since=960.0, waiting=True), 1: beat(1, phase="checkpoint", since=960.0, seen=960.0)}
+    hang = judge(rank_states(RECIPE, beats, 2, started=400.0, now=NOW))
+    assert hang is not None and hang.rank.rank == 1 and hang.suspects == [1]
+    assert hang.rank.phase == "checkpoint"
+
+
+def test_no_hang_within_the_budgets_and_each_phase_has_its_own() -> None:
+    beats = {0: beat(0, since=975.0), 1: beat(1, phase="eval", since=500.0)}
+    states = rank_states(RECIPE, beats, 2, started=400.0, now=NOW)
+    assert judge(states) is None  # 25 s into a step, 500 s into an evaluation: both within their budgets
+    assert budget(RECIPE, "step", beat(0, max_step_s=12.0)) == 120  # ten times the longest step, when more
+    assert budget(RECIPE, "checkpoint", None) == RECIPE.checkpoint.hang_timeout_s
+    assert budget(RECIPE, "startup", None) == RECIPE.train.startup_timeout_s
+
+
+def test_a_rank_that_never_beat_is_starting_up_since_the_step_began() -> None:
+    stale = Beat(
+        0, 7, "vm", "node1", 5.0, 0, "step", 3, 10.0, False, 0.1, 10.0
+    )  # a process of an earlier step
+    states = rank_states(RECIPE, {0: stale}, 1, started=NOW - 100.0, now=NOW)
+    assert states[0].phase == "startup" and judge(states) is None
+    late = rank_states(RECIPE, {}, 1, started=NOW - RECIPE.train.startup_timeout_s - 1, now=NOW)
+    hang = judge(late)
+    assert hang is not None and hang.rank.phase == "startup"
+
+
+# srun's report of a 2-node step whose rank 1 was killed (SLURM 22.05, pasted), after an earlier step's lines.
+SRUN = """\
+asrlaunch: step starts (restarts in this allocation: 0)
+srun: error: node1: task 0: Exited with exit code 3
+asrlaunch: step starts (restarts in this allocation: 1)
+srun: error: node2: task 1: Killed
+srun: launch/slurm: _step_signal: Terminating StepId=1.0
+slurmstepd-node1: error: *** STEP 1.0 ON node1 CANCELLED AT 2026-11-30T01:32:40 ***
+srun: error: node1: task 0: Terminated
+srun: Force Terminated StepId=1.0
+"""
+
+
+def test_srun_says_which_task_ended_first_and_how() -> None:
+    assert srun_failures(SRUN) == [("node2", 1, "signal KILL"), ("node1", 0, "signal TERM")]
+    assert describe_exit("Exited with exit code 137") == "exit code 137"
+    assert srun_failures("srun: error: gpu[03]: tasks 4-7: Segmentation fault\n") == [
+        ("gpu[03]", 4, "signal SEGV")
+    ]
+
+
+def test_node_states_from_scontrol() -> None:
+    shown = (
+        "NodeName=node1 Arch=x86_64 CoresPerSocket=1\n   State=IDLE ThreadsPerCore=1\n\n"
+        "NodeName=node2 Arch=x86_64 CoresPerSocket=1\n   State=DOWN+DRAIN ThreadsPerCore=1\n"
+    )
+    assert node_states(shown) == {"node1": "IDLE", "node2": "DOWN+DRAIN"}
+
+
+def history_of(*records: dict) -> RunHistory:
+    base = {"epoch": 0.0}
+    return RunHistory.from_records([{**base, **r} for r in records])
+
+
+def test_goodput_splits_the_lost_time_by_cause() -> None:
+    plan = {"global_batch": 8, "steps_per_epoch": 10}
+    history = history_of(
+        {"kind": "meta", "step": 0, "rank": 0, "attempt": 0, "time": 110.0, "process_started": 100.0,
+         "plan": plan, "resumed_from": None},
+        {"kind": "train", "step": 10, "rank": 0, "attempt": 0, "time": 130.0, "samples_per_s": 4.0},
+        {"kind": "meta", "step": 10, "rank": 0, "attempt": 0, "time": 131.0, "event": "checkpoint",
+         "seconds": 1.0},
+        {"kind": "train", "step": 20, "rank": 0, "attempt": 0, "time": 151.0, "samples_per_s": 4.0},
+        {"kind": "meta", "step": 20, "rank": 0, "attempt": 0, "time": 190.0, "event": "hang",
+         "stale_s": 35.0},
+        {"kind": "meta", "step": 20, "rank": 0, "attempt": 0, "time": 195.0, "event": "failure",
+         "action": "restart"},
+        {"kind": "meta", "step": 10, "rank": 0, "attempt": 1, "time": 205.0, "process_started": 200.0,
+         "plan": plan, "resumed_from": 10},
+        {"kind": "train", "step": 30, "rank": 0, "attempt": 1, "time": 245.0, "samples_per_s": 4.0},
+        {"kind": "eval", "step": 30, "rank": 0, "attempt": 1, "time": 250.0, "eval_seconds": 5.0},
+    )  # fmt: skip
+    result = goodput(history)
+    # attempt 0: 40 s of steps, of which 10 steps (20 s) were replayed by attempt 1; attempt 1: 40 s
+    assert result.productive_s == pytest.approx(60.0) and result.lost_s["replayed"] == pytest.approx(20.0)
+    assert result.lost_s["startup"] == pytest.approx(15.0) and result.lost_s["checkpoint"] == 1.0
+    assert result.lost_s["hang"] == 35.0 and result.lost_s["eval"] == 5.0
+    assert result.lost_s["restart"] == pytest.approx(5.0)  # 195 -> 200, inside the allocation
+    assert result.allocated_s == pytest.approx(95.0 + 5.0 + 50.0) and result.requeue_wait_s == 0.0
+    assert result.ratio == pytest.approx(60.0 / 150.0)
+    assert "40.0% of 0:02:30 trained" in result.summary()
+    ((attempt, kind, step, cost),) = stop_history(history)
+    assert (attempt, kind, step) == (0, "hang", 20) and cost == pytest.approx(20.0 + 5.0 + 5.0)
+
+
+def test_a_slow_rank_is_named_by_status_and_the_collector(tmp_path: Path, tones_corpus: Path) -> None:
+    """Two real processes, rank 1's forward passes slowed threefold by fault injection."""
+    run_dir = tmp_path / "run"
+    command = engine_command(
+        run_dir, tones_corpus, 2, "train.max_steps=12", "train.global_batch_size=8", "logging.steps=2",
+        "eval.steps=100", "eval.at_start=false", "train.max_micro_batch_size=4",
+    )  # fmt: skip
+    done = subprocess.run(
+        command, env=python_env(ASRLAUNCH_FAULT="slow@rank=1,factor=3"), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (slow,) = stragglers(RunHistory.read(RunDir(run_dir)).current)
+    assert slow.rank == 1 and slow.ratio >= 2.0
+    shown = subprocess.run(
+        [PYTHON, "-m", "asrlaunch", "status", str(run_dir), "--json"], capture_output=True, text=True,
+        env=python_env(),
+    )  # fmt: skip
+    assert json.loads(shown.stdout)["slow"][0].startswith("rank 1 ")
+    collected = subprocess.run(
+        [PYTHON, "-m", "asrlaunch", "collect", str(run_dir)], capture_output=True, text=True, env=python_env()
+    )
+    assert collected.returncode == 0 and "slow: rank 1 " in collected.stdout, collected.stderr
