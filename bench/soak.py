@@ -3,14 +3,18 @@
     python bench/soak.py recipes/smoke.yaml --stops 10 --seed 1 [key=value ...]
 
 Stops are drawn from: preemption by a high-priority job, `scancel --signal=USR2 --full`, a time limit,
-kill -9 of a random rank, a node set down. The run (2 nodes x 1 task, partition `low`) must end COMPLETED
-with final weights bitwise equal to an uninterrupted run of the same recipe (torchrun, 2 processes), no step
-missing or counted twice in the merged table, and every stop in the logs with its kind.
+kill -9 of a random rank, a node set down, SIGSTOP of a random rank (a hang the supervisor must end, with
+`train.hang_timeout_s=30`). The run (2 nodes x 1 task, partition `low`) must end COMPLETED with final weights
+bitwise equal to an uninterrupted run of the same recipe (torchrun, 2 processes), no step missing or counted
+twice in the merged table, and every stop in the logs with its kind. It prints the run's goodput and, for
+each stop, the time from the end of the stopped step to the next step trained, for in-job restarts and for
+requeues apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -23,11 +27,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from asrlaunch.core.goodput import goodput, restarted_in_allocation
+from asrlaunch.core.history import RunHistory
 from asrlaunch.core.records import Event, Kind
 from asrlaunch.core.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("preemption", "usr2", "time_limit", "kill_rank", "node_down")
+KINDS = ("preemption", "usr2", "time_limit", "kill_rank", "node_down", "hang")
 # What each stop leaves in the logs: its own stop event (the trainer's or failover's).
 LOGGED_AS = {
     "preemption": Event.PREEMPTION,
@@ -35,6 +41,7 @@ LOGGED_AS = {
     "time_limit": Event.TIMEOUT,
     "kill_rank": Event.FAILURE,
     "node_down": Event.TERMINATED,
+    "hang": Event.HANG,
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -63,6 +70,19 @@ def trained(run_dir: Path, attempt: int) -> int:
     return max(steps, default=0)
 
 
+def latencies(history: RunHistory) -> dict[str, list[float]]:
+    """Seconds from the end of each stopped attempt (its last record) to the next attempt's first trained
+    step, for restarts inside the allocation and for everything that went back to the queue."""
+    found: dict[str, list[float]] = {"restart in the job": [], "requeue": []}
+    for before, after in itertools.pairwise(history.attempts):
+        first = [r["time"] for r in after.records if r["kind"] == Kind.TRAIN and r["rank"] == 0]
+        if not first or before.last_time is None:
+            continue
+        path = "restart in the job" if restarted_in_allocation(before) else "requeue"
+        found[path].append(round(min(first) - before.last_time, 1))
+    return found
+
+
 def job_field(job_id: str, name: str) -> str:
     match = re.search(rf"\b{name}=(\S+)", run("scontrol", "show", "job", job_id))
     return match.group(1) if match else ""
@@ -76,7 +96,7 @@ def wait(condition, what: str, timeout: float = 400) -> None:
         time.sleep(0.5)
 
 
-def kill_rank(job_id: str, rank: int) -> None:
+def kill_rank(job_id: str, rank: int, signum: int = signal.SIGKILL) -> None:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             environ = (proc / "environ").read_bytes().split(b"\0")
@@ -85,7 +105,7 @@ def kill_rank(job_id: str, rank: int) -> None:
             continue
         ours = f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
         if ours and b"submitit.core._submit" in command and not command.startswith(b"srun"):
-            os.kill(int(proc.name), signal.SIGKILL)
+            os.kill(int(proc.name), signum)
 
 
 def stop(how: str, job_id: str, rng: random.Random) -> str:
@@ -101,6 +121,8 @@ def stop(how: str, job_id: str, rng: random.Random) -> str:
         run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
     elif how == "kill_rank":
         kill_rank(job_id, rng.randrange(2))
+    elif how == "hang":
+        kill_rank(job_id, rng.randrange(2), signal.SIGSTOP)
     elif how == "node_down":
         node = rng.choice(run("scontrol", "show", "hostnames", job_field(job_id, "NodeList")).split())
         run("scontrol", "update", f"nodename={node}", "state=down", "reason=soak")
@@ -129,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval.at_start=false",
         f"data.cache_dir={work / 'cache'}",
         "train.collective_timeout_s=60",
+        "train.hang_timeout_s=30",
         *args.overrides,
     ]
     job_shape = [
@@ -210,11 +233,14 @@ def main(argv: list[str] | None = None) -> int:
 
     a, b = (load_file(str(RunDir(p).final / "model.safetensors")) for p in (straight, run_dir))
     bitwise = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    merged = merge_records(read_run_logs(run_dir))
+    records = read_run_logs(run_dir)
+    merged = merge_records(records)
     logged = Counter(
-        r["event"] for r in read_run_logs(run_dir) if r.get("event") in LOGGED_AS.values() and r["rank"] == 0
+        r["event"]
+        for r in records
+        if r.get("event") in {e.value for e in LOGGED_AS.values()} and r["rank"] == 0
     )
-    expected = Counter(LOGGED_AS[how] for how in schedule)
+    expected = Counter(LOGGED_AS[how].value for how in schedule)
     result = {
         "state": state,
         "wall_s": round(wall, 1),
@@ -224,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         "every_step_once": list(merged.train) == list(range(1, args.steps + 1)),
         "stop_events_logged": dict(logged),
         "every_stop_logged": all(logged[k] >= n for k, n in expected.items()),
+        "goodput": goodput(merged.history).summary(),
+        "stop_to_next_step_s": latencies(merged.history),
     }
     print(json.dumps(result, indent=1))
     ok = state == "COMPLETED" and bitwise and result["every_step_once"] and result["every_stop_logged"]

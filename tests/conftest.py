@@ -31,7 +31,7 @@ def tones_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def notable(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The event records that say what happened to a run (stops, errors, failures, splits), without the ones
     that only account for time or for an injected fault (`checkpoint`, `fault`)."""
-    quiet = {Event.CHECKPOINT, Event.FAULT}
+    quiet = {Event.CHECKPOINT.value, Event.FAULT.value}
     return [r for r in records if r.get("event") and r["event"] not in quiet]
 
 

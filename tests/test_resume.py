@@ -80,12 +80,16 @@ def run_and_kill_after_checkpoint(cmd: list[str], run_dir: Path, step: int) -> N
 
 
 def kill_while_writing_a_checkpoint(cmd: list[str], run_dir: Path, tries: int = 5) -> None:
-    """kill -9 the process group while a checkpoint is half written: as soon as its partial folder holds
-    a file. A kill that lands just after the rename is retried (the next start resumes and saves again)."""
+    """kill -9 the process group while a checkpoint is half written, an earlier one complete: as soon as its
+    partial folder holds a file. A kill that lands just after the rename is retried (the next start resumes
+    and saves again)."""
     checkpoints = run_dir / "checkpoints"
 
     def half_written() -> bool:
-        return any(any(p.iterdir()) for p in checkpoints.glob(".step-*.partial"))
+        complete = any(
+            (p / checkpoint.MANIFEST).exists() for _, p in checkpoint.list_checkpoints(checkpoints)
+        )
+        return complete and any(any(p.iterdir()) for p in checkpoints.glob(".step-*.partial"))
 
     for _ in range(tries):
         kill_when(cmd, half_written, "a checkpoint was caught mid-write", poll_s=0.001)
@@ -224,14 +228,12 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one(
     (partial,) = checkpoints.glob(".step-*.partial")
     torn_step = int(partial.name.split("-")[1].split(".")[0])
     found = checkpoint.newest_complete(checkpoints)
-    previous = found[0].name if found else None
+    assert found is not None  # the kill came after a complete checkpoint, which the resume must use
     assert torn_step not in [s for s, _ in checkpoint.list_checkpoints(checkpoints)]
+    assert int(found[0].name.split("-")[1]) < torn_step
 
     resumed = run(cmd)
-    if previous is None:  # killed while writing the very first checkpoint: a fresh start
-        assert "resuming from" not in resumed.stdout
-    else:
-        assert f"resuming from {checkpoints / previous}" in resumed.stdout
+    assert f"resuming from {found[0]}" in resumed.stdout
     a, b = weights(straight), weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert step_losses(straight) == step_losses(killed)

@@ -149,6 +149,12 @@ def test_sigterm_checkpoints_a_cancel_stays_and_term_preemption_requeues(
     assert wait_until_done([run_dir])[run_dir] == "FAILED"
     assert events(run_dir) == ["terminated"]
     stopped_at = last_train(run_dir, 0)
+    status = [PYTHON, "-m", "asrlaunch", "status", str(run_dir)]
+    shown = subprocess.run(status, capture_output=True, text=True, env=python_env())
+    row, *notes = shown.stdout.splitlines()[1:]
+    assert " STOPPED " in row and "failure" not in row  # the user's stop: stopped, not failed
+    assert f"stopped at step {stopped_at} (terminated) with its checkpoint" in notes[0]
+    assert f"asrlaunch submit --resume {run_dir}" in notes[0]
     resubmitted = subprocess.run(
         [PYTHON, SUBMIT, "--resume", str(run_dir)],
         capture_output=True,

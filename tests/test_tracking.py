@@ -66,6 +66,9 @@ def test_trackers_follow_a_run_through_a_resume(tmp_path: Path, tones_corpus: Pa
     kill_when(command, lambda: log.exists() and '"step": 6, "epoch": 0.75' in log.read_text(), "step 6")
     run(command)  # resumes from step 4: steps 5 and 6 are trained (and logged) again
     records = [json.loads(line) for line in log.read_text().splitlines()]
+    replayed = [r["step"] for r in records if r["kind"] == "train" and r["attempt"] == 0 and r["step"] > 4]
+    resumed = [r for r in records if r["kind"] == "meta" and r["attempt"] == 1 and not r.get("event")]
+    assert replayed and resumed[0]["resumed_from"] == 4  # steps past 4 were logged, then trained again
     train_loss = scalars(run_dir, "train/loss")
     assert [s for s, _ in train_loss] == list(range(1, 11))  # every step once, replayed ones replaced
     final = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}  # the last attempt wins
