@@ -36,7 +36,7 @@ def measure_checkpoint(label: str, section: ModelSection, work: Path) -> None:
     from asrlaunch.engine.model import build_model
 
     accelerator = Accelerator(cpu=True)
-    model = build_model(section, VOCAB, 29)
+    model = build_model(section, len(VOCAB), 29)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model, optimizer = accelerator.prepare(model, optimizer)
     labels = torch.randint(0, 28, (2, 10))

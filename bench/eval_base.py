@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         settings.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4)
     torch.manual_seed(0)
-    model = build_model(ModelSection(config=settings), corpus.vocab, corpus.processor.tokenizer.pad_token_id)
+    model = build_model(
+        ModelSection(config=settings), corpus.vocab_size, corpus.processor.tokenizer.pad_token_id
+    )
     parameters = sum(p.numel() for p in model.parameters())
     accelerator = Accelerator(cpu=True)
     results = {}

@@ -71,7 +71,9 @@ def evaluate_in_process(config: dict, corpus_dir: Path, cache: Path, mode: str) 
 
     corpus = load_corpus(corpus_dir, cache)
     torch.manual_seed(0)
-    model = build_model(ModelSection(config=config), corpus.vocab, corpus.processor.tokenizer.pad_token_id)
+    model = build_model(
+        ModelSection(config=config), corpus.vocab_size, corpus.processor.tokenizer.pad_token_id
+    )
     result = evaluate(
         model, corpus.test, corpus.processor, Accelerator(cpu=True), mode=mode, max_batch_seconds=9
     )
@@ -168,7 +170,7 @@ def test_group_norm_model_batched_equals_batch_1_on_2_processes(tones_corpus: Pa
     corpus = load_corpus(tones_corpus, cache)
     torch.manual_seed(0)
     model = build_model(
-        ModelSection(config=GROUP_NORM), corpus.vocab, corpus.processor.tokenizer.pad_token_id
+        ModelSection(config=GROUP_NORM), corpus.vocab_size, corpus.processor.tokenizer.pad_token_id
     )
     folder = tmp_path / "run" / "final"
     model.save_pretrained(folder)

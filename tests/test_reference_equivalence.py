@@ -132,9 +132,9 @@ def reference_pipeline(corpus: Path, folder: Path) -> dict:
             "layerdrop": 0.0,
             "ctc_loss_reduction": "mean",
             "pad_token_id": tokenizer.pad_token_id,
-            # The script's len(tokenizer): under transformers 4.15 (the card's) the vocabulary file alone;
-            # newer tokenizers also count <s> and </s> as added tokens, which the card's model never had.
-            "vocab_size": tokenizer.vocab_size,
+            # The script's len(tokenizer), which counts the <s> and </s> the tokenizer adds (the card's
+            # config.json: vocab_size 31 for TIMIT's 29 entries, added_tokens.json {"<s>": 29, "</s>": 30}).
+            "vocab_size": len(tokenizer),
             "activation_dropout": 0.0,
         }
     )
@@ -183,12 +183,24 @@ def test_loss_and_gradients_on_one_batch_equal_the_reference(quirky_corpus: Path
     mine = ours(quirky_corpus, tmp_path / "cache")
     corpus, recipe = mine["corpus"], mine["recipe"]
     torch.manual_seed(0)
-    model = build_model(recipe.model, corpus.vocab, corpus.processor.tokenizer.pad_token_id)
+    model = build_model(recipe.model, corpus.vocab_size, corpus.processor.tokenizer.pad_token_id)
     theirs = Wav2Vec2ForCTC(reference["config"])
     theirs.freeze_feature_encoder()  # --freeze_feature_encoder, the script's default
     theirs.load_state_dict(model.state_dict())
-    for key in ("mask_time_prob", "mask_time_length", "layerdrop", "hidden_dropout", "vocab_size"):
+    keys = (
+        "mask_time_prob",
+        "mask_time_length",
+        "layerdrop",
+        "hidden_dropout",
+        "vocab_size",
+        "ctc_zero_infinity",
+    )
+    for key in keys:
         assert getattr(model.config, key) == getattr(theirs.config, key), key
+    assert model.config.vocab_size == len(reference["vocab"]) + 2 and model.config.ctc_zero_infinity is False
+    ours_added = {t.content: i for i, t in corpus.processor.tokenizer.added_tokens_decoder.items()}
+    theirs_added = {t.content: i for i, t in reference["tokenizer"].added_tokens_decoder.items()}
+    assert ours_added == theirs_added and ours_added["<s>"] == len(reference["vocab"])
 
     table = corpus.train.with_format("numpy", columns=["input_values", "labels"])
     ids = list(corpus.train["id"])
@@ -243,5 +255,34 @@ def test_engine_writes_the_reference_vocabulary(quirky_corpus: Path, tmp_path: P
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run_dir / "final" / "vocab.json").read_text()) == reference["vocab"]
-    config = json.loads((run_dir / "final" / "config.json").read_text())
-    assert config["vocab_size"] == len(reference["vocab"]) and config["hidden_dropout"] == 0.0
+    final = run_dir / "final"
+    vocab = json.loads((final / "vocab.json").read_text())
+    config = json.loads((final / "config.json").read_text())
+    assert config["vocab_size"] == len(vocab) + 2 and config["hidden_dropout"] == 0.0
+    assert config["ctc_zero_infinity"] is False and config["pad_token_id"] == vocab["[PAD]"]
+    assert json.loads((final / "added_tokens.json").read_text()) == {
+        "<s>": len(vocab),
+        "</s>": len(vocab) + 1,
+    }
+    special = json.loads((final / "special_tokens_map.json").read_text())
+    assert special == {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "[UNK]", "pad_token": "[PAD]"}
+
+
+def test_weight_decay_goes_where_the_trainer_put_it(tmp_path: Path) -> None:
+    """4.15's Trainer: decay on every parameter outside LayerNorm modules whose name has no `bias`
+    (`masked_spec_embed` included); ours must build the same two groups."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    from asrlaunch.engine.model import build_optimizer
+
+    recipe = load_recipe(RECIPES / "timit32.yaml", [f"data.dir={tmp_path}", f"model.config={TINY}"])
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(**yaml.safe_load(TINY)))
+    optimizer = build_optimizer(model, recipe.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
+    trainers = {n for n in get_parameter_names(model, [torch.nn.LayerNorm]) if "bias" not in n}
+    assert decayed == trainers and "wav2vec2.masked_spec_embed" in decayed
+    assert (
+        optimizer.param_groups[0]["weight_decay"] == 0.005 and optimizer.param_groups[1]["weight_decay"] == 0
+    )

@@ -151,6 +151,26 @@ def test_kill_9_and_resume_is_bitwise_exact_with_dropout(tmp_path: Path, tones_c
     assert metas[1]["resumed_from"] in (5, 10)
 
 
+def test_the_reference_order_resumes_in_the_middle_of_an_epoch_bitwise(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """The Trainer's order at a global batch of 12 (6 steps per epoch, the last partial): killed after the
+    checkpoint of step 5, in the middle of epoch 0, then resumed: the same samples, losses and weights."""
+    import torch
+
+    order = ("data.order=reference", "train.global_batch_size=12", "train.max_micro_batch_size=3")
+    straight = BackgroundRun(tmp_path / "straight", tones_corpus, 1, *SHORT_RUN, *order)
+    resumed = tmp_path / "resumed"
+    cmd = command(resumed, tones_corpus, 1, *order)
+    run_and_kill_after_checkpoint(cmd, resumed, 5)
+    keep_only_checkpoint(resumed, 5)
+    assert "resuming from" in run(cmd).stdout
+    a, b = weights(straight.result()), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(straight.run_dir) == step_losses(resumed)
+    assert sample_ids(straight.run_dir) == sample_ids(resumed) and len(sample_ids(resumed)[6]) == 4
+
+
 def test_world_size_2_to_1_keeps_samples_and_weights(tmp_path: Path, tones_corpus: Path, plain: Path) -> None:
     straight, changed = plain, tmp_path / "changed"
     run_and_kill_after_checkpoint(command(changed, tones_corpus, 2), changed, 5)

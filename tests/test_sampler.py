@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from asrlaunch.core.plan import plan_batch
-from asrlaunch.data.sampler import GlobalOrder, epoch_batches, padding_efficiency, rank_micro_batches
+from asrlaunch.data.sampler import (
+    GlobalOrder,
+    epoch_batches,
+    padding_efficiency,
+    rank_micro_batches,
+    reference_epoch_batches,
+)
 
 
 def timit_like_lengths(count: int = 4620, seed: int = 0) -> np.ndarray:
@@ -75,3 +81,46 @@ def test_padding_efficiency_beats_random_batches() -> None:
 def test_rank_outside_world_is_refused() -> None:
     with pytest.raises(ValueError, match="outside"):
         rank_micro_batches(np.arange(32), plan_batch(32, 2, 32), 2)
+
+
+def trainer_length_grouped(lengths: list[int], batch: int, permutation: list[int]) -> list[int]:
+    """transformers 4.15's `get_length_grouped_indices` (what `--group_by_length` samples at world size 1),
+    written out in plain Python from its source, fed with our permutation."""
+    mega_batch_mult = min(len(lengths) // (batch * 4), 50)
+    if mega_batch_mult == 0:
+        mega_batch_mult = 1
+    megabatch_size = mega_batch_mult * batch
+    megabatches = [permutation[i : i + megabatch_size] for i in range(0, len(lengths), megabatch_size)]
+    megabatches = [sorted(megabatch, key=lambda i: lengths[i], reverse=True) for megabatch in megabatches]
+    megabatch_maximums = [lengths[megabatch[0]] for megabatch in megabatches]
+    max_idx = megabatch_maximums.index(max(megabatch_maximums))
+    megabatches[0][0], megabatches[max_idx][0] = megabatches[max_idx][0], megabatches[0][0]
+    return [i for megabatch in megabatches for i in megabatch]
+
+
+@pytest.mark.parametrize(("count", "steps", "last"), [(4620, 145, 12), (77, 3, 13)])
+def test_the_reference_order_is_the_trainers_length_grouped_order(count: int, steps: int, last: int) -> None:
+    lengths = timit_like_lengths(count)
+    batches = reference_epoch_batches(lengths, 32, seed=42, epoch=3)
+    permutation = np.random.default_rng([42, 3]).permutation(count).tolist()
+    assert np.concatenate(batches).tolist() == trainer_length_grouped(lengths.tolist(), 32, permutation)
+    # the same rules, checked one by one
+    assert [len(b) for b in batches] == [32] * (steps - 1) + [last]  # the last batch partial, not filled
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(count))  # every sample once per epoch
+    assert lengths[batches[0]].max() == lengths.max() == lengths[flat[0]]  # the longest opens the epoch
+    size = min(count // 128, 50) * 32 or 32  # 36 batches for TIMIT
+    for start in range(0, count, size):
+        megabatch = lengths[flat[start : start + size]]
+        assert (np.diff(megabatch[1:]) <= 0).all()  # longest first (the first place: the swap's)
+    assert GlobalOrder(lengths, 32, 42, "reference").steps_per_epoch == steps
+
+
+def test_a_partial_batch_is_cut_by_samples_over_ranks_and_micro_steps() -> None:
+    batch = np.arange(4)  # the epoch's last batch of a global batch of 12
+    four, two = plan_batch(12, 4, 3), plan_batch(12, 2, 3)
+    assert [rank_micro_batches(batch, four, r)[0].tolist() for r in range(4)] == [[0, 1, 2], [3], [], []]
+    assert [[m.tolist() for m in rank_micro_batches(batch, two, r)] for r in range(2)] == [
+        [[0, 1, 2], []],
+        [[3], []],
+    ]

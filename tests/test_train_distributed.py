@@ -73,6 +73,36 @@ def test_world_size_does_not_change_samples_or_losses(tmp_path: Path, tones_corp
     assert eval_two[0]["wer"] == pytest.approx(by_step(one, "eval")[10][0]["wer"])
 
 
+def test_the_reference_order_with_its_partial_batch_is_the_same_on_1_2_and_4_processes(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """64 utterances at a global batch of 12: 6 steps per epoch, the last of 4 samples. On 4 processes rank 0
+    computes 3 of them, rank 1 one, ranks 2 and 3 none; each micro-batch's loss is weighted by its samples, so
+    the step's loss and gradient are the mean over the 4, as one process computes them."""
+    common = (
+        "data.order=reference",
+        "train.global_batch_size=12",
+        "train.max_micro_batch_size=3",
+        "train.max_steps=8",
+        "logging.steps=1",
+        "eval.steps=100",
+    )
+    runs = {
+        world: by_step(train(tmp_path / f"w{world}", tones_corpus, world, *common), "train")
+        for world in (1, 2, 4)
+    }
+    for world, steps in runs.items():
+        assert sorted(steps) == list(range(1, 9)), world
+        for step, records in steps.items():
+            (single,) = runs[1][step]
+            size = 4 if step == 6 else 12  # the partial batch closes epoch 0
+            assert len(single["sample_ids"]) == size
+            assert all(r["sample_ids"] == single["sample_ids"] for r in records)  # the same samples, in order
+            mean = sum(r["loss"] for r in records) / world  # the weighted rank losses: the batch's mean
+            assert mean == pytest.approx(single["loss"], rel=1e-5), (world, step)
+            assert records[0]["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4), (world, step)
+
+
 def test_two_process_run_writes_both_rank_logs_and_the_final_model(
     tmp_path: Path, tones_corpus: Path
 ) -> None:

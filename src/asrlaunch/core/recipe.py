@@ -67,6 +67,10 @@ class ModelSection(_Section):
     # Extra Wav2Vec2Config keyword arguments applied on top of the pretrained config.
     overrides: dict[str, Any] = Field(default_factory=dict)
     freeze_feature_encoder: bool = True
+    # An utterance too short for its transcript (fewer CTC frames than it needs) has an infinite loss: true
+    # zeroes it (it adds nothing), false keeps it (the step's gradients are then not finite and the step is
+    # skipped). The reference card's run had it off.
+    ctc_zero_infinity: bool = True
 
 
 class SynthSection(_Section):
@@ -95,6 +99,10 @@ class DataSection(_Section):
     # `reference`: the reference script's cleaning, final word delimiter and vocabulary order (its unescaped
     # regex also deletes apostrophes and digits); `clean`: keeps apostrophes and digits. See data/text.py.
     text_normalization: Literal["reference", "clean"] = "clean"
+    # `grouped`: our order (length-sorted chunks of 50 global batches, batches shuffled, the last batch filled
+    # by wrapping around); `reference`: the Trainer's length-grouped order of the reference card's run (its
+    # megabatches, longest first, the epoch's last batch partial). Either is the same on every world size.
+    order: Literal["grouped", "reference"] = "grouped"
     generate: SynthSection | None = None
 
 

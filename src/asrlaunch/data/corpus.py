@@ -21,7 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from asrlaunch.data.text import PAD, UNK, WORD_DELIMITER, Normalization, Transcript, build_vocab, transcript
+from asrlaunch.data.text import (
+    BOS,
+    EOS,
+    PAD,
+    UNK,
+    WORD_DELIMITER,
+    Normalization,
+    Transcript,
+    build_vocab,
+    transcript,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -99,8 +109,14 @@ def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
     folder.mkdir(parents=True, exist_ok=True)
     vocab_file = folder / "vocab.json"
     write_atomic(vocab_file, json.dumps(vocab, indent=1))
+    # bos and eos named explicitly: added after [UNK] and [PAD], as the reference card's tokenizer did
     tokenizer = Wav2Vec2CTCTokenizer(
-        str(vocab_file), unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER
+        str(vocab_file),
+        unk_token=UNK,
+        pad_token=PAD,
+        word_delimiter_token=WORD_DELIMITER,
+        bos_token=BOS,
+        eos_token=EOS,
     )
     extractor = Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
@@ -170,12 +186,28 @@ def prepare_split(
     return datasets.Dataset.from_file(str(arrow))
 
 
+def save_processor(processor: Wav2Vec2Processor, folder: Path) -> None:
+    """The processor as save_pretrained writes it, plus `special_tokens_map.json` as transformers 4.15 (the
+    reference card's) wrote it beside `added_tokens.json`."""
+    processor.save_pretrained(folder)
+    tokenizer = processor.tokenizer
+    names = ("bos_token", "eos_token", "unk_token", "pad_token")
+    mapping = {name: str(getattr(tokenizer, name)) for name in names}
+    write_atomic(folder / "special_tokens_map.json", json.dumps(mapping, indent=2))
+
+
 @dataclass
 class PreparedCorpus:
     train: datasets.Dataset
     test: datasets.Dataset
     processor: Wav2Vec2Processor
     vocab: dict[str, int]
+
+    @property
+    def vocab_size(self) -> int:
+        """The model's output units: the tokenizer's length, its added `<s>` and `</s>` counted (the reference
+        script sized the head with `len(tokenizer)`)."""
+        return len(self.processor.tokenizer)
 
 
 def normalise(sources: list[Source], mode: Normalization) -> list[Transcript]:

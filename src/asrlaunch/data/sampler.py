@@ -1,8 +1,9 @@
 """The run's sample order: seeded, length-grouped global batches, then sharded to ranks and micro-steps.
 
-The order depends on (seed, epoch, lengths, global batch) only, never on the world size or the attempt:
-global step k holds the same samples on 1 or 64 processes and after any number of resumes.
-numpy only, so the launcher and benchmarks can use it without torch.
+The order depends on (seed, epoch, lengths, global batch, `data.order`) only, never on the world size or the
+attempt: global step k holds the same samples on 1 or 64 processes and after any number of resumes. Two
+orders: `grouped` (ours, `epoch_batches`) and `reference` (the Trainer's LengthGroupedSampler of the reference
+card's run, `reference_epoch_batches`), whose last batch of an epoch is partial. numpy only (no torch).
 """
 
 from __future__ import annotations
@@ -51,10 +52,33 @@ def epoch_batches(
     return shuffled
 
 
+def reference_epoch_batches(lengths: Sequence[int] | np.ndarray, global_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The global batches of one epoch in the order of transformers' LengthGroupedSampler (4.15, one process,
+    batch = the global batch), the reference card's `--group_by_length`: a permutation cut into megabatches of
+    `min(n // (batch * 4), 50)` batches, each sorted longest first (stable), the first sample of the first
+    megabatch swapped with that of the megabatch holding the longest sample, batches taken in order, and the
+    last batch of the epoch partial (no drop_last). The permutation is ours (`default_rng([seed, epoch])`)."""
+    lengths = np.asarray(lengths)
+    count = len(lengths)
+    indices = np.random.default_rng([seed, epoch]).permutation(count)
+    size = (min(count // (global_batch * 4), 50) or 1) * global_batch
+    megabatches = [indices[i : i + size] for i in range(0, count, size)]
+    megabatches = [mb[np.argsort(-lengths[mb], kind="stable")] for mb in megabatches]
+    longest = int(np.argmax([lengths[mb[0]] for mb in megabatches]))
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    order = np.concatenate(megabatches)
+    return [order[i : i + global_batch] for i in range(0, count, global_batch)]
+
+
+ORDERS = {"grouped": epoch_batches, "reference": reference_epoch_batches}
+
+
 def rank_micro_batches(batch: np.ndarray, plan: BatchPlan, rank: int) -> list[np.ndarray]:
-    """The micro-batches that `rank` processes for one global batch, in accumulation order."""
-    if len(batch) != plan.global_batch:
-        raise ValueError(f"a global batch holds {plan.global_batch} samples, got {len(batch)}")
+    """The micro-batches that `rank` processes for one global batch, in accumulation order. The global
+    batch is cut by samples: micro-batch (step s, rank r) holds samples [(s*W + r)*m, (s*W + r + 1)*m); in a
+    partial batch (the reference order's last of an epoch) later micro-batches hold fewer, or none."""
+    if len(batch) > plan.global_batch:
+        raise ValueError(f"a global batch holds at most {plan.global_batch} samples, got {len(batch)}")
     if not 0 <= rank < plan.world_size:
         raise ValueError(f"rank {rank} is outside the world of {plan.world_size}")
     size, world = plan.micro_batch, plan.world_size
@@ -71,6 +95,7 @@ class GlobalOrder:
     lengths: np.ndarray
     global_batch: int
     seed: int
+    kind: str = "grouped"
     _epochs: dict[int, list[np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -81,7 +106,7 @@ class GlobalOrder:
         """Sample indices of optimizer step `step` (0-based)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch not in self._epochs:
-            self._epochs = {epoch: epoch_batches(self.lengths, self.global_batch, self.seed, epoch)}
+            self._epochs = {epoch: ORDERS[self.kind](self.lengths, self.global_batch, self.seed, epoch)}
         return self._epochs[epoch][index]
 
     def pad_length(self, step: int) -> int:

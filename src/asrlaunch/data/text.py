@@ -20,6 +20,7 @@ from typing import Literal
 Normalization = Literal["reference", "clean"]
 NORMALIZATIONS: tuple[Normalization, ...] = ("reference", "clean")
 WORD_DELIMITER, UNK, PAD = "|", "[UNK]", "[PAD]"
+BOS, EOS = "<s>", "</s>"  # the tokenizer's added special tokens, after [UNK] and [PAD]
 
 # The reference run's `--chars_to_ignore`, joined into a character class exactly as the script joins them.
 REFERENCE_CHARS_TO_IGNORE = (",", "?", ".", "!", "-", ";", ":", '"', "“", "%", "‘", "”", "�")

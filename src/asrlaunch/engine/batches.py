@@ -8,6 +8,7 @@ Worker side: imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +26,14 @@ from asrlaunch.data.text import ctc_min_frames
 class Batch:
     input_values: torch.Tensor
     labels: torch.Tensor
+    # The micro-batch's loss times this is its share of the step's mean over the global batch's samples: 1
+    # for a full global batch; in a partial one (samples here x micro-batches per step / samples in the
+    # batch); 0 for a stand-in that only keeps this rank in the step's collectives (it has no samples).
+    weight: float = 1.0
 
     def pinned(self) -> Batch:
         """In page-locked memory, so the copy to the GPU can run while the host goes on."""
-        return Batch(self.input_values.pin_memory(), self.labels.pin_memory())
+        return Batch(self.input_values.pin_memory(), self.labels.pin_memory(), self.weight)
 
 
 def collate(rows: Any, indices: np.ndarray, pad_to: int) -> Batch:
@@ -46,13 +51,13 @@ def collate(rows: Any, indices: np.ndarray, pad_to: int) -> Batch:
 class TrainData:
     """The training split as this rank reads it: rows, ids, label lengths and the run's global order."""
 
-    def __init__(self, corpus: PreparedCorpus, global_batch: int, seed: int) -> None:
+    def __init__(self, corpus: PreparedCorpus, global_batch: int, seed: int, order: str = "grouped") -> None:
         train = corpus.train
         self.corpus = corpus
         self.rows = train.with_format("numpy", columns=["input_values", "labels"])
         self.ids = list(train["id"])
         self.ctc_min_frames = np.array([ctc_min_frames(labels) for labels in train["labels"]])
-        self.order = GlobalOrder(np.asarray(train["length"]), global_batch, seed)
+        self.order = GlobalOrder(np.asarray(train["length"]), global_batch, seed, order)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -62,7 +67,17 @@ class TrainData:
         from asrlaunch.data.sampler import rank_micro_batches
 
         batch, pad_to = self.order.batch(step), self.order.pad_length(step)
-        return [collate(self.rows, indices, pad_to) for indices in rank_micro_batches(batch, plan, rank)]
+        parts = rank_micro_batches(batch, plan, rank)
+        if len(batch) == plan.global_batch:
+            return [collate(self.rows, indices, pad_to) for indices in parts]
+        slots = plan.world_size * plan.grad_accum  # a partial batch: each micro-batch weighted by its samples
+        return [
+            dataclasses.replace(
+                collate(self.rows, indices if len(indices) else batch[:1], pad_to),
+                weight=len(indices) * slots / len(batch),
+            )
+            for indices in parts
+        ]
 
 
 class Prefetcher:

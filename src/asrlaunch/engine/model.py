@@ -14,20 +14,21 @@ from asrlaunch.data.text import ctc_min_frames
 __all__ = ["build_model", "build_optimizer", "build_scheduler", "ctc_min_frames"]
 
 
-def _ctc_head(vocab: dict[str, int], pad_id: int) -> dict[str, Any]:
-    # Mean over the batch of per-sample losses divided by target length, as in the reference recipe;
-    # infinite losses (audio too short for its transcript) become zero instead of poisoning the step.
+def _ctc_head(section: ModelSection, vocab_size: int, pad_id: int) -> dict[str, Any]:
+    # Mean over the batch of per-sample losses divided by target length, as in the reference recipe.
     return {
-        "vocab_size": len(vocab),
+        "vocab_size": vocab_size,
         "pad_token_id": pad_id,
         "ctc_loss_reduction": "mean",
-        "ctc_zero_infinity": True,
+        "ctc_zero_infinity": section.ctc_zero_infinity,
     }
 
 
-def build_model(section: ModelSection, vocab: dict[str, int], pad_id: int) -> Wav2Vec2ForCTC:
-    """A pretrained checkpoint with a fresh CTC head, or a random model from `section.config`."""
-    head = _ctc_head(vocab, pad_id)
+def build_model(section: ModelSection, vocab_size: int, pad_id: int) -> Wav2Vec2ForCTC:
+    """A pretrained checkpoint with a fresh CTC head of `vocab_size` outputs (the tokenizer's length, its
+    added `<s>` and `</s>` included, as the reference script sized it), or a random model from
+    `section.config`."""
+    head = _ctc_head(section, vocab_size, pad_id)
     if section.config is not None:
         model = Wav2Vec2ForCTC(Wav2Vec2Config(**{**section.config, **section.overrides, **head}))
     else:
@@ -40,12 +41,22 @@ def build_model(section: ModelSection, vocab: dict[str, int], pad_id: int) -> Wa
 def build_optimizer(
     model: torch.nn.Module, train: TrainSection, fused: bool = False
 ) -> torch.optim.Optimizer:
-    """Biases and normalisation weights get no weight decay, as in the transformers Trainer. `fused`: one
-    kernel for the whole update (CUDA), instead of several per parameter tensor."""
+    """The Trainer's (4.15) two groups: weight decay on every parameter except biases and LayerNorm
+    parameters. `fused`: one kernel for the whole update (CUDA), instead of several per parameter tensor."""
+    in_layer_norm = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.LayerNorm)
+        for name, _ in module.named_parameters(recurse=False)
+    }
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decays = [name not in in_layer_norm and "bias" not in name for name, _ in params]
     groups = [
-        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
-        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+        {
+            "params": [p for (_, p), d in zip(params, decays, strict=True) if d],
+            "weight_decay": train.weight_decay,
+        },
+        {"params": [p for (_, p), d in zip(params, decays, strict=True) if not d], "weight_decay": 0.0},
     ]
     optimizer_class = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     extra = {"fused": True} if fused else {}

@@ -23,6 +23,7 @@ from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.core.records import Event
 from asrlaunch.core.rundir import RunDir
+from asrlaunch.data.corpus import save_processor
 from asrlaunch.data.prepare import ensure_corpus, prepare_corpus
 from asrlaunch.engine import checkpoint
 from asrlaunch.engine.batches import Prefetcher, TrainData
@@ -119,12 +120,14 @@ class Trainer:
         with waiting() if not main else contextlib.nullcontext(), self.accelerator.main_process_first():
             ensure_corpus(self.recipe, main)
             self.corpus = prepare_corpus(self.recipe, on_progress=self.heartbeat.progress)
-        return TrainData(self.corpus, self.batch_plan.global_batch, self.recipe.train.seed)
+        return TrainData(
+            self.corpus, self.batch_plan.global_batch, self.recipe.train.seed, self.recipe.data.order
+        )
 
     def _build_model(self) -> tuple[Any, Any, Any]:
         set_seed(self.recipe.train.seed)
         model = build_model(
-            self.recipe.model, self.corpus.vocab, self.corpus.processor.tokenizer.pad_token_id
+            self.recipe.model, self.corpus.vocab_size, self.corpus.processor.tokenizer.pad_token_id
         )
         # CTC frames per padded length, cached: the check for too-short transcripts costs nothing per step.
         output_lengths = model._get_feat_extract_output_lengths
@@ -269,6 +272,8 @@ class Trainer:
                         ),
                         labels=inputs.labels.to(accelerator.device, non_blocking=True),
                     ).loss
+                    if inputs.weight != 1.0:  # a partial global batch: the mean over its samples
+                        loss = loss * inputs.weight
                 if accelerator.sync_gradients:  # this backward waits for the other ranks' gradients
                     with waiting():
                         accelerator.backward(loss)
@@ -410,7 +415,7 @@ class Trainer:
             final, partial = self.run_dir.final, self.run_dir.final_partial
             shutil.rmtree(partial, ignore_errors=True)
             self.net.save_pretrained(partial, safe_serialization=True)
-            self.corpus.processor.save_pretrained(partial)
+            save_processor(self.corpus.processor, partial)
             final.mkdir(exist_ok=True)
             for path in partial.iterdir():
                 os.replace(path, final / path.name)
