@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE = 1
 export HF_DATASETS_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: venv system cluster cluster-stop demo test lint bench
+.PHONY: venv system cluster cluster-stop demo test lint bench install-check
 
 venv: .venv/.installed
 .venv/.installed: pyproject.toml
@@ -42,3 +42,13 @@ bench: venv cluster
 	$(PY) bench/train_step.py
 	$(PY) bench/collect_logs.py
 	$(PY) bench/checkpoint.py
+
+# The default install runs the default recipe: a fresh venv, torch first, then only '.[train]', and the smoke
+# recipe as it is, on the local executor (no SLURM), to the end.
+CHECK_VENV ?= /tmp/asrlaunch-install-check
+install-check:
+	rm -rf $(CHECK_VENV) && python3 -m venv $(CHECK_VENV)/venv
+	$(CHECK_VENV)/venv/bin/python -m pip install -q --upgrade pip
+	$(CHECK_VENV)/venv/bin/python -m pip install -q torch==2.13.0
+	$(CHECK_VENV)/venv/bin/python -m pip install -q -e '.[train]'
+	cd $(CHECK_VENV) && $(CHECK_VENV)/venv/bin/asrlaunch submit $(CURDIR)/recipes/smoke.yaml --executor local --wait

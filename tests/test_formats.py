@@ -12,7 +12,7 @@ import pytest
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.recipe import DataSection
 from asrlaunch.data.corpus import DataError, prepare
-from asrlaunch.data.sources import corpus_sources, count_utterances
+from asrlaunch.data.sources import cheap_problems, corpus_sources, count_utterances
 from asrlaunch.data.synth import generate_corpus
 
 from .conftest import PYTHON, RECIPES, TRAINED_SMOKE, engine_command, python_env
@@ -83,11 +83,20 @@ def test_bad_metadata_names_the_file_and_the_column(corpora: dict[str, Path], tm
     with pytest.raises(DataError, match=rf"{metadata}: no column 'text' \(columns: file_name, sentence\)"):
         count_utterances(data)
     assert count_utterances(data.model_copy(update={"text_column": "sentence"}))["train"] == 64
+    test_metadata = folder / "test" / "metadata.csv"
+    test_metadata.write_text(test_metadata.read_text().replace("file_name,sentence", "file_name,text", 1))
     lines = original.splitlines()
     lines[3] = "missing.wav," + lines[3].split(",", 1)[1]
     metadata.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=rf"{metadata}:4: file_name 'missing.wav' does not exist"):
-        count_utterances(data)
+    assert (
+        count_utterances(data)["train"] == 64
+    )  # a missing file is its utterance's problem, not the layout's
+    (missing,) = cheap_problems(data)  # found before anything is queued (preflight)
+    assert (
+        missing.line()
+        == f"{folder / 'train' / 'missing.wav'}: the file does not exist ({metadata}:4, "
+        + ("file_name 'missing.wav')")
+    )
     done = subprocess.run(  # the engine says the same in one line
         [
             PYTHON,
@@ -106,6 +115,92 @@ def test_bad_metadata_names_the_file_and_the_column(corpora: dict[str, Path], tm
         text=True,
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: {metadata}:4: file_name 'missing.wav' does not exist beside it"
-    ]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {missing.line()} (the only bad utterance, listed in ")
+
+
+def test_every_bad_utterance_is_named_at_once_or_left_out(corpora: dict[str, Path], tmp_path: Path) -> None:
+    """A header-only WAV, an empty transcript and a missing file: one error line with the count and the
+    first ones, all three in the list file; with `data.skip_bad=true` the run trains on the rest and the model
+    card says how many were left out."""
+    import csv
+    import shutil
+
+    import soundfile
+
+    folder = tmp_path / "af"
+    shutil.copytree(corpora["audiofolder"], folder)
+    metadata = folder / "train" / "metadata.csv"
+    rows = list(csv.reader(metadata.open()))
+    soundfile.write(folder / "train" / rows[1][0], np.zeros(0), 22050)  # a header and no samples
+    rows[2][1] = "?!"  # nothing left once normalised
+    rows[3][0] = "missing.wav"
+    with metadata.open("w", newline="") as file:
+        csv.writer(file).writerows(rows)
+    data = DataSection(dir=str(folder), format="audiofolder")
+    reasons = sorted(p.reason.split(" (")[0] for p in cheap_problems(data))
+    assert reasons == ["no samples", "the file does not exist", "the transcript is empty after normalisation"]
+
+    def train(*overrides: str) -> subprocess.CompletedProcess[str]:
+        command = engine_command(
+            tmp_path / "run",
+            folder,
+            1,
+            "data.format=audiofolder",
+            "train.max_steps=2",
+            "eval.steps=2",
+            *overrides,
+        )
+        return subprocess.run(command, env=python_env(OMP_NUM_THREADS="2"), capture_output=True, text=True)
+
+    refused = train()
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: 3 bad utterances in {folder}: ") and "data.skip_bad=true" in line
+    listed = Path(line.split("every one is listed in ")[1].split(";")[0]).read_text().splitlines()
+    assert listed[0] == "split\tid\tfile\treason" and len(listed) == 4
+    assert {row.split("\t")[3].split(" (")[0] for row in listed[1:]} == set(reasons)
+
+    kept = train("data.skip_bad=true")
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    (start,) = [r for r in read_run_logs(tmp_path / "run") if r["kind"] == "meta" and "plan" in r]
+    assert start["skipped_utterances"] == 3 and start["plan"]["train_samples"] == 61
+    collected = subprocess.run(
+        [PYTHON, "-m", "asrlaunch", "collect", str(tmp_path / "run")],
+        env=python_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert collected.returncode == 0, collected.stderr
+    assert (
+        "Train 61 utterances (3 bad utterances left out: data.skip_bad)"
+        in (tmp_path / "run" / "final" / "README.md").read_text()
+    )
+
+
+def test_split_names_are_the_corpus_own(corpora: dict[str, Path], tmp_path: Path) -> None:
+    """`data.eval_split=validation` on an audiofolder whose evaluation folder is validation/: it trains and
+    evaluates on it."""
+    import shutil
+
+    folder = tmp_path / "af"
+    shutil.copytree(corpora["audiofolder"], folder)
+    (folder / "test").rename(folder / "validation")
+    data = DataSection(dir=str(folder), format="audiofolder", eval_split="validation")
+    assert count_utterances(data) == {"train": 64, "test": 16}
+    run_dir = tmp_path / "run"
+    command = engine_command(
+        run_dir,
+        folder,
+        1,
+        "data.format=audiofolder",
+        "data.eval_split=validation",
+        "train.max_steps=2",
+        "eval.steps=2",
+    )
+    done = subprocess.run(command, env=python_env(OMP_NUM_THREADS="2"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (evaluation,) = [r for r in read_run_logs(run_dir) if r["kind"] == "eval" and r["step"] == 2]
+    assert evaluation["eval_samples"] == 16
+    with pytest.raises(DataError, match=r"data\.train_split, data\.eval_split name the splits"):
+        count_utterances(DataSection(dir=str(folder), format="audiofolder"))

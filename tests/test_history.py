@@ -56,9 +56,18 @@ def test_an_error_no_retry_can_fix_is_the_runs_last_error(tmp_path: Path) -> Non
     limit = "requeue limit reached (cluster.max_requeues=1): the checkpoint of step 12 is kept"
     lines = [
         {"kind": "meta", "step": 0, "epoch": 0.0, "rank": 0, "attempt": 0, "time": 1.0, "world_size": 1},
-        {"kind": "meta", "step": 12, "epoch": 1.5, "rank": 0, "attempt": 0, "time": 2.0, "event": "timeout",
-         "requeued": False, "error": limit},
-    ]  # fmt: skip
+        {
+            "kind": "meta",
+            "step": 12,
+            "epoch": 1.5,
+            "rank": 0,
+            "attempt": 0,
+            "time": 2.0,
+            "event": "timeout",
+            "requeued": False,
+            "error": limit,
+        },
+    ]
     run.rank_log(0).write_text("".join(json.dumps(line) + "\n" for line in lines))
     history = RunHistory.read(run)
     assert history.last_error == limit and history.stops == ["timeout"]

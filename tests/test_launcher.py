@@ -193,6 +193,22 @@ def test_sweep_dry_run_shows_every_element_and_an_array(tmp_path: Path) -> None:
     assert "#SBATCH --array=0-3%4" in plan["sbatch"]
 
 
+def test_a_sweep_runs_at_most_array_parallelism_elements_at_once(tmp_path: Path) -> None:
+    sweep = ("--sweep", "train.lr=1e-3,3e-3,1e-2", "cluster.array_parallelism=2", "--dry-run")
+    done = submit(str(RECIPES / "smoke.yaml"), *sweep, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --array=0-2%2" in done.stdout
+
+
+def test_the_dry_run_shows_the_preparation_job_and_the_dependency(tmp_path: Path) -> None:
+    prepare = ("cluster.prepare_partition=debug", f"data.dir={tmp_path / 'absent'}", "--dry-run", "--json")
+    done = submit(str(RECIPES / "smoke.yaml"), *prepare, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = json.loads(done.stdout)
+    assert "#SBATCH --partition=debug" in shown["prepare_sbatch"] and "--gpus" not in shown["prepare_sbatch"]
+    assert "#SBATCH --dependency=afterok:PREPARATION_JOB_ID" in shown["sbatch"]
+
+
 HOSTILE = [
     "run.name=x;touch PWNED",
     "run.name=$(touch PWNED)",

@@ -430,3 +430,52 @@ def test_a_gpu_shaped_job_runs_one_task_per_gpu(tmp_path: Path, tones_corpus: Pa
     gpus = {(m["node"], m["cuda_visible_devices"].split(",")[m["local_rank"]]) for m in metas}
     assert len(gpus) == 4 and len({node for node, _ in gpus}) == 2, gpus
     assert {m["device"].split(":")[0] for m in metas} == {"cpu"}
+
+
+def test_a_corpus_prepared_off_the_gpus_first_then_only_when_needed(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """`cluster.prepare_partition`: a CPU job prepares the corpus, the training job waits for it (afterok) and
+    finds it in the cache; a second run of the same corpus needs no preparation job; a preparation that fails
+    leaves the training job pending on its dependency, and status says why."""
+    import shutil
+
+    corpus = tmp_path / "fresh"
+    shutil.copytree(tones_corpus, corpus)
+    prepare = ["cluster.prepare_partition=debug", "cluster.prepare_cpus=1", f"data.dir={corpus}"]
+    ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=prepared", *prepare)
+    jobs = json.loads((run_dir / "job.json").read_text())["jobs"]
+    (preparation,) = [j["job_id"] for j in jobs if j.get("role") == "prepare"]
+    script = (run_dir / "submitit" / f"{job_id}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{preparation}" in script
+    assert wait_until_done([run_dir])[run_dir] == "COMPLETED"
+    assert json.loads((run_dir / "prepare.json").read_text())["cache"] == "built"
+    (start,) = [r for r in read_run_logs(run_dir) if is_start(r)]
+    assert start["cache"] == "hit"
+    assert "corpus: cache hit" in (run_dir / "submitit" / f"{job_id}_0_log.out").read_text()
+
+    ((_, again),) = launch(tmp_path, tones_corpus, "run.name=again", *prepare)
+    assert [j.get("role") for j in json.loads((again / "job.json").read_text())["jobs"]] == [None]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tones_corpus, broken)
+    next(broken.rglob("*.WAV")).write_bytes(b"not audio")
+    bad = [
+        "cluster.prepare_partition=debug",
+        "cluster.prepare_cpus=1",
+        f"data.dir={broken}",
+        "--no-preflight",
+    ]
+    ((blocked_id, blocked),) = launch(tmp_path, tones_corpus, "run.name=blocked", *bad)
+    try:
+        deadline = time.monotonic() + 120
+        while (status := collect_status([blocked])[0]).job.reason != "DependencyNeverSatisfied":
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+        shown = subprocess.run(
+            [PYTHON, STATUS, str(blocked)], capture_output=True, text=True, env=python_env()
+        )
+        assert "PENDING (DependencyNeverSatisfied)" in shown.stdout
+        assert "preparation failed" in shown.stdout and "unreadable audio" in shown.stdout
+    finally:
+        subprocess.run(["scancel", blocked_id], check=False)

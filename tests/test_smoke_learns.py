@@ -46,6 +46,14 @@ def test_smoke_recipe_as_the_readme_runs_it_learns(tmp_path: Path) -> None:
     (meta,) = [r for r in evals if is_start(r)]
     job_id = done.stdout.split("submitted slurm job ")[1].split(":")[0]
     assert meta["job_id"] == job_id and meta["slurm_restart_count"] == 0
+    # The job's output holds our lines; the libraries' noise went to the debug log.
+    output = "".join(
+        p.read_text() for p in (tmp_path / "runs" / "smoke" / "submitit").glob(f"{job_id}_*_log.*")
+    )
+    assert "[train] step=" in output and "corpus: " in output
+    for noise in ("real_accelerator.py", "Setting accelerator to CPU", "Writing model shards", "it/s]"):
+        assert noise not in output, noise
+    assert (tmp_path / "runs" / "smoke" / "logs" / "debug-rank0.log").exists()
     wer = [r["wer"] for r in evals if r["kind"] == "eval"]
     assert wer[0] >= 0.95  # an untrained model gets nothing right
     assert wer[-1] <= 0.3

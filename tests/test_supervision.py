@@ -23,8 +23,15 @@ RECIPE = load_recipe(RECIPES / "smoke.yaml", ["data.dir=x", "train.hang_timeout_
 NOW = 1000.0
 
 
-def beat(rank: int, phase: str = "step", step: int = 20, since: float = 990.0, seen: float = 999.0,
-         waiting: bool = False, max_step_s: float = 0.5) -> Beat:  # fmt: skip
+def beat(
+    rank: int,
+    phase: str = "step",
+    step: int = 20,
+    since: float = 990.0,
+    seen: float = 999.0,
+    waiting: bool = False,
+    max_step_s: float = 0.5,
+) -> Beat:
     return Beat(
         rank, 100 + rank, "vm", f"node{rank + 1}", 500.0, 0, phase, step, since, waiting, max_step_s, seen
     )
@@ -105,21 +112,58 @@ def history_of(*records: dict) -> RunHistory:
 def test_goodput_splits_the_lost_time_by_cause() -> None:
     plan = {"global_batch": 8, "steps_per_epoch": 10}
     history = history_of(
-        {"kind": "meta", "step": 0, "rank": 0, "attempt": 0, "time": 110.0, "process_started": 100.0,
-         "plan": plan, "resumed_from": None},
+        {
+            "kind": "meta",
+            "step": 0,
+            "rank": 0,
+            "attempt": 0,
+            "time": 110.0,
+            "process_started": 100.0,
+            "plan": plan,
+            "resumed_from": None,
+        },
         {"kind": "train", "step": 10, "rank": 0, "attempt": 0, "time": 130.0, "samples_per_s": 4.0},
-        {"kind": "meta", "step": 10, "rank": 0, "attempt": 0, "time": 131.0, "event": "checkpoint",
-         "seconds": 1.0},
+        {
+            "kind": "meta",
+            "step": 10,
+            "rank": 0,
+            "attempt": 0,
+            "time": 131.0,
+            "event": "checkpoint",
+            "seconds": 1.0,
+        },
         {"kind": "train", "step": 20, "rank": 0, "attempt": 0, "time": 151.0, "samples_per_s": 4.0},
-        {"kind": "meta", "step": 20, "rank": 0, "attempt": 0, "time": 190.0, "event": "hang",
-         "stale_s": 35.0},
-        {"kind": "meta", "step": 20, "rank": 0, "attempt": 0, "time": 195.0, "event": "failure",
-         "action": "restart"},
-        {"kind": "meta", "step": 10, "rank": 0, "attempt": 1, "time": 205.0, "process_started": 200.0,
-         "plan": plan, "resumed_from": 10},
+        {
+            "kind": "meta",
+            "step": 20,
+            "rank": 0,
+            "attempt": 0,
+            "time": 190.0,
+            "event": "hang",
+            "stale_s": 35.0,
+        },
+        {
+            "kind": "meta",
+            "step": 20,
+            "rank": 0,
+            "attempt": 0,
+            "time": 195.0,
+            "event": "failure",
+            "action": "restart",
+        },
+        {
+            "kind": "meta",
+            "step": 10,
+            "rank": 0,
+            "attempt": 1,
+            "time": 205.0,
+            "process_started": 200.0,
+            "plan": plan,
+            "resumed_from": 10,
+        },
         {"kind": "train", "step": 30, "rank": 0, "attempt": 1, "time": 245.0, "samples_per_s": 4.0},
         {"kind": "eval", "step": 30, "rank": 0, "attempt": 1, "time": 250.0, "eval_seconds": 5.0},
-    )  # fmt: skip
+    )
     result = goodput(history)
     # attempt 0: 40 s of steps, of which 10 steps (20 s) were replayed by attempt 1; attempt 1: 40 s
     assert result.productive_s == pytest.approx(60.0) and result.lost_s["replayed"] == pytest.approx(20.0)
@@ -137,9 +181,16 @@ def test_a_slow_rank_is_named_by_status_and_the_collector(tmp_path: Path, tones_
     """Two real processes, rank 1's forward passes slowed threefold by fault injection."""
     run_dir = tmp_path / "run"
     command = engine_command(
-        run_dir, tones_corpus, 2, "train.max_steps=12", "train.global_batch_size=8", "logging.steps=2",
-        "eval.steps=100", "eval.at_start=false", "train.max_micro_batch_size=4",
-    )  # fmt: skip
+        run_dir,
+        tones_corpus,
+        2,
+        "train.max_steps=12",
+        "train.global_batch_size=8",
+        "logging.steps=2",
+        "eval.steps=100",
+        "eval.at_start=false",
+        "train.max_micro_batch_size=4",
+    )
     done = subprocess.run(
         command, env=python_env(ASRLAUNCH_FAULT="slow@rank=1,factor=3"), capture_output=True, text=True
     )
@@ -147,9 +198,11 @@ def test_a_slow_rank_is_named_by_status_and_the_collector(tmp_path: Path, tones_
     (slow,) = stragglers(RunHistory.read(RunDir(run_dir)).current)
     assert slow.rank == 1 and slow.ratio >= 2.0
     shown = subprocess.run(
-        [PYTHON, "-m", "asrlaunch", "status", str(run_dir), "--json"], capture_output=True, text=True,
+        [PYTHON, "-m", "asrlaunch", "status", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
         env=python_env(),
-    )  # fmt: skip
+    )
     assert json.loads(shown.stdout)["slow"][0].startswith("rank 1 ")
     collected = subprocess.run(
         [PYTHON, "-m", "asrlaunch", "collect", str(run_dir)], capture_output=True, text=True, env=python_env()

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "one training process (alone, or under srun / torchrun -m asrlaunch)",
     ),
     "evaluate": ("asrlaunch.engine.evaluate", "a saved model on its recipe's test split"),
+    "prepare": ("asrlaunch.data.prepare", "a recipe's corpus into the cache and its model into the HF cache"),
     "synth": ("asrlaunch.data.synth", "generate a corpus (TIMIT, audiofolder or save_to_disk layout)"),
     "cluster": ("asrlaunch.cli.cluster", "the local SLURM cluster: install, start, stop, wipe, status"),
     "supervise": ("asrlaunch.job.supervisor", "(the batch script, beside srun) end a step whose ranks hang"),

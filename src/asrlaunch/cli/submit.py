@@ -21,6 +21,7 @@ from asrlaunch.core.plan import BatchPlanError
 from asrlaunch.core.recipe import RecipeError, check_resume, load_recipe, read_recipe_file
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.launcher.preflight import preflight
+from asrlaunch.launcher.preparation import preparation_sbatch
 from asrlaunch.launcher.status import RunStatus, WaitProgress, collect_status, state_text, wait_for
 from asrlaunch.launcher.submission import (
     SubmitError,
@@ -134,8 +135,15 @@ def run_preflight(specs: list[RunSpec], kind: str, verbose: bool, fatal: bool = 
         raise SubmitError("\n".join(failed) + "\n(nothing was submitted; --no-preflight skips these checks)")
 
 
+PREPARATION_ID = "PREPARATION_JOB_ID"  # the id SLURM gives the preparation job
+
+
 def dry_run(specs: list[RunSpec], as_json: bool) -> None:
-    script = sbatch_text(specs[0].recipe, submitit_folder(specs), [spec.run_dir.path for spec in specs])
+    preparation = preparation_sbatch(specs)
+    after = PREPARATION_ID if preparation else None
+    script = sbatch_text(
+        specs[0].recipe, submitit_folder(specs), [spec.run_dir.path for spec in specs], after
+    )
     runs = [
         {"run_dir": str(s.run_dir), "overrides": list(s.overrides), **plan_for(s.recipe).to_dict()}
         for s in specs
@@ -143,7 +151,14 @@ def dry_run(specs: list[RunSpec], as_json: bool) -> None:
     if as_json:
         print(
             json.dumps(
-                {**runs[0], "runs": runs, "sbatch": script, "recipe": specs[0].recipe.to_dict()}, indent=1
+                {
+                    **runs[0],
+                    "runs": runs,
+                    "sbatch": script,
+                    "prepare_sbatch": preparation,
+                    "recipe": specs[0].recipe.to_dict(),
+                },
+                indent=1,
             )
         )
         return
@@ -158,9 +173,13 @@ def dry_run(specs: list[RunSpec], as_json: bool) -> None:
             f"  {run['steps_per_epoch']} steps/epoch, {run['total_steps']} steps ({run['epochs']} epochs), "
             f"warmup {run['warmup_steps']} steps ({run['warmup_share']:.1%})"
         )
-    print(
-        f"\n# sbatch script ({'job array of ' + str(len(specs)) if len(specs) > 1 else 'one job'})\n{script}"
-    )
+    if preparation:
+        partition = specs[0].recipe.cluster.prepare_partition
+        print(f"\n# preparation job (asrlaunch prepare on {partition}; the corpus is not in the cache yet)")
+        print(preparation)
+    what = f"job array of {len(specs)}" if len(specs) > 1 else "one job"
+    waits = ", after the preparation job" if preparation else ""
+    print(f"\n# sbatch script ({what}{waits})\n{script}")
 
 
 def main(argv: list[str] | None = None) -> int:

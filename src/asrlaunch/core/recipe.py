@@ -103,6 +103,12 @@ class DataSection(_Section):
     # by wrapping around); `reference`: the Trainer's length-grouped order of the reference card's run (its
     # megabatches, longest first, the epoch's last batch partial). Either is the same on every world size.
     order: Literal["grouped", "reference"] = "grouped"
+    # The corpus's names of its training and evaluation splits (folders, `split` values, DatasetDict keys).
+    train_split: str = "train"
+    eval_split: str = "test"
+    # Utterances that cannot be used (unreadable, empty or too-short audio, an empty transcript, ...) stop the
+    # run with all of them listed; true leaves them out instead, counted in the logs and the model card.
+    skip_bad: bool = False
     generate: SynthSection | None = None
 
 
@@ -175,6 +181,9 @@ class LoggingSection(_Section):
     report_to: list[Tracker] = Field(default_factory=lambda: list(DEFAULT_TRACKERS))
     # Log the sample ids of every step (tests of world-size invariance and exact resume).
     sample_ids: bool = False
+    # Third-party output (library warnings, progress bars) goes to logs/debug-rank<R>.log; true: to the job's
+    # output too.
+    verbose: bool = False
 
     @property
     def trackers(self) -> list[str]:
@@ -212,9 +221,16 @@ class ClusterSection(_Section):
     # Before a requeue, a failed step is restarted inside the allocation the job holds, this many times per
     # job (not when a node of the job is down or drained).
     max_restarts_in_job: int = Field(2, ge=0)
+    # A sweep's job array runs at most this many elements at once (`--array=0-N%K`); none: all.
+    array_parallelism: int | None = Field(None, ge=1)
+    # Prepare the corpus (decode, normalise, cache) and fetch the model as a CPU job on this partition first;
+    # the training job waits for it (afterok). None: the training job's rank 0 prepares.
+    prepare_partition: str | None = None
+    prepare_cpus: int = Field(4, ge=1)
+    prepare_time_min: int = Field(120, ge=1)
     extra_sbatch: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("partition", "account", "qos")
+    @field_validator("partition", "account", "qos", "prepare_partition")
     @classmethod
     def _safe_names(cls, value: str | None) -> str | None:
         return _check_safe(value, "value")
@@ -369,6 +385,7 @@ MAY_CHANGE_ON_RESUME = (
     "eval",
     "checkpoint",
     "data.cache_dir",
+    "data.skip_bad",
     "train.max_steps",
     "train.backend",
     "train.zero_stage",

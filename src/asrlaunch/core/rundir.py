@@ -66,6 +66,17 @@ class RunDir:
         return self.path / "job.json"
 
     @property
+    def prepared(self) -> Path:
+        """What the preparation job (`cluster.prepare_partition`) did: ok, or its error."""
+        return self.path / "prepare.json"
+
+    def read_prepared(self) -> dict[str, Any]:
+        return read_json(self.prepared)
+
+    def write_prepared(self, outcome: dict[str, Any]) -> None:
+        write_text_atomic(self.prepared, json.dumps(outcome, indent=1) + "\n")
+
+    @property
     def submitit(self) -> Path:
         return self.path / "submitit"
 
@@ -76,6 +87,10 @@ class RunDir:
 
     def rank_log(self, rank: int) -> Path:
         return self.logs / f"rank{rank}.jsonl"
+
+    def debug_log(self, rank: int) -> Path:
+        """The libraries' own output on rank R (engine/output.py)."""
+        return self.logs / f"debug-rank{rank}.log"
 
     def rank_logs(self) -> dict[int, Path]:
         """Rank -> log file, for every rank that has one."""

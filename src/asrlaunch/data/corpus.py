@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from asrlaunch.data.text import (
     Normalization,
     Transcript,
     build_vocab,
+    ctc_min_frames,
     transcript,
 )
 
@@ -49,17 +50,59 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class Source:
     """One utterance of a split: its id, its raw transcript, where its audio is (`where`, for messages), how to
-    read it (`read`: samples and rate) and what identifies its content for the cache (`stamp`)."""
+    read it (`read`: samples and rate), what identifies its content for the cache (`stamp`), its audio file
+    when it has one (`path`: the cheap header check), and a defect found while reading the layout (`problem`:
+    no transcript, a missing file)."""
 
     id: str
     text: str
     where: str
     read: Callable[[], tuple[np.ndarray, int]]
     stamp: str
+    path: Path | None = None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An utterance that cannot be trained or evaluated on, and why."""
+
+    split: str
+    id: str
+    where: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Checks:
+    """What makes decoded audio unusable beyond an unreadable file: `frames` (the model's CTC frames for a
+    number of 16 kHz samples) finds audio too short for one frame and, with `transcript_fits`, a transcript
+    that needs more frames than its audio gives (its loss is infinite; flagged when the recipe does not zero
+    such losses, `model.ctc_zero_infinity: false`)."""
+
+    frames: Callable[[int], int] | None = None
+    transcript_fits: bool = False
+
+    def problem(self, samples: int, labels: list[int]) -> str | None:
+        if self.frames is None:
+            return None
+        frames = self.frames(samples)
+        if frames < 1:
+            return f"too short: {samples} samples ({samples / SAMPLE_RATE:.3f} s) give no CTC frame"
+        need = ctc_min_frames(labels)
+        if self.transcript_fits and need > frames:
+            return f"its transcript needs {need} CTC frames, its {samples / SAMPLE_RATE:.2f} s of audio give {frames}"
+        return None
 
 
 def file_stamp(path: Path) -> str:
-    stat = path.stat()
+    try:
+        stat = path.stat()
+    except OSError:
+        return f"{path}\0missing"
     return f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 
@@ -134,56 +177,30 @@ def fingerprint(sources: list[Source], vocab: dict[str, int], mode: Normalizatio
 
 
 def _rows(
+    split: str,
     sources: list[Source],
     texts: list[Transcript],
     processor: Wav2Vec2Processor,
+    checks: Checks,
     on_progress: Callable[[], None] | None = None,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[dict[str, Any] | Problem]:
+    """Each utterance's prepared row, or the problem that keeps it out (every one is tried)."""
     for source, text in zip(sources, texts, strict=True):
         if on_progress is not None:
             on_progress()
-        audio = to_16k(*source.read(), source.where)
-        values = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE).input_values[0]
+        try:
+            audio = to_16k(*source.read(), source.where)
+        except DataError as error:
+            yield Problem(split, source.id, source.where, str(error).removeprefix(f"{source.where}: "))
+            continue
         labels = processor.tokenizer(text.target).input_ids
+        reason = checks.problem(len(audio), labels)
+        if reason is not None:
+            yield Problem(split, source.id, source.where, reason)
+            continue
+        values = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE).input_values[0]
         yield {"id": source.id, "text": text.reference, "input_values": values, "labels": labels,
                "length": len(audio)}
-
-
-def prepare_split(
-    sources: list[Source],
-    texts: list[Transcript],
-    processor: Wav2Vec2Processor,
-    cache_dir: Path,
-    key: str,
-    on_progress: Callable[[], None] | None = None,
-) -> datasets.Dataset:
-    """Decode, normalise and tokenise once; later runs memory-map the cached Arrow file."""
-    import datasets
-
-    final = cache_dir / key
-    arrow = final / "table.arrow"
-    if arrow.exists():
-        return datasets.Dataset.from_file(str(arrow))
-    partial = cache_dir / f"{key}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    features = datasets.Features({
-        "id": datasets.Value("string"),
-        "text": datasets.Value("string"),
-        "input_values": datasets.Sequence(datasets.Value("float32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "length": datasets.Value("int64"),
-    })
-    writer = datasets.arrow_writer.ArrowWriter(features=features, path=str(partial / "table.arrow"))
-    for row in _rows(sources, texts, processor, on_progress):
-        writer.write(row)
-    writer.finalize()
-    writer.close()
-    try:
-        partial.rename(final)
-    except OSError:  # another rank finished first: its table is as good as ours
-        shutil.rmtree(partial, ignore_errors=True)
-    return datasets.Dataset.from_file(str(arrow))
 
 
 def save_processor(processor: Wav2Vec2Processor, folder: Path) -> None:
@@ -196,12 +213,63 @@ def save_processor(processor: Wav2Vec2Processor, folder: Path) -> None:
     write_atomic(folder / "special_tokens_map.json", json.dumps(mapping, indent=2))
 
 
+PROBLEMS = "problems.json"  # beside a prepared table: the utterances left out of it, and why
+
+
+def prepare_split(
+    split: str,
+    sources: list[Source],
+    texts: list[Transcript],
+    processor: Wav2Vec2Processor,
+    cache_dir: Path,
+    key: str,
+    checks: Checks,
+    on_progress: Callable[[], None] | None = None,
+) -> tuple[datasets.Dataset, list[Problem], bool]:
+    """Decode, normalise and tokenise once; later runs memory-map the cached Arrow file. Returns the table
+    (without the utterances that cannot be used), those utterances' problems, and whether the cache held it."""
+    import datasets
+
+    final = cache_dir / key
+    arrow = final / "table.arrow"
+    if arrow.exists():
+        stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
+        return datasets.Dataset.from_file(str(arrow)), [Problem(**p) for p in stored], True
+    partial = cache_dir / f"{key}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    features = datasets.Features({
+        "id": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        "input_values": datasets.Sequence(datasets.Value("float32")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+        "length": datasets.Value("int64"),
+    })
+    writer = datasets.arrow_writer.ArrowWriter(features=features, path=str(partial / "table.arrow"))
+    problems = []
+    for row in _rows(split, sources, texts, processor, checks, on_progress):
+        if isinstance(row, Problem):
+            problems.append(row)
+        else:
+            writer.write(row)
+    writer.finalize()
+    writer.close()
+    (partial / PROBLEMS).write_text(json.dumps([asdict(p) for p in problems]))
+    try:
+        partial.rename(final)
+    except OSError:  # another rank finished first: its table is as good as ours
+        shutil.rmtree(partial, ignore_errors=True)
+    return datasets.Dataset.from_file(str(arrow)), problems, False
+
+
 @dataclass
 class PreparedCorpus:
     train: datasets.Dataset
     test: datasets.Dataset
     processor: Wav2Vec2Processor
     vocab: dict[str, int]
+    skipped: int = 0  # bad utterances left out (`data.skip_bad`)
+    cache_hit: bool = False  # both tables came from the cache
 
     @property
     def vocab_size(self) -> int:
@@ -210,12 +278,30 @@ class PreparedCorpus:
         return len(self.processor.tokenizer)
 
 
-def normalise(sources: list[Source], mode: Normalization) -> list[Transcript]:
-    texts = [transcript(source.text, mode) for source in sources]
+def text_problems(split: str, sources: list[Source], texts: list[Transcript], mode: Normalization) -> list[Problem]:
+    """Defects found while reading the layout, and transcripts that are empty once normalised."""
+    problems = []
     for source, text in zip(sources, texts, strict=True):
-        if not text.reference:
-            raise DataError(f"{source.where}: the transcript is empty after normalisation ({mode})")
-    return texts
+        if source.problem:
+            problems.append(Problem(split, source.id, source.where, source.problem))
+        elif not text.reference:
+            reason = f"the transcript is empty after normalisation ({mode})"
+            problems.append(Problem(split, source.id, source.where, reason))
+    return problems
+
+
+def report(problems: list[Problem], cache_dir: Path, data_dir: str) -> tuple[Path, str]:
+    """The file listing every bad utterance (tab-separated: split, id, file, reason), and one line about
+    them: how many, the first few, where the rest are."""
+    body = "split\tid\tfile\treason\n" + "".join(f"{p.split}\t{p.id}\t{p.where}\t{p.reason}\n" for p in problems)
+    path = cache_dir / f"bad-utterances-{hashlib.sha256(body.encode()).hexdigest()[:12]}.tsv"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, body)
+    if len(problems) == 1:
+        return path, f"{problems[0].line()} (the only bad utterance, listed in {path})"
+    shown = "; ".join(p.line() for p in problems[:3])
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return path, f"{len(problems)} bad utterances in {data_dir}: {shown}{more}; every one is listed in {path}"
 
 
 def prepare(
@@ -223,21 +309,32 @@ def prepare(
     cache_dir: str | Path,
     mode: Normalization,
     on_progress: Callable[[], None] | None = None,
+    checks: Checks | None = None,
+    skip_bad: bool = False,
+    data_dir: str = "data.dir",
 ) -> PreparedCorpus:
-    """Normalise and prepare both splits; the vocabulary spans both, as in the HF recipe."""
-    cache_dir = Path(cache_dir)
-    texts = {name: normalise(splits[name], mode) for name in SPLITS}
-    vocab = build_vocab((t.target for name in SPLITS for t in texts[name]), mode)
+    """Normalise and prepare both splits, every utterance checked; the vocabulary spans both, as in the HF
+    recipe. Bad utterances are all reported at once (DataError, one line and a file), or, with `skip_bad`,
+    left out and counted."""
+    cache_dir, checks = Path(cache_dir), checks or Checks()
+    texts = {name: [transcript(s.text, mode) for s in splits[name]] for name in SPLITS}
+    problems = [p for name in SPLITS for p in text_problems(name, splits[name], texts[name], mode)]
+    bad = {(p.split, p.id) for p in problems}
+    usable = {name: [i for i, s in enumerate(splits[name]) if (name, s.id) not in bad] for name in SPLITS}
+    vocab = build_vocab((texts[name][i].target for name in SPLITS for i in usable[name]), mode)
     processor = make_processor(vocab, cache_dir)
-    tables = {
-        name: prepare_split(
-            splits[name],
-            texts[name],
-            processor,
-            cache_dir,
-            f"{name}-{fingerprint(splits[name], vocab, mode)}",
-            on_progress,
+    tables, hits = {}, []
+    for name in SPLITS:
+        sources, kept = splits[name], usable[name]
+        key = f"{name}-{fingerprint(sources, vocab, mode)}"
+        tables[name], found, hit = prepare_split(
+            name, [sources[i] for i in kept], [texts[name][i] for i in kept], processor, cache_dir, key,
+            checks, on_progress,
         )
-        for name in SPLITS
-    }
-    return PreparedCorpus(tables["train"], tables["test"], processor, vocab)
+        problems += found
+        hits.append(hit)
+    if problems:
+        _, line = report(problems, cache_dir, data_dir)
+        if not skip_bad:
+            raise DataError(f"{line}; fix them, or set data.skip_bad=true to leave them out of the run")
+    return PreparedCorpus(tables["train"], tables["test"], processor, vocab, len(problems), all(hits))

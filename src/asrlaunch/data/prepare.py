@@ -1,21 +1,36 @@
-"""A recipe's corpus, prepared: generated on first use when the recipe asks for it, then read through its
-format (sources.py), normalised, tokenised and cached as Arrow (corpus.py). No torch at import.
+"""A recipe's corpus, prepared, and its model in the Hugging Face cache: what a job needs before its GPUs.
+
+    asrlaunch prepare RECIPE [key=value ...]
+
+generates the corpus when the recipe asks for it and `data.dir` is missing, reads it through its format
+(sources.py), checks every utterance, normalises, tokenises and caches it as Arrow (corpus.py), and fetches
+the model into the Hugging Face cache (on a machine that reaches the hub). The training job's rank 0 does the
+same when nothing was prepared, while its other ranks wait; `cluster.prepare_partition` has `asrlaunch submit`
+run this as a CPU job first (launcher/submission.py). No torch at import.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from asrlaunch.core.recipe import Recipe
-from asrlaunch.data.corpus import PreparedCorpus, prepare
+from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
+from asrlaunch.data.corpus import SPLITS, Checks, DataError, PreparedCorpus, fingerprint, prepare
 from asrlaunch.data.sources import corpus_sources
+from asrlaunch.data.text import build_vocab, transcript
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "asrlaunch" / "prepared"
+
+
+def cache_dir(recipe: Recipe) -> Path:
+    return Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_dir()
 
 
 def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
@@ -32,10 +47,109 @@ def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
         )
 
 
+def ctc_frames(model: ModelSection) -> Callable[[int], int]:
+    """The model's CTC frames for a number of 16 kHz samples (its conv stack: each layer (L - kernel) // stride
+    + 1). The conv layout comes from `model.config`, else the pretrained model's config (local, cached or the
+    hub's), else wav2vec2-base's."""
+    from transformers import Wav2Vec2Config
+
+    if model.config is not None:
+        config = Wav2Vec2Config(**{**model.config, **model.overrides})
+    else:
+        try:
+            config = Wav2Vec2Config.from_pretrained(model.name_or_path)
+        except OSError:
+            config = Wav2Vec2Config()  # facebook/wav2vec2-base's conv stack: 320x
+    layers = list(zip(config.conv_kernel, config.conv_stride, strict=True))
+
+    def frames(samples: int) -> int:
+        for kernel, stride in layers:
+            if samples < kernel:
+                return 0
+            samples = (samples - kernel) // stride + 1
+        return samples
+
+    return frames
+
+
 def prepare_corpus(recipe: Recipe, on_progress: Callable[[], None] | None = None) -> PreparedCorpus:
     """The recipe's corpus from the cache, or prepared now (`on_progress` is called per utterance)."""
     data = recipe.data
-    cache = data.cache_dir or default_cache_dir()
-    return prepare(corpus_sources(data), cache, data.text_normalization, on_progress)
+    checks = Checks(ctc_frames(recipe.model), transcript_fits=not recipe.model.ctc_zero_infinity)
+    return prepare(
+        corpus_sources(data), cache_dir(recipe), data.text_normalization, on_progress, checks, data.skip_bad,
+        data.dir,
+    )
 
 
+def is_prepared(recipe: Recipe) -> bool:
+    """Both tables of the recipe's corpus are in its cache (reads transcripts and file stamps, no audio)."""
+    if not Path(recipe.data.dir).exists():
+        return False
+    data = recipe.data
+    try:
+        splits = corpus_sources(data)
+    except DataError:
+        return False
+    texts = {name: [transcript(s.text, data.text_normalization) for s in splits[name]] for name in SPLITS}
+    usable = [t.target for name in SPLITS for s, t in zip(splits[name], texts[name], strict=True)
+              if not s.problem and t.reference]
+    vocab = build_vocab(usable, data.text_normalization)
+    keys = [f"{name}-{fingerprint(splits[name], vocab, data.text_normalization)}" for name in SPLITS]
+    return all((cache_dir(recipe) / key / "table.arrow").exists() for key in keys)
+
+
+def fetch_model(model: ModelSection) -> str:
+    """Put the pretrained model in the Hugging Face cache (where the hub is reachable); what was done."""
+    if model.config is not None:
+        return "built from model.config: nothing to fetch"
+    if Path(model.name_or_path).exists():
+        return f"{model.name_or_path}: a local folder"
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(model.name_or_path)
+    return f"{model.name_or_path} is in the Hugging Face cache ({folder})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from asrlaunch.core.console import clean_warnings, error
+    from asrlaunch.core.exits import ExitCode
+
+    parser = argparse.ArgumentParser(
+        prog="asrlaunch prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.dir=/data/TIMIT")
+    parser.add_argument("--report", type=Path, help="also write what was prepared to this JSON file")
+    args = parser.parse_intermixed_args(argv)
+    clean_warnings()
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        ensure_corpus(recipe, is_main=True)
+        corpus = prepare_corpus(recipe)
+        model = fetch_model(recipe.model)
+    except (RecipeError, DataError) as problem:
+        error(problem)
+        if args.report:
+            args.report.write_text(json.dumps({"ok": False, "error": str(problem)}))
+        return ExitCode.USAGE
+    except OSError as problem:  # the hub unreachable, a full disk
+        error(f"model.name_or_path: {problem}")
+        return ExitCode.FAILED
+    summary = {
+        "ok": True,
+        "cache": "hit" if corpus.cache_hit else "built",
+        "train": len(corpus.train),
+        "test": len(corpus.test),
+        "skipped": corpus.skipped,
+        "model": model,
+    }
+    print(f"prepared {recipe.data.dir}: cache {summary['cache']} in {cache_dir(recipe)}, {summary['train']} "
+          f"train / {summary['test']} test utterances, {corpus.skipped} skipped; {model}", flush=True)
+    if args.report:
+        args.report.write_text(json.dumps(summary))
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,14 @@
 
 - `timit`: TIMIT's LDC layout (timit.py).
 - `audiofolder`: audio files with a `metadata.csv` holding `file_name` and the transcript column
-  (`data.text_column`), train/test as subfolders (each with its metadata.csv) or one metadata.csv with a
+  (`data.text_column`), each split as a subfolder (each with its metadata.csv) or one metadata.csv with a
   `split` column (the conventions of datasets' audiofolder builder), decoded with soundfile.
-- `disk`: a DatasetDict saved with `save_to_disk`, with `train` and `test` splits, an `audio` column (an Audio
-  feature, or {array, sampling_rate}) and the transcript column.
-
-Checking a corpus (`count_utterances`, for preflight) reads metadata only and imports no torch.
+- `disk`: a DatasetDict saved with `save_to_disk`, an `audio` column (an Audio feature, or
+  {array, sampling_rate}) and the transcript column.
+The splits are `data.train_split` and `data.eval_split` (default `train` and `test`: TIMIT's TRAIN/ and TEST/,
+any case); internally they are called "train" and "test". A missing audio file is its utterance's problem
+(reported with every other, see corpus.py), not the corpus's. Counting and the cheap check of headers and
+transcripts (`cheap_problems`, for preflight) read no audio samples and import no torch.
 """
 
 from __future__ import annotations
@@ -20,28 +22,38 @@ from typing import Any
 
 import numpy as np
 
-from asrlaunch.data.corpus import DataError, Source, decode, file_stamp
+from asrlaunch.data.corpus import DataError, Problem, Source, decode, file_stamp, text_problems
+from asrlaunch.data.text import transcript
 from asrlaunch.data.timit import scan_split, timit_sources
 from asrlaunch.core.recipe import DataSection
 
 METADATA = "metadata.csv"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the roles: training, evaluation
+
+
+def split_names(data: DataSection) -> dict[str, str]:
+    """The corpus's own name of each role's split."""
+    return {"train": data.train_split, "test": data.eval_split}
 
 
 # -- audiofolder ---------------------------------------------------------------------------------------------
-def metadata_rows(root: Path, text_column: str) -> dict[str, list[dict[str, str]]]:
-    """The rows of each split's metadata.csv, checked: the columns are there and every file exists."""
+def metadata_rows(root: Path, text_column: str, names: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """The rows of each split's metadata.csv (the columns checked), with the folder their files are in."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: the audiofolder does not exist (set data.dir)")
-    per_split = {split: root / split / METADATA for split in SPLITS}
-    if not all(path.exists() for path in per_split.values()):
-        single = root / METADATA
-        if not single.exists():
-            raise DataError(f"{root}: no {METADATA} (in train/ and test/, or one with a `split` column)")
-        rows = read_metadata(single, text_column, needs_split=True)
-        return {split: [r for r in rows if r["split"] == split] for split in SPLITS}
-    return {split: read_metadata(path, text_column) for split, path in per_split.items()}
+    per_split = {role: root / name / METADATA for role, name in names.items()}
+    if all(path.exists() for path in per_split.values()):
+        return {role: read_metadata(path, text_column) for role, path in per_split.items()}
+    single = root / METADATA
+    if not single.exists():
+        folders = " and ".join(f"{name}/" for name in names.values())
+        raise DataError(
+            f"{root}: no {METADATA} in {folders}, nor one with a `split` column (data.train_split, "
+            "data.eval_split name the splits)"
+        )
+    rows = read_metadata(single, text_column, needs_split=True)
+    return {role: [r for r in rows if r["split"] == name] for role, name in names.items()}
 
 
 def read_metadata(path: Path, text_column: str, needs_split: bool = False) -> list[dict[str, str]]:
@@ -57,31 +69,31 @@ def read_metadata(path: Path, text_column: str, needs_split: bool = False) -> li
                 )
         rows = list(reader)
     for number, row in enumerate(rows, start=2):
-        if not (path.parent / row["file_name"]).is_file():
-            raise DataError(f"{path}:{number}: file_name {row['file_name']!r} does not exist beside it")
+        row["_folder"], row["_where"] = str(path.parent), f"{path}:{number}"
     return rows
 
 
-def audiofolder_sources(root: Path, text_column: str) -> dict[str, list[Source]]:
+def audiofolder_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[str, list[Source]]:
     """The audiofolder layout read from its metadata (datasets 5's audiofolder builder encodes every file
     through torchcodec, which has no working CPU build here; the layout and its conventions are the same)."""
     splits = {}
-    for split, rows in metadata_rows(root, text_column).items():
-        folder = root / split if (root / split / METADATA).exists() else root
-        splits[split] = [_row_source(folder / row["file_name"], root, row[text_column]) for row in rows]
-        if not splits[split]:
-            raise DataError(f"{root}: the {split} split holds no utterance")
+    for role, rows in metadata_rows(root, text_column, names).items():
+        splits[role] = [_row_source(row, root, text_column) for row in rows]
+        if not splits[role]:
+            raise DataError(f"{root}: the {names[role]} split holds no utterance")
     return splits
 
 
-def _row_source(path: Path, root: Path, text: str) -> Source:
+def _row_source(row: dict[str, str], root: Path, text_column: str) -> Source:
+    path = Path(row["_folder"]) / row["file_name"]
     ident = str(path.relative_to(root).with_suffix(""))
+    problem = None if path.is_file() else f"the file does not exist ({row['_where']}, file_name {row['file_name']!r})"
     read = functools.partial(decode, path, str(path))
-    return Source(ident, text, str(path), read, file_stamp(path))
+    return Source(ident, row[text_column], str(path), read, file_stamp(path), path, problem)
 
 
 # -- a dataset saved to disk ---------------------------------------------------------------------------------
-def disk_sources(root: Path, text_column: str) -> dict[str, list[Source]]:
+def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[str, list[Source]]:
     import datasets
 
     try:
@@ -89,9 +101,9 @@ def disk_sources(root: Path, text_column: str) -> dict[str, list[Source]]:
     except FileNotFoundError:
         raise DataError(f"{root}: not a dataset saved with save_to_disk (no dataset_dict.json)") from None
     splits = {}
-    for split in SPLITS:
+    for role, split in names.items():
         if split not in loaded:
-            raise DataError(f"{root}: no {split!r} split (it has: {', '.join(loaded)})")
+            raise DataError(f"{root}: no {split!r} split (it has: {', '.join(loaded)}; see data.{role}_split)")
         table = loaded[split]
         for column in ("audio", text_column):
             if column not in table.column_names:
@@ -101,8 +113,8 @@ def disk_sources(root: Path, text_column: str) -> dict[str, list[Source]]:
         if isinstance(table.features["audio"], datasets.Audio):
             table = table.cast_column("audio", datasets.Audio(decode=False))
         stamp = f"{root}\0{split}\0{table._fingerprint}"
-        splits[split] = [_disk_source(row, index, text_column, f"{root} [{split}] row {index}", stamp)
-                         for index, row in enumerate(table)]
+        splits[role] = [_disk_source(row, index, text_column, f"{root} [{split}] row {index}", stamp)
+                        for index, row in enumerate(table)]
     return splits
 
 
@@ -115,7 +127,8 @@ def _disk_source(row: dict[str, Any], index: int, text_column: str, where: str, 
         return Source(ident, str(row[text_column]), where, stored, f"{stamp}\0{index}")
     data = audio.get("bytes") or Path(audio["path"])
     read = functools.partial(decode, data, where)
-    return Source(ident, str(row[text_column]), where, read, f"{stamp}\0{index}")
+    path = data if isinstance(data, Path) else None
+    return Source(ident, str(row[text_column]), where, read, f"{stamp}\0{index}", path)
 
 
 def _samples(samples: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
@@ -124,33 +137,58 @@ def _samples(samples: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
 
 def corpus_sources(data: DataSection) -> dict[str, list[Source]]:
     """Every split's sources as the recipe names them, cut to data.max_{train,eval}_samples."""
-    root = Path(data.dir)
+    root, names = Path(data.dir), split_names(data)
     if data.format == "timit":
-        splits = {split: timit_sources(root, split) for split in SPLITS}
+        splits = {role: timit_sources(root, name) for role, name in names.items()}
     elif data.format == "audiofolder":
-        splits = audiofolder_sources(root, data.text_column)
+        splits = audiofolder_sources(root, data.text_column, names)
     else:
-        splits = disk_sources(root, data.text_column)
+        splits = disk_sources(root, data.text_column, names)
     return {"train": splits["train"][: data.max_train_samples], "test": splits["test"][: data.max_eval_samples]}
+
+
+def cheap_problems(data: DataSection) -> list[Problem]:
+    """What can be found without decoding audio: layout defects (no transcript, a missing file), empty
+    transcripts after normalisation, and audio headers that are unreadable, have no samples or are not mono."""
+    import soundfile
+
+    problems = []
+    for role, sources in corpus_sources(data).items():
+        texts = [transcript(s.text, data.text_normalization) for s in sources]
+        found = text_problems(role, sources, texts, data.text_normalization)
+        problems += found
+        flagged = {p.id for p in found}
+        for source in sources:
+            if source.path is None or source.id in flagged:
+                continue
+            try:
+                info = soundfile.info(str(source.path))
+            except Exception as error:  # soundfile raises its own LibsndfileError, RuntimeError or OSError
+                problems.append(Problem(role, source.id, source.where, f"unreadable audio ({error})"))
+                continue
+            if info.frames == 0 or info.channels != 1:
+                reason = "no samples" if info.frames == 0 else f"{info.channels} channels, expected mono"
+                problems.append(Problem(role, source.id, source.where, reason))
+    return problems
 
 
 def count_utterances(data: DataSection) -> dict[str, int]:
     """Utterances per split from the layout or metadata alone (no audio read, no torch)."""
-    root = Path(data.dir)
+    root, names = Path(data.dir), split_names(data)
     if data.format == "timit":
-        return {split: len(scan_split(root, split)) for split in SPLITS}
+        return {role: len(scan_split(root, name)) for role, name in names.items()}
     if data.format == "audiofolder":
-        return {split: len(rows) for split, rows in metadata_rows(root, data.text_column).items()}
+        return {role: len(rows) for role, rows in metadata_rows(root, data.text_column, names).items()}
     index = root / "dataset_dict.json"
     if not index.exists():
         raise DataError(f"{root}: not a dataset saved with save_to_disk (no dataset_dict.json)")
     counts = {}
-    for split in SPLITS:
+    for role, split in names.items():
         state = root / split / "state.json"
         if not state.exists():
-            raise DataError(f"{root}: no {split!r} split (see {index})")
+            raise DataError(f"{root}: no {split!r} split (see {index}; data.{role}_split)")
         files = json.loads(state.read_text()).get("_data_files", [])
-        counts[split] = sum(_arrow_rows(root / split / f["filename"]) for f in files)
+        counts[role] = sum(_arrow_rows(root / split / f["filename"]) for f in files)
     return counts
 
 

@@ -147,7 +147,7 @@ def timit_utterances(root: Path) -> dict[str, list[tuple[str, Path, str]]]:
     from asrlaunch.data.timit import read_transcript, scan_split
 
     return {
-        split: [(u.id, u.audio, read_transcript(u.transcript)) for u in scan_split(root, split)]
+        split: [(u.id, u.audio, read_transcript(u.transcript)) for u in scan_split(root, split) if u.transcript]
         for split in ("train", "test")
     }
 

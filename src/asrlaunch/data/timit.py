@@ -30,7 +30,7 @@ class Utterance:
     id: str
     speaker: str
     audio: Path
-    transcript: Path
+    transcript: Path | None  # None: there is no .TXT beside the audio
 
 
 def read_transcript(path: Path) -> str:
@@ -62,8 +62,6 @@ def _utterances_of_speaker(speaker: Path) -> Iterator[Utterance]:
         stem = name[: -len(".wav")]
         audio = files.get(name) or files[name + ".wav"]
         transcript = files.get(stem + ".txt")
-        if transcript is None:
-            raise DataError(f"{audio}: no transcript {stem.upper()}.TXT beside it")
         yield Utterance(f"{speaker.name.upper()}_{stem.upper()}", speaker.name.upper(), audio, transcript)
 
 
@@ -89,16 +87,22 @@ def scan_split(root: str | Path, split: str) -> list[Utterance]:
 
 
 def timit_sources(root: str | Path, split: str) -> list[Source]:
-    return [
-        Source(
-            u.id,
-            read_transcript(u.transcript),
-            str(u.audio),
-            functools.partial(decode, u.audio, str(u.audio)),
-            f"{file_stamp(u.audio)}\0{file_stamp(u.transcript)}",
-        )
-        for u in scan_split(root, split)
-    ]
+    return [_source(u) for u in scan_split(root, split)]
+
+
+def _source(utterance: Utterance) -> Source:
+    """An utterance as a Source; a missing or malformed transcript is its problem, reported with the others."""
+    audio, text, problem = utterance.audio, "", None
+    if utterance.transcript is None:
+        problem = f"no transcript {audio.stem.upper()}.TXT beside it"
+    else:
+        try:
+            text = read_transcript(utterance.transcript)
+        except DataError as error:
+            problem = str(error)
+    stamps = [file_stamp(audio), *([file_stamp(utterance.transcript)] if utterance.transcript else [])]
+    read = functools.partial(decode, audio, str(audio))
+    return Source(utterance.id, text, str(audio), read, "\0".join(stamps), audio, problem)
 
 
 def load_corpus(
@@ -110,4 +114,5 @@ def load_corpus(
 ) -> PreparedCorpus:
     """A TIMIT-layout corpus, prepared (see corpus.prepare); the vocabulary spans both splits."""
     limits = {"train": max_train, "test": max_test}
-    return prepare({split: timit_sources(root, split)[: limits[split]] for split in SPLITS}, cache_dir, normalization)
+    splits = {split: timit_sources(root, split)[: limits[split]] for split in SPLITS}
+    return prepare(splits, cache_dir, normalization)

@@ -13,6 +13,7 @@ import torch
 
 from asrlaunch.core.plan import BatchPlan
 from asrlaunch.core.recipe import Recipe
+from asrlaunch.engine.output import adopt_logger
 
 
 def versions() -> dict[str, str]:
@@ -116,6 +117,8 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan, tracking_dir: Path | None 
         log_with=recipe.logging.trackers or None,
         project_dir=str(tracking_dir) if tracking_dir is not None else None,
     )
+    if deepspeed is not None:
+        adopt_logger("DeepSpeed", recipe.logging.verbose)
     if accelerator.num_processes != world_size:
         raise RuntimeError(
             f"WORLD_SIZE says {world_size} processes but accelerate formed a world of "

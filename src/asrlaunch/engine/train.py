@@ -34,6 +34,7 @@ from asrlaunch.core.rundir import RunDir
 from asrlaunch.data.corpus import DataError
 from asrlaunch.engine.checkpoint import CheckpointWriteError
 from asrlaunch.engine.faults import FaultSpecError
+from asrlaunch.engine.output import route_library_output
 from asrlaunch.engine.runtime import adopt_thread_limit
 from asrlaunch.engine.trainer import RequeueLimitError, Trainer, TrainingDivergedError
 from asrlaunch.job.heartbeat import Heartbeat
@@ -118,6 +119,7 @@ def run_training(recipe: Recipe, run_dir: RunDir) -> None:
     task = SlurmTask.from_environ()
     heartbeat = Heartbeat(run_dir, int(os.environ.get("RANK", "0")), started).start()
     answer_stack_requests(run_dir, heartbeat.rank)
+    route_library_output(run_dir, heartbeat.rank, recipe.logging.verbose)
     trainer = None
     try:
         if not task.within_requeue_budget(recipe.cluster.max_requeues):

@@ -31,6 +31,7 @@ from asrlaunch.engine.evaluate import evaluate
 from asrlaunch.engine.faults import Fault, Faults, planned_faults
 from asrlaunch.engine.metrics import TrainMetrics
 from asrlaunch.engine.model import build_model, build_optimizer, build_scheduler
+from asrlaunch.engine.output import save_bare
 from asrlaunch.engine.runtime import input_dtype, load_universal_checkpoints, make_accelerator, versions
 from asrlaunch.engine.sink import Console, MetricsSink
 from asrlaunch.engine.state import ResumeDecision, TrainCounters
@@ -120,6 +121,13 @@ class Trainer:
         with waiting() if not main else contextlib.nullcontext(), self.accelerator.main_process_first():
             ensure_corpus(self.recipe, main)
             self.corpus = prepare_corpus(self.recipe, on_progress=self.heartbeat.progress)
+        if main:
+            how = "cache hit" if self.corpus.cache_hit else "prepared now (cached for the next start)"
+            skipped = f", {self.corpus.skipped} bad utterance(s) left out" if self.corpus.skipped else ""
+            print(
+                f"corpus: {how}: {len(self.corpus.train)} train / {len(self.corpus.test)} test{skipped}",
+                flush=True,
+            )
         return TrainData(
             self.corpus, self.batch_plan.global_batch, self.recipe.train.seed, self.recipe.data.order
         )
@@ -403,6 +411,8 @@ class Trainer:
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
             cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
             process_started=round(self.heartbeat.started, 3),
+            cache="hit" if self.corpus.cache_hit else "built",
+            skipped_utterances=self.corpus.skipped,
         )
 
     def save_final(self) -> None:
@@ -414,7 +424,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             final, partial = self.run_dir.final, self.run_dir.final_partial
             shutil.rmtree(partial, ignore_errors=True)
-            self.net.save_pretrained(partial, safe_serialization=True)
+            save_bare(self.net, partial)
             save_processor(self.corpus.processor, partial)
             final.mkdir(exist_ok=True)
             for path in partial.iterdir():

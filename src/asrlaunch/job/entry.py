@@ -15,6 +15,29 @@ from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.signals import JobInterrupted
 
 
+class PrepareJob:
+    """Calling it with run directories prepares their corpora and fetches their models (a CPU job that the
+    training job waits for); what happened is written to each run's prepare.json."""
+
+    def __call__(self, run_dirs: list[str]) -> list[str]:
+        from asrlaunch.core.recipe import load_recipe
+        from asrlaunch.data.prepare import ensure_corpus, fetch_model, prepare_corpus
+
+        for run_dir in map(RunDir, map(Path, run_dirs)):
+            try:
+                recipe = load_recipe(run_dir.recipe)
+                ensure_corpus(recipe, is_main=True)
+                corpus = prepare_corpus(recipe)
+                model = fetch_model(recipe.model)
+            except Exception as problem:
+                run_dir.write_prepared({"ok": False, "error": f"{type(problem).__name__}: {problem}"})
+                raise
+            how = "hit" if corpus.cache_hit else "built"
+            run_dir.write_prepared({"ok": True, "cache": how, "skipped": corpus.skipped, "model": model})
+            print(f"prepared {recipe.data.dir}: cache {how}; {model}", flush=True)
+        return run_dirs
+
+
 class TrainJob:
     """Calling it with a run directory trains that run's recipe."""
 

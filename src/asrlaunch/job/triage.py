@@ -145,7 +145,8 @@ def partition_room(task: SlurmTask, leave_out: list[str]) -> int | None:
     if known not in ("(null)", ""):
         excluded |= set(hostnames(known))
     healthy = {
-        name for name, state in (line.split("|", 1) for line in shown.split() if "|" in line)
+        name
+        for name, state in (line.split("|", 1) for line in shown.split() if "|" in line)
         if not any(word.lower() in state.lower() for word in ("down", "drain", "fail"))
-    }  # fmt: skip
+    }
     return len(healthy - excluded) - int(needed)

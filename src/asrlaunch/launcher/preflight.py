@@ -33,7 +33,7 @@ class Check:
 
 
 def check_data(recipe: Recipe) -> Check:
-    from asrlaunch.data.sources import DataError, count_utterances
+    from asrlaunch.data.sources import DataError, cheap_problems, count_utterances
 
     data = recipe.data
     root = Path(data.dir)
@@ -43,10 +43,21 @@ def check_data(recipe: Recipe) -> Check:
         )
     try:
         counts = count_utterances(data)
+        problems = cheap_problems(data)
     except DataError as error:
         return Check("data", False, f"data.dir: {error}")
     expected = data.expected_train_size
     note = "" if expected in (None, counts["train"]) else f"; data.expected_train_size says {expected}"
+    if problems:
+        shown = "; ".join(p.line() for p in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        if not data.skip_bad:
+            return Check(
+                "data",
+                False,
+                f"data.dir: {len(problems)} bad utterance(s): {shown}; fix them, or set "
+                "data.skip_bad=true to leave them out (the job lists every one)",
+            )
+        note += f"; {len(problems)} bad utterance(s) will be left out (data.skip_bad)"
     return Check(
         "data", True, f"{root} ({data.format}): {counts['train']} train / {counts['test']} test{note}"
     )

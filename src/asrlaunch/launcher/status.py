@@ -18,6 +18,7 @@ from asrlaunch.core.history import RunHistory
 from asrlaunch.core.records import event_of
 from asrlaunch.core.rundir import RunDir, expand_run_dirs
 from asrlaunch.job.scheduler import TERMINAL, JobState, local_state, slurm_states
+from asrlaunch.launcher.preparation import preparation_note
 
 __all__ = ["TERMINAL", "RunStatus", "collect_status", "format_table", "wait_for"]
 
@@ -40,6 +41,7 @@ class RunStatus:
     error: str = ""  # the last stop event's message, when it ended the run (e.g. a requeue limit)
     stopped: str = ""  # a stop that checkpointed and was not requeued: where, and the command to continue
     failure: str = ""  # the latest failure: which rank failed first, where, how, and what followed
+    preparation: str = ""  # the preparation job, while the training job waits for it (or after it failed)
     slow: list[str] = field(default_factory=list)  # stragglers of the current attempt
     goodput: Goodput | None = None
 
@@ -62,7 +64,7 @@ class RunStatus:
     @property
     def notes(self) -> list[str]:
         """What the table's row cannot say, one line each."""
-        lines = [self.error, self.failure, self.stopped, *(f"slow: {s}" for s in self.slow)]
+        lines = [self.preparation, self.error, self.failure, self.stopped, *(f"slow: {s}" for s in self.slow)]
         if self.goodput is not None and self.goodput.ratio is not None:
             lines.append(f"goodput: {self.goodput.summary()}")
         return [line for line in lines if line]
@@ -120,19 +122,26 @@ def stopped_line(history: RunHistory, run_dir: RunDir) -> str:
 
 
 def collect_status(paths: Sequence[str | Path]) -> list[RunStatus]:
-    statuses = []
+    statuses, preparing = [], {}
     for run_dir in expand_run_dirs([Path(p) for p in paths]):
         jobs = run_dir.jobs()
-        status = RunStatus(run_dir, job_id=jobs[-1]["job_id"] if jobs else "")
-        status.job.source = jobs[-1]["executor"] if jobs else ""
+        training = [j for j in jobs if j.get("role") != "prepare"]
+        status = RunStatus(run_dir, job_id=training[-1]["job_id"] if training else "")
+        status.job.source = training[-1]["executor"] if training else ""
+        if len(jobs) >= 2 and jobs[-2].get("role") == "prepare":  # the latest submission had one
+            preparing[str(run_dir)] = jobs[-2]["job_id"]
         progress_from_logs(status)
         statuses.append(status)
-    slurm = slurm_states(s.job_id for s in statuses if s.job_id and s.job.source == "slurm")
+    wanted = [s.job_id for s in statuses if s.job_id and s.job.source == "slurm"]
+    slurm = slurm_states([*wanted, *preparing.values()])
     for status in statuses:
         if status.job.source == "slurm":
             status.job = slurm.get(status.job_id, JobState("UNKNOWN", source="slurm"))
         elif status.job.source == "local":
             status.job = local_state(status.job_id, status.run_dir)
+        if str(status.run_dir) in preparing and not status.starts:
+            state = slurm.get(preparing[str(status.run_dir)], JobState("UNKNOWN")).state
+            status.preparation = preparation_note(status.run_dir, state)
     return statuses
 
 

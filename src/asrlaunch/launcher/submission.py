@@ -21,6 +21,7 @@ from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.plan import StepPlan, plan_run
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.job.triage import STEP_MARKER
+from asrlaunch.launcher.preparation import submit_preparation
 from asrlaunch.launcher.sweep import RunSpec, submitit_folder
 
 EXECUTORS = ("auto", "slurm", "local")
@@ -86,9 +87,12 @@ def batch_teardown(run_dirs: Sequence[Path]) -> list[str]:
     ]
 
 
-def executor_parameters(recipe: Recipe, run_dirs: Sequence[Path] = ()) -> dict[str, Any]:
+def executor_parameters(
+    recipe: Recipe, run_dirs: Sequence[Path] = (), after: str | None = None
+) -> dict[str, Any]:
     """submitit's AutoExecutor parameters for the recipe's `cluster` section: one task per device; a dead
-    task ends the step (`--kill-on-bad-exit`), the job is requeueable (a lost node) and fails over."""
+    task ends the step (`--kill-on-bad-exit`), the job is requeueable (a lost node) and fails over; `after`:
+    the preparation job it waits for (afterok)."""
     cluster = recipe.cluster
     params: dict[str, Any] = {
         "name": recipe.run.name,
@@ -105,7 +109,8 @@ def executor_parameters(recipe: Recipe, run_dirs: Sequence[Path] = ()) -> dict[s
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(cluster, key) is not None:
             params[f"slurm_{key}"] = getattr(cluster, key)
-    params["slurm_additional_parameters"] = {"requeue": True, **cluster.extra_sbatch}
+    dependency = {"dependency": f"afterok:{after}"} if after else {}
+    params["slurm_additional_parameters"] = {"requeue": True, **dependency, **cluster.extra_sbatch}
     params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     if run_dirs:
         params["slurm_setup"] = batch_setup(run_dirs)
@@ -113,7 +118,14 @@ def executor_parameters(recipe: Recipe, run_dirs: Sequence[Path] = ()) -> dict[s
     return params
 
 
-def make_executor(kind: str, folder: Path, recipe: Recipe, run_dirs: Sequence[Path] = ()) -> Any:
+def array_parallelism(recipe: Recipe, elements: int) -> int:
+    """How many elements of a job array may run at once (`--array=0-N%K`)."""
+    return recipe.cluster.array_parallelism or max(1, elements)
+
+
+def make_executor(
+    kind: str, folder: Path, recipe: Recipe, run_dirs: Sequence[Path] = (), after: str | None = None
+) -> Any:
     import submitit
 
     executor: Any
@@ -124,13 +136,13 @@ def make_executor(kind: str, folder: Path, recipe: Recipe, run_dirs: Sequence[Pa
         params = {k: v for k, v in params.items() if k in LOCAL_PARAMETERS}
     else:
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        params = executor_parameters(recipe, run_dirs)
-        params["slurm_array_parallelism"] = max(1, len(run_dirs))
+        params = executor_parameters(recipe, run_dirs, after)
+        params["slurm_array_parallelism"] = array_parallelism(recipe, len(run_dirs))
     executor.update_parameters(**params)
     return executor
 
 
-def sbatch_text(recipe: Recipe, folder: Path, run_dirs: Sequence[Path]) -> str:
+def sbatch_text(recipe: Recipe, folder: Path, run_dirs: Sequence[Path], after: str | None = None) -> str:
     """The exact sbatch script submitit would submit for this recipe (the dry run shows it).
 
     submitit has no public API for this: we use its SlurmExecutor's `_convert_parameters`,
@@ -146,9 +158,9 @@ def sbatch_text(recipe: Recipe, folder: Path, run_dirs: Sequence[Path]) -> str:
             return 2
 
     executor = Preview(folder)
-    generic = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe, run_dirs).items()}
+    generic = {k.removeprefix("slurm_"): v for k, v in executor_parameters(recipe, run_dirs, after).items()}
     executor.update_parameters(
-        **executor._convert_parameters(generic), array_parallelism=max(1, len(run_dirs))
+        **executor._convert_parameters(generic), array_parallelism=array_parallelism(recipe, len(run_dirs))
     )
     if len(run_dirs) > 1:
         executor.parameters["map_count"] = len(run_dirs)
@@ -176,11 +188,15 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
                 "or continue it with --resume"
             )
     created = [spec.run_dir.path for spec in specs if not spec.run_dir.path.exists()]
+    prepared: list[tuple[RunSpec, str]] = []
     try:
         for spec, plan in zip(specs, plans, strict=True):
             spec.run_dir.create(spec.recipe.to_yaml(), plan.to_dict())
+        after = submit_preparation(specs) if kind == "slurm" else None
+        if after:
+            prepared = [(spec, after) for spec in specs]
         executor = make_executor(
-            kind, submitit_folder(specs), specs[0].recipe, [s.run_dir.path for s in specs]
+            kind, submitit_folder(specs), specs[0].recipe, [s.run_dir.path for s in specs], after
         )
         run_dirs = [str(spec.run_dir.path.resolve()) for spec in specs]
         jobs = (
@@ -189,11 +205,17 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
             else [executor.submit(TrainJob(), run_dirs[0])]
         )
     except Exception as error:
+        for _, job_id in prepared[:1]:  # its training job was never queued
+            subprocess.run(["scancel", job_id], capture_output=True)
         for run_dir in created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise SubmitError(
             f"submission failed ({type(error).__name__}: {error}); nothing was submitted"
         ) from error
+    for spec, job_id in prepared:
+        spec.run_dir.record_job(
+            {"job_id": job_id, "executor": kind, "submitted": time.time(), "role": "prepare"}
+        )
     for spec, job in zip(specs, jobs, strict=True):
         spec.run_dir.record_job(
             {

@@ -89,6 +89,14 @@ def evaluation(recipe: dict[str, Any]) -> str:
     return "at batch size 1"
 
 
+def data_line(meta: dict[str, Any], recipe: dict[str, Any]) -> str:
+    """`Train N utterances; evaluation on the test split, ...`, with the bad utterances left out, if any."""
+    count = meta.get("skipped_utterances") or 0
+    skipped = f" ({count} bad utterances left out: data.skip_bad)" if count else ""
+    train = meta["plan"]["train_samples"]
+    return f"Train {train} utterances{skipped}; evaluation on the test split, {evaluation(recipe)}."
+
+
 def model_card(result: RunResult) -> str:
     """final/README.md in the layout of the reference card (Trainer-generated), plus run facts it lacks."""
     run, rows = result.run, result.rows
@@ -143,7 +151,7 @@ without punctuation, greedy CTC decoding with no language model. Not evaluated o
 
 ## Training and evaluation data
 
-Train {meta["plan"]["train_samples"]} utterances; evaluation on the test split, {evaluation(recipe)}.
+{data_line(meta, recipe)}
 
 ## Training procedure
 
