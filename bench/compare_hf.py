@@ -5,6 +5,7 @@ samples/s, evaluation utterances/s and the ratios ours / Trainer, and checks tha
 equals our batch-1 one.
 
     python bench/compare_hf.py               # CPU: tiny group-norm model, espeak corpus 400/100, 100 steps
+    python bench/compare_hf.py --procs 2     # the same, two processes each (torchrun, gloo, 1 thread each)
     python bench/compare_hf.py --gpu         # one GPU: wav2vec2-base config, fp16, 60 steps, 2 evals of 400
     python bench/compare_hf.py --gpu --tiny  # the --gpu path with a tiny model and a few steps: anywhere
 
@@ -92,7 +93,7 @@ def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> 
     run_dir = work / f"ours-{index}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a finished run of an earlier --work would exit at once
     command = [
-        sys.executable,
+        *launcher(args),
         "-m",
         "asrlaunch",
         "train",
@@ -103,7 +104,7 @@ def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> 
         f"eval.mode={args.eval_mode}",
     ]
     started = time.perf_counter()
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(command, env=environment(args), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"our engine failed:\n{done.stderr[-3000:]}")
@@ -119,6 +120,18 @@ def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> 
         "max_memory_gib": max((r.get("max_memory_gib", 0.0) for r in trains), default=0.0),
         "run_dir": str(run_dir),
     }
+
+
+def launcher(args: argparse.Namespace) -> list[str]:
+    """Python itself for one process, torchrun for more (both sides alike)."""
+    if args.procs == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.procs}"]
+
+
+def environment(args: argparse.Namespace) -> dict[str, str]:
+    """One thread per process when several share the cores (torchrun's default), all cores for one."""
+    return {**ENV, "OMP_NUM_THREADS": "1"} if args.procs > 1 else ENV
 
 
 def train_seconds(trains: list[dict[str, Any]]) -> float:
@@ -143,6 +156,7 @@ def common_overrides(args: argparse.Namespace, corpus: Path, work: Path) -> list
         f"train.mixed_precision={'fp16' if args.gpu else 'no'}",
         f"eval.steps={args.eval_every}",
         f"logging.steps={args.logging_steps}",
+        "logging.report_to=[none]",  # as the Trainer's report_to=[]
         "checkpoint.save_steps=null",
     ]
 
@@ -182,10 +196,10 @@ def evaluate_both_modes(args: argparse.Namespace, corpus: Path, work: Path, run_
 # -- the reference approach ---------------------------------------------------------------------------------
 def run_trainer(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
     out = work / f"trainer-{index}.json"
-    command = [sys.executable, __file__, "--side", "trainer", "--result", str(out), *sys.argv[1:]]
+    command = [*launcher(args), __file__, "--side", "trainer", "--result", str(out), *sys.argv[1:]]
     command += ["--corpus", str(corpus), "--work", str(work)]
     started = time.perf_counter()
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(command, env=environment(args), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode:
         raise SystemExit(f"the Trainer failed:\n{done.stderr[-3000:]}")
@@ -194,6 +208,7 @@ def run_trainer(args: argparse.Namespace, corpus: Path, work: Path, index: int) 
 
 def trainer_side(args: argparse.Namespace) -> None:
     """In its own process: transformers' Trainer as run_speech_recognition_ctc.py sets it up."""
+    import datasets
     import jiwer
     import torch
     from transformers import Trainer, TrainingArguments, Wav2Vec2Config, Wav2Vec2ForCTC
@@ -205,10 +220,10 @@ def trainer_side(args: argparse.Namespace) -> None:
     processor = prepared.processor
     config = Wav2Vec2Config(
         **model_config(args),
-        vocab_size=len(prepared.vocab),
+        vocab_size=len(processor.tokenizer),  # as the script: <s>, </s> counted
         pad_token_id=processor.tokenizer.pad_token_id,
         ctc_loss_reduction="mean",
-        ctc_zero_infinity=True,
+        ctc_zero_infinity=False,
         mask_time_prob=0.05,
         layerdrop=0.0,
         hidden_dropout=0.0,
@@ -248,8 +263,8 @@ def trainer_side(args: argparse.Namespace) -> None:
     training = TrainingArguments(
         **grouping,
         output_dir=str(work / "trainer-out"),
-        per_device_train_batch_size=args.micro,
-        gradient_accumulation_steps=32 // args.micro,
+        per_device_train_batch_size=min(args.micro, 32 // args.procs),
+        gradient_accumulation_steps=32 // args.procs // min(args.micro, 32 // args.procs),
         per_device_eval_batch_size=1,
         learning_rate=1e-4,
         warmup_steps=10,
@@ -273,14 +288,16 @@ def trainer_side(args: argparse.Namespace) -> None:
         args=training,
         data_collator=collate,
         compute_metrics=metrics,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.test,
+        train_dataset=datasets.Dataset.from_file(str(prepared.train.path)),  # the same prepared table
+        eval_dataset=datasets.Dataset.from_file(str(prepared.test.path)),
     )
     trainer.train()
     history = trainer.state.log_history
     evals = [h for h in history if "eval_loss" in h]
     train_runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
     eval_runtime = sum(h["eval_runtime"] for h in evals)
+    if not trainer.is_world_process_zero():
+        return
     Path(args.result).write_text(
         json.dumps(
             {
@@ -326,8 +343,8 @@ def mfu(args: argparse.Namespace, work: Path, samples_per_s: float, vocab: int) 
         return None
     from asrlaunch.data.timit import load_corpus
 
-    lengths = np.asarray(
-        load_corpus(Path(work / "corpus"), work / "cache", None, None, "reference").train["length"]
+    lengths = load_corpus(Path(work / "corpus"), work / "cache", None, None, "reference").train.numbers(
+        "length"
     )
     per_sample = np.mean([train_flops(int(n), model_config(args), vocab) for n in lengths])
     return float(per_sample * samples_per_s / (peak * 1e12))
@@ -353,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--test", type=int, default=100)
     parser.add_argument("--micro", type=int, default=32, help="micro-batch (accumulation makes up 32)")
+    parser.add_argument("--procs", type=int, default=1, help="processes per side (torchrun, gloo)")
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--engine", default="auto", help="corpus generator engine (CPU mode)")
     parser.add_argument("--eval-mode", default="batched", choices=["batched", "sequential"])
@@ -385,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "setup": {
             k: getattr(args, k)
-            for k in ("gpu", "tiny", "steps", "eval_every", "eval_samples", "runs", "micro")
+            for k in ("gpu", "tiny", "steps", "eval_every", "eval_samples", "runs", "micro", "procs")
         },
         "ours": a,
         "trainer": b,

@@ -2,6 +2,8 @@
 # The one prepared GPU check (a lent machine, well inside 10 minutes): the packages its image lacks, then
 #   bench/gpu_base.py          wav2vec2-base config, fp16, global batch 32 as micro 32/16/8: samples/s, memory
 #   bench/compare_hf.py --gpu  ours beside the Trainer: wall time, samples/s, eval utterances/s, MFU
+#   bench/gpu_checks.py        fp16 batched eval = batch-1, DeepSpeed ZeRO-2 kill/resume, DDP kill/resume, compile
+# Each part has its own time limit, so one slow part cannot take the others' figures with it.
 # Figures go to stdout and, on the device tool's machine, to $OUT/gpu.log.
 #
 # Before the call, here:  bash bench/gpu.sh --fetch-wheels     (wheels of what the GPU image lacks, into .whl/)
@@ -11,7 +13,7 @@ cd "$(dirname "$0")/.."
 # What the GPU image (Python 3.12, torch, transformers, accelerate, tensorboard ...) does not have.
 MISSING=(datasets==5.2.0 dill multiprocess jiwer==4.0.0 rapidfuzz soundfile cffi
   pycparser submitit==1.5.4 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection
-  typing-extensions)
+  typing-extensions hjson)
 if [ "${1:-}" = "--fetch-wheels" ]; then
   grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
   for package in "${MISSING[@]}"; do
@@ -19,6 +21,10 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d .whl "$package" || echo "could not fetch $package"
   done
+  # DeepSpeed publishes only a source archive; its wheel is pure Python (kernels are built when first used).
+  # Its setup imports torch: build it with the project's environment (make venv).
+  .venv/bin/python -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8 \
+    || echo "could not build deepspeed"
   du -sh .whl; exit 0
 fi
 OUT=${OUT:-/tmp}
@@ -30,6 +36,7 @@ export PYTHONPATH=/tmp/site:$PWD/src
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  python3 bench/gpu_base.py --steps 50
-  python3 bench/compare_hf.py --gpu --runs 1 --work /tmp/compare-gpu
+  timeout 150 python3 bench/gpu_base.py --steps 50
+  timeout 150 python3 bench/compare_hf.py --gpu --runs 1 --work /tmp/compare-gpu
+  timeout 240 python3 bench/gpu_checks.py
 } 2>&1 | tee "$OUT/gpu.log"

@@ -147,7 +147,7 @@ def test_sharded_evaluation_agrees_on_1_2_and_3_processes(
     reference = runs[(1, "sequential")]
     ids = [u["id"] for u in reference["utterances"]]
     assert len(ids) == len(set(ids)) == 16  # every utterance once
-    assert 0.0 <= reference["wer"] < 0.9 and any(u["prediction"] for u in reference["utterances"])
+    assert 0.0 <= reference["wer"] < 1.0 and any(u["prediction"] for u in reference["utterances"])
     for (processes, mode), run in runs.items():
         assert run["world_size"] == processes and run["eval_samples"] == 16
         assert [u["id"] for u in run["utterances"]] == ids, (processes, mode)

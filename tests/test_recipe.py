@@ -96,6 +96,10 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
         "cluster.partition: value 'gpu; rm -rf /' may only hold",
     ),
     "hostile run name": ({"run.name": "$(reboot)"}, "run.name: run name '$(reboot)' may only hold"),
+    "compile under deepspeed": (
+        {"train.compile": True, "train.backend": "deepspeed"},
+        "train: train.compile works with train.backend ddp (DeepSpeed compiles its own way)",
+    ),
     "zero nodes": ({"cluster.nodes": 0}, "cluster.nodes: Input should be greater than or equal to 1"),
 }
 

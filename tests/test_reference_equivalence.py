@@ -167,9 +167,8 @@ def test_text_targets_and_vocabulary_are_the_reference_ones(quirky_corpus: Path,
     assert list(mine.vocab) == list(reference["vocab"])  # the same order too
     assert "'" not in mine.vocab and not any(c.isdigit() for c in mine.vocab)  # the range !-; at work
     by_id = {row["id"]: row for row in reference["rows"]}
-    table = mine.train.with_format("numpy")
-    assert sorted(table["id"]) == sorted(by_id)
-    for row in table:
+    assert sorted(mine.train.column("id")) == sorted(by_id)
+    for row in mine.train:
         expected = by_id[row["id"]]
         assert row["labels"].tolist() == expected["labels"]
         assert row["labels"][-1] == mine.vocab["|"]  # every target ends with the word delimiter
@@ -202,10 +201,9 @@ def test_loss_and_gradients_on_one_batch_equal_the_reference(quirky_corpus: Path
     theirs_added = {t.content: i for i, t in reference["tokenizer"].added_tokens_decoder.items()}
     assert ours_added == theirs_added and ours_added["<s>"] == len(reference["vocab"])
 
-    table = corpus.train.with_format("numpy", columns=["input_values", "labels"])
-    ids = list(corpus.train["id"])
+    ids = corpus.train.column("id")
     indices = np.arange(8)
-    batch = collate(table, indices, int(max(len(table[int(i)]["input_values"]) for i in indices)))
+    batch = collate(corpus.train, indices, int(corpus.train.numbers("length")[indices].max()))
     by_id = {row["id"]: row for row in reference["rows"]}
     expected = reference_collate(reference, [by_id[ids[int(i)]] for i in indices])
     assert torch.equal(batch.labels, expected["labels"])

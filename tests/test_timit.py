@@ -45,7 +45,7 @@ def test_reader_handles_sphere_wav_and_name_case(
     assert {u.audio.parent.parent.name.upper()[:2] for u in train} == {"DR"}
     corpus = load_corpus(root, tmp_path / "cache")
     assert len(corpus.train) == 23 and len(corpus.test) == 7
-    row = corpus.train.with_format("numpy")[0]
+    row = next(iter(corpus.train))
     assert abs(float(row["input_values"].mean())) < 1e-3 and abs(float(row["input_values"].std()) - 1) < 1e-2
     decoded = corpus.processor.tokenizer.decode(row["labels"], group_tokens=False)
     assert decoded == row["text"]
@@ -83,7 +83,7 @@ def test_espeak_speech_in_sphere_is_read_like_timit(tmp_path: Path) -> None:
     assert train[0].audio.name.islower()
     corpus = load_corpus(out, tmp_path / "cache")
     assert len(corpus.train) == 6 and len(corpus.test) == 2
-    seconds = np.asarray(corpus.train["length"]) / 16000
+    seconds = corpus.train.numbers("length") / 16000
     assert seconds.min() > 0.5 and seconds.max() < 10  # sentences, not silence
     sa1 = next(row for row in corpus.train if row["id"].endswith("SA1"))
     assert sa1["text"] == "she had your dark suit in greasy wash water all year"
@@ -110,7 +110,7 @@ def test_prepared_table_is_cached_and_not_decoded_again(
 
     monkeypatch.setattr(timit, "decode", no_decoding)  # how TIMIT's sources read audio
     second = load_corpus(root, tmp_path / "cache")
-    assert second.train["id"] == first.train["id"]
+    assert second.train.column("id") == first.train.column("id")
     assert second.vocab == first.vocab
     # a changed file invalidates the cache
     victim = sorted(root.rglob("*.TXT"))[0]

@@ -3,7 +3,7 @@
 A corpus is a list of `Source`s per split (TIMIT's layout, an audiofolder, a dataset saved to disk: see
 timit.py and sources.py); from there everything is shared: text normalisation and the vocabulary over both
 splits (text.py), 16 kHz audio (resampled where it is not), the feature extractor, the tokenizer, the cache.
-Decoding and preparing import soundfile, soxr, transformers and datasets lazily: the launcher side may import
+Decoding and preparing import soundfile, soxr and transformers lazily: the launcher side may import
 this module to count utterances.
 """
 
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asrlaunch.data.table import Table, TableWriter
 from asrlaunch.data.text import (
     BOS,
     EOS,
@@ -35,7 +36,6 @@ from asrlaunch.data.text import (
 )
 
 if TYPE_CHECKING:
-    import datasets
     from transformers import Wav2Vec2Processor
 
 SAMPLE_RATE = 16000
@@ -225,47 +225,37 @@ def prepare_split(
     key: str,
     checks: Checks,
     on_progress: Callable[[], None] | None = None,
-) -> tuple[datasets.Dataset, list[Problem], bool]:
+) -> tuple[Table, list[Problem], bool]:
     """Decode, normalise and tokenise once; later runs memory-map the cached Arrow file. Returns the table
     (without the utterances that cannot be used), those utterances' problems, and whether the cache held it."""
-    import datasets
-
     final = cache_dir / key
     arrow = final / "table.arrow"
     if arrow.exists():
         stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
-        return datasets.Dataset.from_file(str(arrow)), [Problem(**p) for p in stored], True
+        return Table(arrow), [Problem(**p) for p in stored], True
     partial = cache_dir / f"{key}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    features = datasets.Features({
-        "id": datasets.Value("string"),
-        "text": datasets.Value("string"),
-        "input_values": datasets.Sequence(datasets.Value("float32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "length": datasets.Value("int64"),
-    })
-    writer = datasets.arrow_writer.ArrowWriter(features=features, path=str(partial / "table.arrow"))
+    writer = TableWriter(partial / "table.arrow")
     problems = []
     for row in _rows(split, sources, texts, processor, checks, on_progress):
         if isinstance(row, Problem):
             problems.append(row)
         else:
             writer.write(row)
-    writer.finalize()
     writer.close()
     (partial / PROBLEMS).write_text(json.dumps([asdict(p) for p in problems]))
     try:
         partial.rename(final)
     except OSError:  # another rank finished first: its table is as good as ours
         shutil.rmtree(partial, ignore_errors=True)
-    return datasets.Dataset.from_file(str(arrow)), problems, False
+    return Table(arrow), problems, False
 
 
 @dataclass
 class PreparedCorpus:
-    train: datasets.Dataset
-    test: datasets.Dataset
+    train: Table
+    test: Table
     processor: Wav2Vec2Processor
     vocab: dict[str, int]
     skipped: int = 0  # bad utterances left out (`data.skip_bad`)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ import torch
 from asrlaunch.core.plan import BatchPlan
 from asrlaunch.data.corpus import PreparedCorpus
 from asrlaunch.data.sampler import GlobalOrder
+from asrlaunch.data.table import Table
 from asrlaunch.data.text import ctc_min_frames
 
 
@@ -36,9 +36,9 @@ class Batch:
         return Batch(self.input_values.pin_memory(), self.labels.pin_memory(), self.weight)
 
 
-def collate(rows: Any, indices: np.ndarray, pad_to: int) -> Batch:
+def collate(table: Table, indices: np.ndarray, pad_to: int) -> Batch:
     """Zero-pad audio to `pad_to` (the global batch's longest sample) and labels with -100."""
-    picked = rows[indices.tolist()]
+    picked = table.rows(indices.tolist(), ("input_values", "labels"))
     audio = torch.zeros(len(indices), pad_to)
     label_width = max(len(labels) for labels in picked["labels"])
     labels = torch.full((len(indices), label_width), -100, dtype=torch.long)
@@ -54,10 +54,10 @@ class TrainData:
     def __init__(self, corpus: PreparedCorpus, global_batch: int, seed: int, order: str = "grouped") -> None:
         train = corpus.train
         self.corpus = corpus
-        self.rows = train.with_format("numpy", columns=["input_values", "labels"])
-        self.ids = list(train["id"])
-        self.ctc_min_frames = np.array([ctc_min_frames(labels) for labels in train["labels"]])
-        self.order = GlobalOrder(np.asarray(train["length"]), global_batch, seed, order)
+        self.rows = train
+        self.ids = train.column("id")
+        self.ctc_min_frames = np.array([ctc_min_frames(labels.tolist()) for labels in train.arrays("labels")])
+        self.order = GlobalOrder(train.numbers("length"), global_batch, seed, order)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import jiwer
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from asrlaunch.data.sampler import eval_batches, shard_batches
+from asrlaunch.data.table import Table
 from asrlaunch.job.heartbeat import waiting
 
 SAMPLE_RATE = 16000
@@ -159,7 +159,7 @@ def rank_eval_batches(
 
 def evaluate(
     net: Wav2Vec2ForCTC,
-    table: datasets.Dataset,
+    table: Table,
     processor: Wav2Vec2Processor,
     accelerator: Accelerator,
     input_dtype: torch.dtype = torch.float32,
@@ -169,8 +169,7 @@ def evaluate(
 ) -> EvalResult | None:
     """Rank r evaluates its share; the results are gathered and scored once, on rank 0 (None elsewhere).
     `net` is the bare model, not its DDP or DeepSpeed wrapper: ranks run different numbers of batches."""
-    rows = table.with_format("numpy", columns=["input_values", "labels", "text"])
-    lengths = np.asarray(table["length"])
+    lengths = table.numbers("length")
     batches = rank_eval_batches(
         lengths, mode, max_batch_seconds, accelerator.process_index, accelerator.num_processes
     )
@@ -180,7 +179,7 @@ def evaluate(
     autocast = accelerator.autocast() if input_dtype == torch.float32 else nullcontext()
     with torch.no_grad(), autocast:
         for indices in batches:
-            picked = rows[list(indices)]  # one read for the whole batch
+            picked = table.rows(list(indices), ("input_values", "labels", "text"))  # one read per batch
             losses, ids = evaluate_batch(net, picked, input_dtype, accelerator.device)
             predictions = processor.batch_decode(ids)
             if on_batch is not None:
@@ -250,7 +249,7 @@ def evaluate_saved_model(
     seconds = time.perf_counter() - started
     if result is None:
         return {}
-    ids = corpus.test["id"]
+    ids = corpus.test.column("id")
     return {
         "eval_loss": result.eval_loss,
         "wer": result.wer,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import unittest.mock
 import warnings
@@ -47,13 +48,12 @@ def route_library_output(run_dir: RunDir, rank: int, verbose: bool) -> None:
     warnings.showwarning = show
     if verbose:
         return
-    import datasets
     import transformers
 
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.disable_progress_bar()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
 
 
 def adopt_logger(name: str, verbose: bool) -> None:

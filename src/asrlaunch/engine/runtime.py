@@ -17,19 +17,16 @@ from asrlaunch.engine.output import adopt_logger
 
 
 def versions() -> dict[str, str]:
-    import accelerate
-    import datasets
-    import tokenizers
-    import transformers
+    """The stack's versions, from the installed packages' metadata (importing them would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "tokenizers": tokenizers.__version__,
-        "accelerate": accelerate.__version__,
-    }
+    found = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("transformers", "datasets", "tokenizers", "accelerate"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def deepspeed_config(recipe: Recipe, plan: BatchPlan, precision: str) -> dict[str, Any]:

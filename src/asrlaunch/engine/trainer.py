@@ -146,7 +146,10 @@ class Trainer:
         # The bare model, which `prepare` wraps (DDP, DeepSpeed) but keeps: what accelerate's unwrap_model
         # returns, without its import of DeepSpeed (seconds) at every first evaluation.
         self.net = model
-        return self.accelerator.prepare(model, optimizer, scheduler)
+        prepared, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if self.recipe.train.compile:  # the wrapper (DDP) compiled: its gradient hooks stay in the graph
+            prepared = torch.compile(prepared, dynamic=True)
+        return prepared, optimizer, scheduler
 
     def _log_fault(self, fault: Fault, step: int) -> None:
         self.log.event(Event.FAULT, step, self.plan.epoch_at(step), fault=fault.text)

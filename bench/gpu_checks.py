@@ -1,0 +1,233 @@
+"""The GPU acceptance checks beyond speed: is fp16 training, batched evaluation, DeepSpeed, resume and compile
+correct there? Each prints a row of a verdict table (figure, verdict).
+
+    python bench/gpu_checks.py            # on one GPU: wav2vec2-base config, fp16 (part of bench/gpu.sh)
+    python bench/gpu_checks.py --tiny     # anywhere: the smoke model, fp32, a few steps: the script runs
+
+1. batched vs batch-1 evaluation under fp16: identical transcripts (or how many differ), eval loss within 1e-3
+   relative, utterances/s of each (a model trained a few steps, saved, evaluated by `asrlaunch evaluate`);
+2. DeepSpeed ZeRO-2 in fp16 on one GPU: trains, every loss finite, kill -9 after a checkpoint,
+   resumes to the end;
+3. DDP in fp16: kill -9 after a checkpoint and a resume: the loss curve continues (bitwise equal to an
+   uninterrupted run where the GPU path is deterministic, else within 1e-3 relative);
+4. `train.compile` on and off: steady samples/s and the losses' agreement (1e-4 relative; fp16: 1e-2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+BASE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "conv_dim",
+    "conv_stride",
+    "conv_kernel",
+    "num_conv_pos_embeddings",
+    "num_conv_pos_embedding_groups",
+    "feat_extract_norm",
+    "do_stable_layer_norm",
+)
+
+
+def model_overrides(tiny: bool) -> list[str]:
+    if tiny:
+        return [
+            "train.mixed_precision=no",
+            "model.config={hidden_size: 32, num_hidden_layers: 2, "
+            "num_attention_heads: 2, intermediate_size: 64, conv_dim: [16, 16, 16], conv_stride: [5, 8, 8], "
+            "conv_kernel: [10, 8, 8], num_conv_pos_embeddings: 16, num_conv_pos_embedding_groups: 2}",
+        ]
+    from transformers import Wav2Vec2Config
+
+    base = Wav2Vec2Config().to_dict()
+    return [f"model.config={json.dumps({k: base[k] for k in BASE_KEYS})}", "train.mixed_precision=fp16"]
+
+
+def engine(work: Path, corpus: Path, name: str, tiny: bool, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "asrlaunch",
+        "train",
+        str(ROOT / "recipes" / "timit32.yaml"),
+        "--run-dir",
+        str(work / name),
+        f"data.dir={corpus}",
+        f"data.cache_dir={work / 'cache'}",
+        "train.max_micro_batch_size=16",
+        "train.warmup_steps=5",
+        "logging.steps=1",
+        "logging.report_to=[none]",
+        "eval.steps=100000",
+        "checkpoint.save_steps=5",
+        *model_overrides(tiny),
+        *extra,
+    ]
+
+
+def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    path = run_dir / "logs" / "rank0.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command[:6])} failed:\n{done.stderr[-3000:]}")
+    return done
+
+
+def kill_after_checkpoint(command: list[str], run_dir: Path, step: int) -> None:
+    manifest = run_dir / "checkpoints" / f"step-{step:06d}" / "manifest.json"
+    process = subprocess.Popen(
+        command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    while not manifest.exists():
+        if process.poll() is not None:
+            raise SystemExit("training ended before its checkpoint")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def check_eval(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
+    run(engine(work, corpus, "eval-model", tiny, "train.max_steps=20"))
+    outcomes = {}
+    for mode in ("batched", "sequential"):
+        out = work / f"{mode}.jsonl"
+        done = run(
+            [
+                sys.executable,
+                "-m",
+                "asrlaunch",
+                "evaluate",
+                str(ROOT / "recipes" / "timit32.yaml"),
+                "--model",
+                str(work / "eval-model" / "final"),
+                "--mode",
+                mode,
+                "--out",
+                str(out),
+                f"data.dir={corpus}",
+                f"data.cache_dir={work / 'cache'}",
+                *model_overrides(tiny)[:1],
+            ]
+        )
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        outcomes[mode] = (summary, [json.loads(line) for line in out.read_text().splitlines()])
+    (fast, fast_rows), (slow, slow_rows) = outcomes["batched"], outcomes["sequential"]
+    differ = sum(a["prediction"] != b["prediction"] for a, b in zip(fast_rows, slow_rows, strict=True))
+    relative = abs(fast["eval_loss"] - slow["eval_loss"]) / abs(slow["eval_loss"])
+    figure = (
+        f"{len(fast_rows) - differ}/{len(fast_rows)} transcripts identical, eval loss rel. diff "
+        f"{relative:.1e}; {fast['utterances_per_s']:.1f} vs {slow['utterances_per_s']:.1f} utterances/s"
+    )
+    return figure, "pass" if relative <= 1e-3 and differ <= max(1, len(fast_rows) // 100) else "FAIL"
+
+
+def check_deepspeed(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
+    command = engine(
+        work, corpus, "zero2", tiny, "train.max_steps=20", "train.backend=deepspeed", "train.zero_stage=2"
+    )
+    kill_after_checkpoint(command, work / "zero2", 10)
+    resumed = run(command)
+    losses = [r["loss"] for r in records(work / "zero2", "train")]
+    finite = all(loss is not None and math.isfinite(loss) for loss in losses)
+    ok = (
+        finite and "resuming from" in resumed.stdout and (work / "zero2" / "final" / "finished.json").exists()
+    )
+    return f"{len(losses)} train records, all finite: {finite}; resumed from step 10 to the end", (
+        "pass" if ok else "FAIL"
+    )
+
+
+def check_resume(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
+    straight = engine(work, corpus, "straight", tiny, "train.max_steps=20")
+    run(straight)
+    command = engine(work, corpus, "resumed", tiny, "train.max_steps=20")
+    kill_after_checkpoint(command, work / "resumed", 10)
+    run(command)
+    a = {r["step"]: r["loss"] for r in records(work / "straight", "train")}
+    b = {r["step"]: r["loss"] for r in records(work / "resumed", "train")}
+    after = [step for step in a if step > 10]
+    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in after)
+    how = "bitwise equal" if worst == 0 else f"max rel. diff {worst:.1e}"
+    return f"steps 11-20 after the resume: {how}", "pass" if worst <= 1e-3 else "FAIL"
+
+
+def check_compile(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
+    results = {}
+    for compiled in (False, True):
+        name = "compiled" if compiled else "eager"
+        run(engine(work, corpus, name, tiny, "train.max_steps=30", f"train.compile={str(compiled).lower()}"))
+        trains = records(work / name, "train")
+        results[name] = (
+            [r["loss"] for r in trains],
+            statistics.median(32 / r["step_s"] for r in trains[15:]),
+        )
+    (eager_losses, eager_speed), (compiled_losses, compiled_speed) = results["eager"], results["compiled"]
+    worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, compiled_losses, strict=True))
+    tolerance = 1e-4 if tiny else 1e-2  # fp16 autocast: fused kernels round differently
+    figure = (
+        f"{eager_speed:.1f} vs {compiled_speed:.1f} samples/s (eager vs compiled); loss rel. diff {worst:.1e}"
+    )
+    return figure, "pass" if worst <= tolerance else "FAIL"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="the smoke-sized model in fp32: checks the script"
+    )
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="checks to leave out (eval, deepspeed, resume, compile)"
+    )
+    args = parser.parse_args()
+    from gpu_base import write_corpus
+
+    work = Path(tempfile.mkdtemp(prefix="gpu-checks-"))
+    corpus = write_corpus(work / "corpus", train=160, test=32)
+    checks = {
+        "eval": check_eval,
+        "deepspeed": check_deepspeed,
+        "resume": check_resume,
+        "compile": check_compile,
+    }
+    rows = []
+    for name, check in checks.items():
+        if name in args.skip:
+            continue
+        started = time.perf_counter()
+        try:
+            figure, verdict = check(work, corpus, args.tiny)
+        except SystemExit as problem:
+            figure, verdict = str(problem).splitlines()[-1][:150], "ERROR"
+        rows.append((name, figure, verdict, time.perf_counter() - started))
+        print(f"{name}: {figure} -> {verdict}", flush=True)
+    print("\n| check | figure | verdict | seconds |\n|---|---|---|---:|")
+    for name, figure, verdict, seconds in rows:
+        print(f"| {name} | {figure} | {verdict} | {seconds:.0f} |")
+    return 0 if all(row[2] == "pass" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
