@@ -22,6 +22,7 @@ from typing import Any
 
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.records import Kind
+from asrlaunch.core.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -55,7 +56,7 @@ def run(work: Path, corpus: Path, compiled: bool, args: argparse.Namespace) -> d
     records = [r for r in read_run_logs(run_dir) if r["kind"] == Kind.TRAIN]
     steps = [float(r["step_s"]) for r in records]
     settled = steps[len(steps) // 2 :]
-    recompiles = done.stderr.count("Recompiling") + (run_dir / "logs" / "debug-rank0.log").read_text().count(
+    recompiles = done.stderr.count("Recompiling") + RunDir(run_dir).debug_log(0).read_text().count(
         "Recompiling"
     )
     return {

@@ -8,6 +8,7 @@
 #
 # Before the call, here:  bash bench/gpu.sh --fetch-wheels     (wheels of what the GPU image lacks, into .whl/)
 # The call:               device run, carry [".whl"], command: bash bench/gpu.sh
+# Its check on a CPU:     bash bench/gpu.sh --tiny              (the smoke model, fp32, a few steps: ~5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # What the GPU image (Python 3.12, torch, transformers, accelerate, tensorboard ...) does not have.
@@ -29,6 +30,15 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
 fi
 OUT=${OUT:-/tmp}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ "${1:-}" = "--tiny" ]; then
+  PYTHON=${PYTHON:-.venv/bin/python}
+  {
+    $PYTHON bench/gpu_base.py --tiny --steps 6
+    $PYTHON bench/compare_hf.py --runs 1 --steps 10 --eval-every 5 --train 64 --test 16 --work /tmp/compare-tiny
+    $PYTHON bench/gpu_checks.py --tiny
+  } 2>&1 | tee "$OUT/gpu-tiny.log"
+  exit "${PIPESTATUS[0]}"
+fi
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
@@ -36,7 +46,7 @@ export PYTHONPATH=/tmp/site:$PWD/src
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  timeout 150 python3 bench/gpu_base.py --steps 50
-  timeout 150 python3 bench/compare_hf.py --gpu --runs 1 --work /tmp/compare-gpu
+  timeout 120 python3 bench/gpu_base.py --steps 50
+  timeout 120 python3 bench/compare_hf.py --gpu --runs 1 --work /tmp/compare-gpu
   timeout 240 python3 bench/gpu_checks.py
 } 2>&1 | tee "$OUT/gpu.log"

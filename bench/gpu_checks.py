@@ -28,6 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.rundir import RunDir
+from asrlaunch.engine.checkpoint import MANIFEST, step_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -83,8 +87,7 @@ def engine(work: Path, corpus: Path, name: str, tiny: bool, *extra: str) -> list
 
 
 def records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
-    path = run_dir / "logs" / "rank0.jsonl"
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+    return [r for r in read_run_logs(run_dir) if r["kind"] == kind]
 
 
 def run(command: list[str]) -> subprocess.CompletedProcess[str]:
@@ -95,7 +98,7 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 def kill_after_checkpoint(command: list[str], run_dir: Path, step: int) -> None:
-    manifest = run_dir / "checkpoints" / f"step-{step:06d}" / "manifest.json"
+    manifest = step_dir(RunDir(run_dir).checkpoints, step) / MANIFEST
     process = subprocess.Popen(
         command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -120,7 +123,7 @@ def check_eval(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
                 "evaluate",
                 str(ROOT / "recipes" / "timit32.yaml"),
                 "--model",
-                str(work / "eval-model" / "final"),
+                str(RunDir(work / "eval-model").final),
                 "--mode",
                 mode,
                 "--out",
@@ -150,9 +153,7 @@ def check_deepspeed(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
     resumed = run(command)
     losses = [r["loss"] for r in records(work / "zero2", "train")]
     finite = all(loss is not None and math.isfinite(loss) for loss in losses)
-    ok = (
-        finite and "resuming from" in resumed.stdout and (work / "zero2" / "final" / "finished.json").exists()
-    )
+    ok = finite and "resuming from" in resumed.stdout and RunDir(work / "zero2").is_finished()
     return f"{len(losses)} train records, all finite: {finite}; resumed from step 10 to the end", (
         "pass" if ok else "FAIL"
     )

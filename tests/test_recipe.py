@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from asrlaunch.core.recipe import RecipeError, load_recipe, parse_overrides
+from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe, parse_overrides
 
-from .conftest import RECIPES
+from .conftest import RECIPES, ROOT
 
 ALL_RECIPES = sorted(RECIPES.glob("*.yaml"))
 
@@ -143,3 +145,18 @@ def test_file_and_override_mistakes(tmp_path: Path) -> None:
 def test_micro_batch_limit_above_global_batch_is_refused() -> None:
     with pytest.raises(RecipeError, match="max_micro_batch_size must not exceed"):
         load_recipe(RECIPES / "smoke.yaml", ["train.max_micro_batch_size=64"])
+
+
+def test_readme_names_every_recipe_key() -> None:
+    """The README's table of recipe keys is a second list of the schema: every key, and only those."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        match = re.fullmatch(r"\| `(\w+)` \| (.*) \|", line)
+        if match:
+            without_values = re.sub(r"\([^)]*\)", "", match.group(2))  # `format` (`timit`, ...): values
+            rows[match.group(1)] = set(re.findall(r"`(\w+)`", without_values))
+    assert set(rows) == set(Recipe.model_fields)
+    for name, field in Recipe.model_fields.items():
+        section = field.annotation
+        assert isinstance(section, type) and issubclass(section, BaseModel)
+        assert rows[name] == set(section.model_fields), name

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from transformers import Wav2Vec2CTCTokenizer
 
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.rundir import RunDir
@@ -148,12 +149,15 @@ def test_two_process_run_writes_both_rank_logs_and_the_final_model(
         "- nodes",
         "- attempts",
         "- restarts (resumed from step)",
+        "- stops",
         "- wall_time_s",
         "- device_hours",
+        "- goodput",
     ]
-    assert json.loads((final / "config.json").read_text())["vocab_size"] == len(
-        json.loads((final / "vocab.json").read_text())
-    )
+    # the card's vocab_size: the tokenizer's length, <s> and </s> (added tokens, not in vocab.json) included
+    tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(final)
+    assert json.loads((final / "config.json").read_text())["vocab_size"] == len(tokenizer)
+    assert len(tokenizer) == len(json.loads((final / "vocab.json").read_text())) + 2
     assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
 
 
