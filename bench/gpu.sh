@@ -34,7 +34,7 @@ if [ "${1:-}" = "--tiny" ]; then
   PYTHON=${PYTHON:-.venv/bin/python}
   {
     $PYTHON bench/gpu_base.py --tiny --steps 6
-    $PYTHON bench/compare_hf.py --runs 1 --steps 10 --eval-every 5 --train 64 --test 16 --work /tmp/compare-tiny
+    $PYTHON bench/compare_hf.py --gpu --tiny --runs 1 --work /tmp/compare-tiny
     $PYTHON bench/gpu_checks.py --tiny
   } 2>&1 | tee "$OUT/gpu-tiny.log"
   exit "${PIPESTATUS[0]}"
