@@ -66,3 +66,33 @@ def test_a_resume_may_not_change_what_makes_the_run(tmp_path: Path) -> None:
     changes = ("cluster.time_min=30", "train.max_steps=5")
     allowed = run(ASRLAUNCH, "submit", "--resume", str(run_dir), *changes, "--dry-run", cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr
+
+
+PROBE = """
+import gc, json, sys
+from asrlaunch.cli.main import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}))
+"""
+
+
+def test_a_training_process_collects_once_after_start_up_and_freezes_what_lives(
+    tones_corpus: Path, tmp_path: Path
+) -> None:
+    """core/gc_policy.py: no collection while torch and transformers import, then the survivors frozen."""
+    command = [
+        "train",
+        str(RECIPES / "smoke.yaml"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        f"data.dir={tones_corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.max_steps=1",
+        "eval.at_start=false",
+    ]
+    done = run(PYTHON, "-c", PROBE, *command)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["code"] == 0 and probe["enabled"] and probe["frozen"] > 100_000
+    status = run(PYTHON, "-c", PROBE, "status", str(tmp_path / "run"))
+    assert json.loads(status.stdout.strip().splitlines()[-1])["frozen"] == 0  # the launcher's: untouched

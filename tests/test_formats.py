@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -204,3 +205,28 @@ def test_split_names_are_the_corpus_own(corpora: dict[str, Path], tmp_path: Path
     assert evaluation["eval_samples"] == 16
     with pytest.raises(DataError, match=r"data\.train_split, data\.eval_split name the splits"):
         count_utterances(DataSection(dir=str(folder), format="audiofolder"))
+
+
+def test_table_rows_across_record_batches_are_the_rows_written(tmp_path: Path) -> None:
+    from asrlaunch.data.table import ROWS_PER_BATCH, Table, TableWriter
+
+    rng = np.random.default_rng(0)
+    written: list[dict[str, Any]] = []
+    writer = TableWriter(tmp_path / "t.arrow")
+    for index in range(2 * ROWS_PER_BATCH + 7):  # three record batches, the last one partial
+        audio = rng.standard_normal(int(rng.integers(1, 50))).astype(np.float32)
+        labels = rng.integers(0, 30, int(rng.integers(1, 9))).astype(np.int32)
+        row = {"id": f"u{index}", "text": "x", "input_values": audio, "labels": labels, "length": len(audio)}
+        writer.write(row)
+        written.append(row)
+    writer.close()
+    table = Table(tmp_path / "t.arrow")
+    picked = [0, ROWS_PER_BATCH - 1, ROWS_PER_BATCH, len(written) - 1, 5, ROWS_PER_BATCH]
+    rows = table.rows(picked, ("input_values", "labels", "id"))
+    for i, index in enumerate(picked):
+        np.testing.assert_array_equal(rows["input_values"][i], written[index]["input_values"])
+        np.testing.assert_array_equal(rows["labels"][i], written[index]["labels"])
+        assert rows["id"][i] == written[index]["id"]
+    assert [len(a) for a in table.arrays("labels")] == [len(r["labels"]) for r in written]
+    with pytest.raises(IndexError):
+        table.arrays("labels", [len(written)])

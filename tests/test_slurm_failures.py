@@ -159,7 +159,9 @@ def test_sigterm_checkpoints_a_cancel_stays_and_term_preemption_requeues(
         [PYTHON, SUBMIT, "--resume", str(run_dir)],
         capture_output=True,
         text=True,
-        env=python_env(),
+        # Slow steps (sleeps: the same numbers), so the preemption below, a scheduler cycle away, finds the
+        # resumed job still training rather than done.
+        env=python_env(ASRLAUNCH_FAULT="slow@rank=0,factor=8"),
         cwd=tmp_path,
     )
     assert resubmitted.returncode == 0, resubmitted.stderr

@@ -10,6 +10,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from asrlaunch.core import gc_policy
 from asrlaunch.core.console import error
 from asrlaunch.core.exits import ExitCode
 
@@ -54,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         error(f"unknown command {name!r}; the commands are: {', '.join(COMMANDS)}")
         return ExitCode.USAGE
+    if COMMANDS[name][0].startswith("asrlaunch.engine."):
+        gc_policy.defer_until_started()  # the torch processes: see core/gc_policy.py
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest))
 

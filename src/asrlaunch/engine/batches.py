@@ -9,6 +9,7 @@ Worker side: imports torch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,16 +37,24 @@ class Batch:
         return Batch(self.input_values.pin_memory(), self.labels.pin_memory(), self.weight)
 
 
+def pad_rows(
+    values: Sequence[np.ndarray], targets: Sequence[np.ndarray], pad_to: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Audio zero-padded to `pad_to` samples and labels padded with -100 to the longest: one copy of each
+    read-only Arrow row."""
+    audio = np.zeros((len(values), pad_to), dtype=np.float32)
+    labels = np.full((len(values), max(len(t) for t in targets)), -100, dtype=np.int64)
+    for i, (value, target) in enumerate(zip(values, targets, strict=True)):
+        audio[i, : len(value)] = value
+        labels[i, : len(target)] = target
+    return audio, labels
+
+
 def collate(table: Table, indices: np.ndarray, pad_to: int) -> Batch:
     """Zero-pad audio to `pad_to` (the global batch's longest sample) and labels with -100."""
     picked = table.rows(indices.tolist(), ("input_values", "labels"))
-    audio = torch.zeros(len(indices), pad_to)
-    label_width = max(len(labels) for labels in picked["labels"])
-    labels = torch.full((len(indices), label_width), -100, dtype=torch.long)
-    for i, (values, tokens) in enumerate(zip(picked["input_values"], picked["labels"], strict=True)):
-        audio[i, : len(values)] = torch.tensor(values)
-        labels[i, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long)
-    return Batch(audio, labels)
+    audio, labels = pad_rows(picked["input_values"], picked["labels"], pad_to)
+    return Batch(torch.from_numpy(audio), torch.from_numpy(labels))
 
 
 class TrainData:

@@ -32,8 +32,10 @@ from accelerate.utils import gather_object
 from torch import nn
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
+from asrlaunch.core import gc_policy
 from asrlaunch.data.sampler import eval_batches, shard_batches
 from asrlaunch.data.table import Table
+from asrlaunch.engine.batches import pad_rows
 from asrlaunch.job.heartbeat import waiting
 
 SAMPLE_RATE = 16000
@@ -121,11 +123,7 @@ def padded(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Audio zero-padded to the longest, labels padded with -100, and the true lengths."""
     lengths = np.array([len(v) for v in values])
-    audio = np.zeros((len(values), lengths.max()), dtype=np.float32)  # one copy of each read-only Arrow row
-    labels = np.full((len(values), max(len(t) for t in targets)), -100, dtype=np.int64)
-    for i, (value, target) in enumerate(zip(values, targets, strict=True)):
-        audio[i, : len(value)] = value
-        labels[i, : len(target)] = target
+    audio, labels = pad_rows(values, targets, int(lengths.max()))
     as_tensor = torch.from_numpy
     return as_tensor(audio).to(device, dtype), as_tensor(labels).to(device), as_tensor(lengths).to(device)
 
@@ -230,6 +228,7 @@ def evaluate_saved_model(
             f"{model_dir}: its vocabulary differs from the one of {recipe.data.dir} ({recipe_path})"
         )
     model = Wav2Vec2ForCTC.from_pretrained(model_dir).to(accelerator.device)
+    gc_policy.started()
     started = time.perf_counter()
     try:
         result = evaluate(

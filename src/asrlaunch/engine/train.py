@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from asrlaunch.core import gc_policy
 from asrlaunch.core.console import clean_warnings, error
 from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.history import RunHistory
@@ -128,6 +129,7 @@ def run_training(recipe: Recipe, run_dir: RunDir) -> None:
                 f"{recipe.cluster.max_requeues}; resubmit with `asrlaunch submit --resume {run_dir}`"
             )
         trainer = Trainer(recipe, run_dir, stop, task, heartbeat)
+        gc_policy.started()
         trainer.run()
     except JobInterrupted:
         raise
