@@ -43,7 +43,8 @@ def test_a_trainable_feature_encoder_gets_the_same_gradients_without_the_audio_g
     stock = Wav2Vec2ForCTC(ours.config)
     stock.load_state_dict(ours.state_dict())
     audio, labels = torch.randn(3, 8000), torch.randint(1, 12, (3, 5))
-    ours.train(), stock.train()
+    ours.train()
+    stock.train()
 
     assert not audio_needs_gradient(ours, audio, labels)
     assert audio_needs_gradient(stock, audio, labels)  # what the stock encoder does, for its checkpointing

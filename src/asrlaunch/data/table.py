@@ -105,7 +105,7 @@ class _ListColumn:
     def __init__(self, column: pa.ChunkedArray) -> None:
         chunks = column.chunks
         self.starts = np.cumsum([0, *(len(chunk) for chunk in chunks)])
-        # `offsets` index `values` directly: both ignore a chunk's own slice offset alike.
+        # A chunk's `offsets` (its own rows', sliced or not) index its whole `values` buffer directly.
         self.offsets = [_view(chunk.offsets) for chunk in chunks]
         self.values = [_view(chunk.values) for chunk in chunks]
 
