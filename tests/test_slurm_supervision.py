@@ -73,7 +73,7 @@ def test_the_only_rank_stopped_is_a_hang_restarted_in_the_job(tmp_path: Path, to
     assert time.monotonic() - stopped < 180  # detected, stacks taken, restarted, trained to the end
     (hung,) = events(run_dir, "hang")
     assert hung["hung_rank"] == 0 and hung["node"] == "node1" and hung["phase"] == "step"
-    assert hung["stale_s"] > 30 and hung["budget_s"] == 30
+    assert hung["stale_s"] >= 30 and hung["budget_s"] == 30  # blamed past its budget (rounded to 0.1 s)
     stacks = Path(hung["stacks"]).read_text()
     assert "== rank 0" in stacks and "py-spy dump" in stacks and "engine/trainer.py:" in stacks, stacks[:2000]
     (failure,) = events(run_dir, "failure")

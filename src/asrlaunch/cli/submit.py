@@ -18,7 +18,8 @@ from pathlib import Path
 from asrlaunch.core.console import clean_warnings, error
 from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.plan import BatchPlanError
-from asrlaunch.core.recipe import RecipeError, check_resume, load_recipe, read_recipe_file
+from asrlaunch.core.recipe import RecipeError, load_recipe, read_recipe_file
+from asrlaunch.core.resume import check_resume
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.launcher.preflight import preflight
 from asrlaunch.launcher.preparation import preparation_sbatch

@@ -29,8 +29,9 @@ from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.logs import RankLog
 from asrlaunch.core.plan import BatchPlanError, plan_run
-from asrlaunch.core.recipe import Recipe, RecipeError, check_resume, load_recipe
+from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe
 from asrlaunch.core.records import Event
+from asrlaunch.core.resume import check_resume
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.data.corpus import DataError
 from asrlaunch.engine.checkpoint import CheckpointWriteError

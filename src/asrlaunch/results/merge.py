@@ -18,8 +18,8 @@ from typing import Any
 
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.logs import read_run_logs
-from asrlaunch.core.recipe import resume_conflicts
 from asrlaunch.core.records import Kind
+from asrlaunch.core.resume import resume_conflicts
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.results.table import HEADERS, ResultRow, result_rows
 

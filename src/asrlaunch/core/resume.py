@@ -1,0 +1,59 @@
+"""The rule of what a resume may change: one list, checked by `asrlaunch submit --resume` before anything is
+queued, by every trainer start, and by the collector before it merges attempts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from asrlaunch.core.recipe import Recipe, RecipeError
+
+# What a resume may change without making it another run: the job shape, how often it logs, evaluates and
+# saves, when it stops, how it is distributed. Everything else (model, data, optimisation, seed, run name)
+# must stay, so that a resumed run is the run it continues, and two elements of a sweep are never merged.
+MAY_CHANGE_ON_RESUME = (
+    "cluster",
+    "logging",
+    "eval",
+    "checkpoint",
+    "data.cache_dir",
+    "data.skip_bad",
+    "train.max_steps",
+    "train.backend",
+    "train.zero_stage",
+    "train.max_micro_batch_size",
+    "train.collective_timeout_s",
+    "train.hang_timeout_s",
+    "train.startup_timeout_s",
+)
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A recipe as dotted keys -> values, without what a resume may change."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if name in MAY_CHANGE_ON_RESUME:
+            continue
+        if isinstance(value, Mapping):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = repr(value)
+    return flat
+
+
+def resume_conflicts(*recipes: Mapping[str, Any]) -> list[str]:
+    """The keys, outside MAY_CHANGE_ON_RESUME, in which these resolved recipes (as dicts) disagree."""
+    flats = [_flat(recipe) for recipe in recipes]
+    keys = sorted({key for flat in flats for key in flat})
+    return [key for key in keys if len({flat.get(key) for flat in flats}) > 1]
+
+
+def check_resume(stored: Recipe, resumed: Recipe) -> None:
+    """RecipeError naming every key that a resume would change but may not."""
+    conflicts = resume_conflicts(stored.to_dict(), resumed.to_dict())
+    if conflicts:
+        raise RecipeError(
+            f"{', '.join(conflicts)}: a resumed run keeps its recipe except "
+            f"{', '.join(MAY_CHANGE_ON_RESUME)}; start a new run (another run.name) to change these"
+        )
