@@ -88,6 +88,32 @@ srun: Force Terminated StepId=1.0
 """
 
 
+def test_the_heartbeat_file_says_a_new_attempt_or_phase_at_once(tmp_path: Path) -> None:
+    """A start and a few fast steps fit between two of the thread's beats: a rank stopped there must not be
+    judged from a beat that still says "startup" with no attempt (once: the wrong phase and attempt)."""
+    from asrlaunch.job.heartbeat import Heartbeat
+
+    run_dir = RunDir(tmp_path / "run")
+
+    def read() -> Beat:
+        written = Beat.read(run_dir.heartbeat(0))
+        assert written is not None
+        return written
+
+    heartbeat = Heartbeat(run_dir, 0, NOW, interval_s=3600).start()  # the thread itself never beats again
+    try:
+        assert (read().phase, read().attempt) == ("startup", None)
+        heartbeat.begin_attempt(2)
+        assert read().attempt == 2
+        heartbeat.step_done(1, 0.1)
+        assert (read().phase, read().step) == ("step", 1)
+        heartbeat.enter("eval", 5)
+        assert (read().phase, read().step) == ("eval", 5)
+    finally:
+        heartbeat.stop()
+    assert read().phase == "done"
+
+
 def test_srun_says_which_task_ended_first_and_how() -> None:
     assert srun_failures(SRUN) == [("node2", 1, "signal KILL"), ("node1", 0, "signal TERM")]
     assert describe_exit("Exited with exit code 137") == "exit code 137"

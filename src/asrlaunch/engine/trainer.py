@@ -73,7 +73,7 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.input_dtype = input_dtype(self.accelerator)
         self.decision = self._agree_on_resume(history)
-        self.heartbeat.attempt = self.decision.attempt
+        self.heartbeat.begin_attempt(self.decision.attempt)
         self.data = self._load_data()
         self.plan: StepPlan = plan_run(recipe, world, len(self.data), history.oom_micro_cap())
         self.model, self.optimizer, self.scheduler = self._build_model()

@@ -62,6 +62,7 @@ class Heartbeat:
         self.phase, self.step, self.since = "startup", 0, time.time()
         self.waiting_depth, self.max_step_s = 0, 0.0
         self._stop = threading.Event()
+        self._writing = threading.RLock()  # the loop and the thread both write: one temporary file at a time
         self._thread = threading.Thread(target=self._run, name="asrlaunch-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
@@ -71,11 +72,18 @@ class Heartbeat:
         Heartbeat.current = self
         return self
 
-    # -- what the loop tells it (attribute writes only) -----------------------------------------------------
+    # -- what the loop tells it: attribute writes, and the file at once where the phase or attempt changes --
+    # (the thread writes every `interval_s`: a start and a few fast steps can fit between two of its beats,
+    # and a rank stopped there would be judged from a beat that still says "startup", attempt unknown)
+    def begin_attempt(self, attempt: int) -> None:
+        self.attempt = attempt
+        self.write()
+
     def enter(self, phase: str, step: int | None = None) -> None:
         self.phase, self.since = phase, time.time()
         if step is not None:
             self.step = step
+        self.write()
 
     def progress(self, step: int | None = None) -> None:
         self.since = time.time()
@@ -83,10 +91,11 @@ class Heartbeat:
             self.step = step
 
     def step_done(self, step: int, seconds: float) -> None:
-        if self.phase != "step":
-            self.phase = "step"
         self.step, self.since = step, time.time()
         self.max_step_s = max(self.max_step_s, seconds)
+        if self.phase != "step":
+            self.phase = "step"
+            self.write()
 
     @contextmanager
     def in_collective(self) -> Iterator[None]:
@@ -114,7 +123,7 @@ class Heartbeat:
         )
 
     def write(self) -> None:
-        with contextlib.suppress(OSError):  # a full or stalled file system: the supervisor sees the silence
+        with self._writing, contextlib.suppress(OSError):  # a full file system: the supervisor sees silence
             write_text_atomic(self.path, json.dumps(asdict(self.beat())))
 
     def _run(self) -> None:
@@ -122,9 +131,8 @@ class Heartbeat:
             self.write()
 
     def stop(self, phase: str = "done") -> None:
-        self.enter(phase)
         self._stop.set()
-        self.write()
+        self.enter(phase)
         if Heartbeat.current is self:
             Heartbeat.current = None
 
