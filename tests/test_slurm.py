@@ -219,6 +219,9 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
         "cluster.time_min=10",
         "cluster.signal_delay_s=90",
         *overrides,
+        # Slow steps (sleeps: the same numbers), so the third stop, a time limit seconds away, finds the job
+        # still training rather than done.
+        env=python_env(ASRLAUNCH_FAULT="slow@rank=0,factor=8"),
     )
     # 1. preemption by a high-priority job that needs every node
     wait_for_step(run_dir, 0, 3)
