@@ -37,6 +37,7 @@ SHAPE = [
     "eval.steps=1000",
     "checkpoint.save_steps=5",
     "train.collective_timeout_s=60",
+    "train.hang_timeout_s=30",
 ]
 JOB = ["cluster.nodes=2", "cluster.processes_per_node=1", "cluster.max_restarts_in_job=0", *SHAPE]
 

@@ -97,7 +97,7 @@ def test_a_hung_rank_restarts_in_the_job_then_a_dead_one_requeues_without_its_no
     shape = [*SHAPE, "train.max_steps=80"]
     straight = BackgroundRun(tmp_path / "straight", tones_corpus, 2, "eval.at_start=false", *shape)
     job = ["cluster.nodes=2", "cluster.processes_per_node=1", "cluster.max_restarts_in_job=1", *shape]
-    ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=hang2", "train.hang_timeout_s=30", *job)
+    ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=hang2", *job)
     wait_for_step(run_dir, 0, 8)
     stop_rank(job_id, 1)
     wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3, timeout=300)  # restarted, training again
@@ -131,8 +131,8 @@ def test_a_dead_rank_ends_the_step_at_once_while_its_peer_is_in_a_long_phase(
         "cluster.processes_per_node=1",
         "cluster.max_restarts_in_job=0",
         "cluster.max_failures=0",
-        "train.collective_timeout_s=300",
         *SHAPE,
+        "train.collective_timeout_s=300",  # the peer's collectives do not end it either
         "eval.steps=6",
     ]
     ((_, run_dir),) = launch(

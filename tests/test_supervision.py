@@ -11,7 +11,7 @@ import pytest
 
 from asrlaunch.core.goodput import goodput, stop_history, stragglers
 from asrlaunch.core.history import RunHistory
-from asrlaunch.core.recipe import load_recipe
+from asrlaunch.core.recipe import SUPERVISOR_HEADROOM_S, RecipeError, load_recipe
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.heartbeat import Beat
 from asrlaunch.job.supervisor import SILENT_S, budget, judge, rank_states
@@ -53,6 +53,37 @@ def test_a_rank_stopped_in_a_long_phase_is_blamed_for_its_peers_wait() -> None:
     hang = judge(rank_states(RECIPE, beats, 2, started=400.0, now=NOW))
     assert hang is not None and hang.rank.rank == 1 and hang.suspects == [1]
     assert hang.rank.phase == "checkpoint"
+
+
+def test_a_rank_stopped_where_its_peer_waits_in_a_long_phase_is_blamed_before_the_collective_times_out() -> (
+    None
+):
+    """Both ranks in a checkpoint (900 s budget): rank 0 at the barrier, rank 1 stopped mid-write. Silence
+    ends at `train.hang_timeout_s` in any phase: else the barrier's timeout fires first, on rank 0."""
+    beats = {
+        0: beat(0, phase="checkpoint", since=960.0, waiting=True),
+        1: beat(1, phase="checkpoint", since=965.0, seen=965.0),
+    }
+    hang = judge(rank_states(RECIPE, beats, 2, started=400.0, now=NOW))
+    assert hang is not None and hang.rank.rank == 1 and hang.rank.budget_s == 30
+    alive = {0: beats[0], 1: beat(1, phase="checkpoint", since=965.0)}  # writing, its heartbeat fresh
+    assert judge(rank_states(RECIPE, alive, 2, started=400.0, now=NOW)) is None
+
+
+def test_every_budget_ends_before_a_waiting_peers_collective_would_time_out() -> None:
+    recipe = load_recipe(
+        RECIPES / "smoke.yaml", ["data.dir=x", "train.hang_timeout_s=30", "train.collective_timeout_s=120"]
+    )
+    deadline = recipe.train.collective_deadline_s
+    assert deadline == 120 - SUPERVISOR_HEADROOM_S
+    assert budget(recipe, "step", beat(0, max_step_s=60.0)) == deadline  # not ten times the longest step
+    stuck = {0: beat(0, phase="eval", since=NOW - deadline - 1), 1: beat(1, phase="eval", waiting=True)}
+    hang = judge(rank_states(recipe, stuck, 2, started=400.0, now=NOW))
+    assert hang is not None and hang.rank.rank == 0 and hang.rank.budget_s == deadline
+    alone = {0: stuck[0], 1: beat(1, phase="eval")}  # no peer waits: the evaluation's own 600 s
+    assert judge(rank_states(recipe, alone, 2, started=400.0, now=NOW)) is None
+    with pytest.raises(RecipeError, match=r"train.hang_timeout_s \(300\) must end 15 s or more before"):
+        load_recipe(RECIPES / "smoke.yaml", ["data.dir=x", "train.collective_timeout_s=310"])
 
 
 def test_no_hang_within_the_budgets_and_each_phase_has_its_own() -> None:

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # Strings that end up in sbatch scripts or on command lines: no quotes, no `;`, no `$()`, no newlines.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# The supervisor's time to see a hang (a poll) and take every rank's stacks before it ends the step.
+SUPERVISOR_HEADROOM_S = 15
 
 
 class RecipeError(ValueError):
@@ -139,20 +141,31 @@ class TrainSection(_Section):
     # Off until measured on a GPU: on a CPU it costs ~3 min of compilation for no faster steps. Compiled,
     # SpecAugment draws other masks than eager (same distribution): losses equal eager's only without it.
     compile: bool = False
-    # How long a collective may wait for a peer before the process group gives up (torch's default: 30 min
-    # of every GPU in the job waiting on a rank that is gone).
-    collective_timeout_s: int = Field(300, ge=10)
+    # How long a collective may wait for a peer before the process group gives up (NCCL's default; gloo's is
+    # 30 min of every rank in the job waiting on one that is gone).
+    collective_timeout_s: int = Field(600, ge=10)
     # The supervisor ends a step when a rank makes no progress for this long in a training step (or for ten
-    # times its longest step so far, when that is more): a hang no collective sees.
+    # times its longest step so far, when that is more): a hang no collective sees. It must act, stacks taken,
+    # before the peers' collectives time out: those would fail first and take the blame.
     hang_timeout_s: int = Field(300, ge=10)
     # ... and from its process start to its first step (imports, corpus preparation, model download).
     startup_timeout_s: int = Field(1800, ge=10)
 
     @model_validator(mode="after")
-    def _compile_with_ddp(self) -> TrainSection:
+    def _consistent(self) -> TrainSection:
         if self.compile and self.backend == "deepspeed":
             raise ValueError("train.compile works with train.backend ddp (DeepSpeed compiles its own way)")
+        if self.hang_timeout_s > self.collective_deadline_s:
+            raise ValueError(
+                f"train.hang_timeout_s ({self.hang_timeout_s}) must end {SUPERVISOR_HEADROOM_S} s or more "
+                f"before train.collective_timeout_s ({self.collective_timeout_s}): "
+                "lower one, or raise the other"
+            )
         return self
+
+    @property
+    def collective_deadline_s(self) -> int:  # the supervisor's last moment before a waiting peer times out
+        return self.collective_timeout_s - SUPERVISOR_HEADROOM_S
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -8,7 +8,8 @@ Every few seconds it reads the ranks' heartbeats (heartbeat.py). A rank hangs wh
 last sign that its process lives, is older than its phase's budget: `train.startup_timeout_s` until its first
 step, `train.hang_timeout_s` for steps (or ten times the longest step it took, when that is more),
 `eval.hang_timeout_s` between evaluation batches, `checkpoint.hang_timeout_s` for checkpoint writes and the
-final save. Then the supervisor
+final save; shortened where a peer's collective would time out first and take the blame (effective_budget).
+Then the supervisor
 1. names the rank that hangs: among the ranks without progress, one that is not waiting for the others in a
    collective (a silent one first: its process no longer runs), the one furthest behind;
 2. captures the Python stacks of every thread of every rank it can reach into `stacks/`: `py-spy dump` for
@@ -67,9 +68,11 @@ class Hang:
 
 
 def budget(recipe: Recipe, phase: str, beat: Beat | None) -> float:
-    """How long a rank in `phase` may go without progress."""
+    """How long a rank in `phase` may go without progress; a step's ten-times-the-longest-step stops short of
+    the collective timeout (every step all-reduces: a peer left waiting would fail first, blamed)."""
     if phase == "step":
-        return max(float(recipe.train.hang_timeout_s), 10.0 * (beat.max_step_s if beat else 0.0))
+        longest = 10.0 * (beat.max_step_s if beat else 0.0)
+        return max(float(recipe.train.hang_timeout_s), min(longest, recipe.train.collective_deadline_s))
     if phase == "eval":
         return float(recipe.eval.hang_timeout_s)
     if phase in ("checkpoint", "final"):
@@ -77,18 +80,32 @@ def budget(recipe: Recipe, phase: str, beat: Beat | None) -> float:
     return float(recipe.train.startup_timeout_s)
 
 
+def effective_budget(recipe: Recipe, phase: str, beat: Beat | None, now: float, peer_waits: bool) -> float:
+    """The phase's budget, shortened for a rank whose process is silent (stopped, or holding the GIL: it
+    finishes no phase) to `train.hang_timeout_s`, and while a peer waits in a collective to the moment
+    before that collective would time out."""
+    allowed = budget(recipe, phase, beat)
+    if beat is not None and now - beat.time > SILENT_S:
+        allowed = min(allowed, float(recipe.train.hang_timeout_s))
+    if peer_waits:
+        allowed = min(allowed, float(recipe.train.collective_deadline_s))
+    return allowed
+
+
 def rank_states(
     recipe: Recipe, beats: dict[int, Beat], world: int, started: float, now: float
 ) -> list[RankState]:
     """Every rank of this step as the supervisor sees it; a rank whose process has not written a heartbeat
     since this step started is starting up, silent since then."""
+    current = {
+        rank: beat for rank, beat in beats.items() if beat.started >= started - 5.0
+    }  # not earlier steps
     states = []
     for rank in range(world):
-        beat = beats.get(rank)
-        if beat is not None and beat.started < started - 5.0:  # a process of an earlier step
-            beat = None
+        beat = current.get(rank)
         if beat is not None and beat.phase == "done":
             continue
+        peer_waits = any(other.waiting for peer, other in current.items() if peer != rank)
         phase = beat.phase if beat else "startup"
         since, seen = (beat.since, beat.time) if beat else (started, started)
         states.append(
@@ -99,7 +116,7 @@ def rank_states(
                 now - since,
                 now - seen,
                 bool(beat and beat.waiting),
-                budget(recipe, phase, beat),
+                effective_budget(recipe, phase, beat, now, peer_waits),
                 beat,
             )
         )
