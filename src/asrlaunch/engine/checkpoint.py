@@ -227,6 +227,22 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
     return final
 
 
+def load(accelerator: Any, folder: Path, universal: bool) -> dict[str, Any]:
+    """Model, optimizer, scheduler, scaler and RNG from `folder` into every rank (`universal`: ZeRO shards of
+    another world size, converted once, on rank 0); the trainer's own state returned."""
+    source = folder
+    if universal:
+        source = universal_dir(folder)
+        if accelerator.is_main_process:
+            to_universal(folder)
+        accelerator.wait_for_everyone()
+    accelerator.load_state(str(source))
+    # accelerate restores its micro-step counter, which is only right for the accumulation it was saved
+    # with; checkpoints are taken on optimizer-step boundaries, so on any world size it restarts at 0.
+    accelerator.step = 0
+    return read_state(folder)
+
+
 def to_universal(folder: Path) -> Path:
     """A ZeRO checkpoint converted to DeepSpeed's universal format, loadable on any world size.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import unittest.mock
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from asrlaunch.core.rundir import RunDir
+from asrlaunch.data.corpus import save_processor
 
 OURS = str(Path(__file__).resolve().parents[1])  # warnings raised from our own code stay on the console
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -81,3 +83,17 @@ def save_bare(model: Any, folder: Path) -> None:
     )
     with patch:
         model.save_pretrained(folder, safe_serialization=True)
+
+
+def save_final_model(model: Any, processor: Any, run_dir: RunDir, total_steps: int) -> None:
+    """save_pretrained model + processor, written aside, then moved into final/ (beside a model card the
+    collector may have written there), the finished marker last."""
+    final, partial = run_dir.final, run_dir.final_partial
+    shutil.rmtree(partial, ignore_errors=True)
+    save_bare(model, partial)
+    save_processor(processor, partial)
+    final.mkdir(exist_ok=True)
+    for path in partial.iterdir():
+        os.replace(path, final / path.name)
+    partial.rmdir()
+    run_dir.mark_finished(total_steps)

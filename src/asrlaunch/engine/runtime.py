@@ -173,3 +173,10 @@ def _needs_unused(recipe: Recipe) -> bool:
     # layerdrop skips whole layers, so DDP must not wait for their gradients.
     settings = {**(recipe.model.config or {}), **recipe.model.overrides}
     return float(settings.get("layerdrop", 0.0)) > 0
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """On a GPU: the most device memory this process has held since it started, in GiB."""
+    if device.type != "cuda":
+        return {}
+    return {"max_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}

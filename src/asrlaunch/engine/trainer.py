@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,14 @@ from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.core.records import Event
 from asrlaunch.core.rundir import RunDir
-from asrlaunch.data.corpus import save_processor
 from asrlaunch.data.prepare import ensure_corpus, prepare_corpus
-from asrlaunch.engine import checkpoint
+from asrlaunch.engine import checkpoint, runtime
 from asrlaunch.engine.batches import Prefetcher, TrainData
 from asrlaunch.engine.evaluate import evaluate
 from asrlaunch.engine.faults import Fault, Faults, planned_faults
 from asrlaunch.engine.metrics import TrainMetrics
 from asrlaunch.engine.model import build_model, build_optimizer, build_scheduler
-from asrlaunch.engine.output import save_bare
-from asrlaunch.engine.runtime import input_dtype, load_universal_checkpoints, make_accelerator, versions
+from asrlaunch.engine.output import save_final_model
 from asrlaunch.engine.sink import Console, MetricsSink
 from asrlaunch.engine.state import ResumeDecision, TrainCounters
 from asrlaunch.engine.stopping import StopDecision
@@ -69,16 +66,17 @@ class Trainer:
         history = RunHistory.read(run_dir)  # every rank reads it: all agree on the micro-batch cap
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.batch_plan = batch_plan(recipe, world, history.oom_micro_cap())
-        self.accelerator = make_accelerator(recipe, self.batch_plan, run_dir.tracking)
+        self.accelerator = runtime.make_accelerator(recipe, self.batch_plan, run_dir.tracking)
         self.rank = self.accelerator.process_index
-        self.input_dtype = input_dtype(self.accelerator)
+        self.input_dtype = runtime.input_dtype(self.accelerator)
         self.decision = self._agree_on_resume(history)
         self.heartbeat.begin_attempt(self.decision.attempt)
         self.data = self._load_data()
         self.plan: StepPlan = plan_run(recipe, world, len(self.data), history.oom_micro_cap())
         self.model, self.optimizer, self.scheduler = self._build_model()
         self.counters = TrainCounters()
-        self.window = TrainMetrics(self.batch_plan.global_batch, self._peak_memory)
+        memory = functools.partial(runtime.peak_memory, self.accelerator.device)
+        self.window = TrainMetrics(self.batch_plan.global_batch, memory)
         self.log = RankLog(run_dir, self.rank, attempt=self.decision.attempt)
         self.faults = Faults(planned_faults(), self.rank, self._log_fault)
         self.faults.slow_model(self.net, lambda: self.step_reached)
@@ -112,7 +110,7 @@ class Trainer:
             self.batch_plan.world_size,
         )
         if self.universal:
-            load_universal_checkpoints(self.accelerator)
+            runtime.load_universal_checkpoints(self.accelerator)
         return decision
 
     def _load_data(self) -> TrainData:
@@ -173,18 +171,8 @@ class Trainer:
         return int(state["step"])
 
     def _resume(self, folder: Path) -> int:
-        """Load model, optimizer, scheduler, scaler and RNG; the data position is the step itself."""
-        source = folder
-        if self.universal:  # ZeRO shards of another world size: convert once, on rank 0
-            source = checkpoint.universal_dir(folder)
-            if self.accelerator.is_main_process:
-                checkpoint.to_universal(folder)
-            self.accelerator.wait_for_everyone()
-        self.accelerator.load_state(str(source))
-        # accelerate restores its micro-step counter, which is only right for the accumulation it was saved
-        # with; checkpoints are taken on optimizer-step boundaries, so on any world size it restarts at 0.
-        self.accelerator.step = 0
-        state = checkpoint.read_state(folder)
+        """Every state a checkpoint holds; the data position is the step itself."""
+        state = checkpoint.load(self.accelerator, folder, self.universal)
         step = self.load_state_dict(state)
         if self.accelerator.is_main_process:
             how = ", ZeRO state through DeepSpeed's universal format" if self.universal else ""
@@ -361,12 +349,6 @@ class Trainer:
             **sample_ids,
         )
 
-    def _peak_memory(self) -> dict[str, float]:
-        """On a GPU: the most device memory this process has held since it started, in GiB."""
-        if self.accelerator.device.type != "cuda":
-            return {}
-        return {"max_memory_gib": round(torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30, 3)}
-
     def run_eval(self, step: int) -> dict[str, Any] | None:
         self.heartbeat.enter("eval", step)
         self.faults.at_phase("eval", step)
@@ -402,38 +384,22 @@ class Trainer:
             self.plan.epoch_at(start_step),
             world_size=self.batch_plan.world_size,
             plan=self.plan.to_dict(),
-            versions=versions(),
+            versions=runtime.versions(),
             recipe=self.recipe.to_dict(),
             device=str(self.accelerator.device),
             resumed_from=start_step or None,
-            job_id=self.task.job_id,
-            slurm_restart_count=self.task.restart_count,
-            nodes=int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
-            host=os.uname().nodename,
-            node=self.task.node,
-            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-            cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+            **self.task.placement(),
             process_started=round(self.heartbeat.started, 3),
             cache="hit" if self.corpus.cache_hit else "built",
             skipped_utterances=self.corpus.skipped,
         )
 
     def save_final(self) -> None:
-        """save_pretrained model + processor, written aside, then moved into final/ (beside a model card the
-        collector may have written there), the finished marker last."""
         self.heartbeat.enter("final", self.plan.total_steps)
         with waiting():
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            final, partial = self.run_dir.final, self.run_dir.final_partial
-            shutil.rmtree(partial, ignore_errors=True)
-            save_bare(self.net, partial)
-            save_processor(self.corpus.processor, partial)
-            final.mkdir(exist_ok=True)
-            for path in partial.iterdir():
-                os.replace(path, final / path.name)
-            partial.rmdir()
-            self.run_dir.mark_finished(self.plan.total_steps)
+            save_final_model(self.net, self.corpus.processor, self.run_dir, self.plan.total_steps)
         with waiting():
             self.accelerator.wait_for_everyone()
         self.sink.close()

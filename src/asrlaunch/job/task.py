@@ -14,6 +14,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from asrlaunch.core.records import Event
 from asrlaunch.job.scheduler import parse_scontrol_jobs, parse_time_left, run_command
@@ -75,6 +76,18 @@ class SlurmTask:
     @property
     def array_index(self) -> int:
         return int(self.array_task_id or 0)
+
+    def placement(self) -> dict[str, Any]:
+        """Where this task runs, as a rank's start record names it."""
+        return {
+            "job_id": self.job_id,
+            "slurm_restart_count": self.restart_count,
+            "nodes": int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
+            "host": os.uname().nodename,
+            "node": self.node,
+            "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
 
     def within_requeue_budget(self, max_requeues: int, another: bool = False) -> bool:
         """Requeues so far (and `another`, about to be asked for) within `cluster.max_requeues`."""
