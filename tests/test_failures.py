@@ -89,6 +89,7 @@ def test_fault_specs_parse_or_say_the_accepted_form() -> None:
     slow, crashed = parse_faults("slow@rank=1,factor=2; crash@step=3,phase=checkpoint")
     assert (slow.kind, slow.rank, slow.factor, slow.step) == ("slow", 1, 2.0, 0)
     assert (crashed.kind, crashed.phase) == ("crash", "checkpoint")
+    assert parse_fault("freeze@step=10,rank=1,phase=checkpoint").due(10, 1, 0, "checkpoint")
     for bad in ("boom@step=1", "crash@rank=1", "crash@step=x", "oom@step=1,color=2", "crash@step=1,phase=x"):
         with pytest.raises(FaultSpecError, match="expected <kind>@step="):
             parse_fault(bad)

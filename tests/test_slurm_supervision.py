@@ -120,6 +120,32 @@ def test_a_hung_rank_restarts_in_the_job_then_a_dead_one_requeues_without_its_no
     assert same_weights(straight.result(), run_dir)
 
 
+def test_a_rank_frozen_in_a_checkpoint_is_blamed_before_its_peers_barrier_times_out(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """Rank 1 stops (SIGSTOP) as it starts the checkpoint of step 10; rank 0 waits for it at the checkpoint's
+    barrier. Both are in a phase of 900 s, the barrier times out after 60 s: the silent rank is blamed after
+    `train.hang_timeout_s` (30 s), before that timeout could fail rank 0 first."""
+    job = [
+        "cluster.nodes=2",
+        "cluster.processes_per_node=1",
+        "cluster.max_restarts_in_job=0",
+        "cluster.max_failures=0",
+        *SHAPE,
+        "checkpoint.save_steps=10",
+    ]
+    fault = "freeze@step=10,rank=1,phase=checkpoint"
+    ((_, run_dir),) = launch(
+        tmp_path, tones_corpus, "run.name=frozen", *job, env=python_env(ASRLAUNCH_FAULT=fault)
+    )
+    assert wait_until_done([run_dir], timeout=300)[run_dir] == "FAILED"
+    (hang,) = events(run_dir, "hang")
+    assert hang["hung_rank"] == 1 and hang["phase"] == "checkpoint" and hang["budget_s"] == 30
+    assert hang["suspects"] == [1] and "== rank 1" in Path(hang["stacks"]).read_text()
+    (failure,) = events(run_dir, "failure")
+    assert failure["first_rank"] == 1 and failure["first_exit"].startswith("hang")
+
+
 def test_a_dead_rank_ends_the_step_at_once_while_its_peer_is_in_a_long_phase(
     tmp_path: Path, tones_corpus: Path
 ) -> None:

@@ -8,6 +8,8 @@
                                     throttled GPU, a straggler
     stall@step=10,rank=0,phase=eval,seconds=60   rank 0 sleeps 60 s when it starts that phase: a long phase
                                     without a collective (a slow file system, a big evaluation)
+    freeze@step=10,rank=1,phase=checkpoint   rank 1 stops itself (SIGSTOP) there: a hung GPU kernel or file
+                                    system, its heartbeat thread stopped with it (the supervisor's case)
 
 Every fault fires on every attempt that reaches it; a `fault` event is logged first. The trainer calls the
 hooks at a step's start and at a phase's start (outside the step's own code); `slow` is a forward hook on the
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = CRASH, OOM, SLOW, STALL = ("crash", "oom", "slow", "stall")
+KINDS = CRASH, OOM, SLOW, STALL, FREEZE = ("crash", "oom", "slow", "stall", "freeze")
 KEYS = {"step", "rank", "micro", "phase", "factor", "seconds"}
 PHASES = ("step", "eval", "checkpoint")
 VARIABLE = "ASRLAUNCH_FAULT"
@@ -127,6 +129,8 @@ class Faults:
                 crash_now()
             elif fault.kind == STALL:
                 time.sleep(fault.seconds)
+            elif fault.kind == FREEZE:
+                os.kill(os.getpid(), signal.SIGSTOP)
             elif fault.kind == OOM:
                 import torch
 
