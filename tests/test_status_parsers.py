@@ -138,10 +138,18 @@ def test_a_task_reads_its_ids_from_slurms_variables() -> None:
             "SLURM_PROCID": "5",
             "SLURM_NTASKS": "8",
             "SLURM_NTASKS_PER_NODE": "4(x2)",
+            "SLURM_JOB_NUM_NODES": "2",
         }
     )
     assert (task.target, task.array_index, task.restart_count, task.node) == ("50_3", 3, 2, "node2")
-    assert (task.proc_id, task.ntasks, task.tasks_per_node) == (5, 8, 4)
+    assert (task.proc_id, task.ntasks, task.tasks_per_node, task.nodes) == (5, 8, 4, 2)
+    placed = task.placement()
+    assert (placed["job_id"], placed["slurm_restart_count"], placed["nodes"], placed["node"]) == (
+        "51",
+        2,
+        2,
+        "node2",
+    )
     assert SlurmTask.from_environ({}).restart_count == 0 and not SlurmTask.from_environ({}).in_slurm
 
 

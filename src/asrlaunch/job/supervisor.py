@@ -97,9 +97,8 @@ def rank_states(
 ) -> list[RankState]:
     """Every rank of this step as the supervisor sees it; a rank whose process has not written a heartbeat
     since this step started is starting up, silent since then."""
-    current = {
-        rank: beat for rank, beat in beats.items() if beat.started >= started - 5.0
-    }  # not earlier steps
+    # Heartbeats of processes that started before this step are an earlier step's: those ranks start up.
+    current = {rank: beat for rank, beat in beats.items() if beat.started >= started - 5.0}
     states = []
     for rank in range(world):
         beat = current.get(rank)

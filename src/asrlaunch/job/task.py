@@ -45,6 +45,7 @@ class SlurmTask:
     ntasks: int = 1
     local_id: int = 0
     tasks_per_node: int = 1
+    nodes: int = 1
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> SlurmTask:
@@ -60,6 +61,7 @@ class SlurmTask:
             ntasks=int(env.get("SLURM_NTASKS", "1") or 1),
             local_id=int(env.get("SLURM_LOCALID", "0") or 0),
             tasks_per_node=int((env.get("SLURM_NTASKS_PER_NODE", "") or "1").split("(")[0] or 1),
+            nodes=int(env.get("SLURM_JOB_NUM_NODES", "1") or 1),
         )
 
     @property
@@ -78,11 +80,12 @@ class SlurmTask:
         return int(self.array_task_id or 0)
 
     def placement(self) -> dict[str, Any]:
-        """Where this task runs, as a rank's start record names it."""
+        """Where this task runs, as a rank's start record names it (its local rank and GPUs as the launcher
+        set them: torchrun's LOCAL_RANK, SLURM's or the site's CUDA_VISIBLE_DEVICES)."""
         return {
             "job_id": self.job_id,
             "slurm_restart_count": self.restart_count,
-            "nodes": int(os.environ.get("SLURM_JOB_NUM_NODES", "1")),
+            "nodes": self.nodes,
             "host": os.uname().nodename,
             "node": self.node,
             "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
