@@ -68,11 +68,9 @@ class Hang:
 
 
 def budget(recipe: Recipe, phase: str, beat: Beat | None) -> float:
-    """How long a rank in `phase` may go without progress; a step's ten-times-the-longest-step stops short of
-    the collective timeout (every step all-reduces: a peer left waiting would fail first, blamed)."""
+    """How long a rank in `phase` may go without progress."""
     if phase == "step":
-        longest = 10.0 * (beat.max_step_s if beat else 0.0)
-        return max(float(recipe.train.hang_timeout_s), min(longest, recipe.train.collective_deadline_s))
+        return max(float(recipe.train.hang_timeout_s), 10.0 * (beat.max_step_s if beat else 0.0))
     if phase == "eval":
         return float(recipe.eval.hang_timeout_s)
     if phase in ("checkpoint", "final"):
@@ -80,14 +78,17 @@ def budget(recipe: Recipe, phase: str, beat: Beat | None) -> float:
     return float(recipe.train.startup_timeout_s)
 
 
-def effective_budget(recipe: Recipe, phase: str, beat: Beat | None, now: float, peer_waits: bool) -> float:
+def effective_budget(
+    recipe: Recipe, phase: str, beat: Beat | None, now: float, world: int, peer_waits: bool
+) -> float:
     """The phase's budget, shortened for a rank whose process is silent (stopped, or holding the GIL: it
-    finishes no phase) to `train.hang_timeout_s`, and while a peer waits in a collective to the moment
-    before that collective would time out."""
+    finishes no phase) to `train.hang_timeout_s`, and to the moment before a peer's collective would time
+    out (that peer would fail first, blamed, without stacks): while a peer waits in one, and in every
+    training step of several ranks (its gradients' all-reduce waits, unmarked, inside backward)."""
     allowed = budget(recipe, phase, beat)
     if beat is not None and now - beat.time > SILENT_S:
         allowed = min(allowed, float(recipe.train.hang_timeout_s))
-    if peer_waits:
+    if peer_waits or (world > 1 and phase == "step"):
         allowed = min(allowed, float(recipe.train.collective_deadline_s))
     return allowed
 
@@ -115,7 +116,7 @@ def rank_states(
                 now - since,
                 now - seen,
                 bool(beat and beat.waiting),
-                effective_budget(recipe, phase, beat, now, peer_waits),
+                effective_budget(recipe, phase, beat, now, world, peer_waits),
                 beat,
             )
         )
