@@ -55,9 +55,7 @@ def test_a_rank_stopped_in_a_long_phase_is_blamed_for_its_peers_wait() -> None:
     assert hang.rank.phase == "checkpoint"
 
 
-def test_a_rank_stopped_where_its_peer_waits_in_a_long_phase_is_blamed_before_the_collective_times_out() -> (
-    None
-):
+def test_a_stopped_rank_is_blamed_before_the_barrier_its_peer_waits_at_times_out() -> None:
     """Both ranks in a checkpoint (900 s budget): rank 0 at the barrier, rank 1 stopped mid-write. Silence
     ends at `train.hang_timeout_s` in any phase: else the barrier's timeout fires first, on rank 0."""
     beats = {

@@ -152,7 +152,7 @@ class TrainSection(_Section):
     startup_timeout_s: int = Field(1800, ge=10)
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainSection:
+    def _compile_with_ddp(self) -> TrainSection:
         if self.compile and self.backend == "deepspeed":
             raise ValueError("train.compile works with train.backend ddp (DeepSpeed compiles its own way)")
         return self
