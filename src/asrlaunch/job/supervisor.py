@@ -79,14 +79,14 @@ def budget(recipe: Recipe, phase: str, beat: Beat | None) -> float:
 
 
 def effective_budget(
-    recipe: Recipe, phase: str, beat: Beat | None, now: float, world: int, peer_waits: bool
+    recipe: Recipe, phase: str, beat: Beat | None, silent: bool, world: int, peer_waits: bool
 ) -> float:
     """The phase's budget, shortened for a rank whose process is silent (stopped, or holding the GIL: it
     finishes no phase) to `train.hang_timeout_s`, and to the moment before a peer's collective would time
     out (that peer would fail first, blamed, without stacks): while a peer waits in one, and in every
     training step of several ranks (its gradients' all-reduce waits, unmarked, inside backward)."""
     allowed = budget(recipe, phase, beat)
-    if beat is not None and now - beat.time > SILENT_S:
+    if silent:
         allowed = min(allowed, float(recipe.train.hang_timeout_s))
     if peer_waits or (world > 1 and phase == "step"):
         allowed = min(allowed, float(recipe.train.collective_deadline_s))
@@ -108,6 +108,7 @@ def rank_states(
         peer_waits = any(other.waiting for peer, other in current.items() if peer != rank)
         phase = beat.phase if beat else "startup"
         since, seen = (beat.since, beat.time) if beat else (started, started)
+        silent = beat is not None and now - seen > SILENT_S  # no beat at all: starting up, not stopped
         states.append(
             RankState(
                 rank,
@@ -116,7 +117,7 @@ def rank_states(
                 now - since,
                 now - seen,
                 bool(beat and beat.waiting),
-                effective_budget(recipe, phase, beat, now, world, peer_waits),
+                effective_budget(recipe, phase, beat, silent, world, peer_waits),
                 beat,
             )
         )
