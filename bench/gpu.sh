@@ -7,7 +7,7 @@
 # Figures go to stdout and, on the device tool's machine, to $OUT/gpu.log.
 #
 # Before the call, here:  bash bench/gpu.sh --fetch-wheels     (wheels of what the GPU image lacks, into .whl/)
-# The call:               device run, carry [".whl"], command: bash bench/gpu.sh
+# The call:               device run, carry [".whl"], command: bash bench/gpu.sh, timeout_s 590
 # Its check on a CPU:     bash bench/gpu.sh --tiny              (the smoke model, fp32, a few steps: ~5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,10 +43,16 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD/src
+part() {  # part LIMIT SCRIPT ARGS...: one section, stopped at its limit with a line that says so
+  local limit=$1; shift
+  timeout "$limit" python3 "$@" || { local status=$?; echo "$1: exit $status (124: stopped at its ${limit} s limit)"; return $status; }
+}
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  timeout 120 python3 bench/gpu_base.py --steps 50
-  timeout 120 python3 bench/compare_hf.py --gpu --runs 1 --work /tmp/compare-gpu
-  timeout 240 python3 bench/gpu_checks.py
+  # Limits from the first H200 run (2026-11-30): gpu_base 101 s; our side of the comparison 44 s; the
+  # correctness checks ~30 s a process, so they run side by side; compile alone last.
+  part 120 bench/gpu_base.py --steps 50
+  part 170 bench/compare_hf.py --gpu --runs 1 --work /tmp/compare-gpu
+  part 270 bench/gpu_checks.py
 } 2>&1 | tee "$OUT/gpu.log"

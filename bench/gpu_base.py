@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from asrlaunch.core.records import Kind
 from asrlaunch.data.synth import WORDS
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def write_corpus(root: Path, train: int, test: int, seed: int = 0) -> Path:
@@ -93,6 +95,23 @@ def _smoke_config(recipe_text: str) -> dict:
     return dict(yaml.safe_load(recipe_text)["model"]["config"])
 
 
+def mfu_of(corpus: Path, device: str) -> Callable[[float], str]:
+    """MFU of a samples/s figure: the model FLOPs of the corpus's mean utterance (compare_hf.train_flops:
+    the frozen conv stack forward only) against the GPU's dense fp16 peak."""
+    import soundfile
+    from compare_hf import PEAK_TFLOPS, TINY_GROUP_NORM, train_flops
+    from transformers import Wav2Vec2Config
+
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    if peak is None:
+        return lambda samples_per_s: "MFU n/a"
+    base = Wav2Vec2Config().to_dict()
+    config = {key: base[key] for key in TINY_GROUP_NORM}
+    lengths = [soundfile.info(path).frames for path in (corpus / "TRAIN").rglob("*.WAV")]
+    per_sample = float(np.mean([train_flops(n, config, vocab=32) for n in lengths]))
+    return lambda samples_per_s: f"MFU {100 * per_sample * samples_per_s / (peak * 1e12):.2f}%"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,12 +136,14 @@ def main() -> None:
             f"device: {device}; model: {'smoke (tiny)' if args.tiny else 'wav2vec2-base config'}; "
             f"global batch 32; {args.steps} steps; fp16 AMP on a GPU"
         )
+        mfu = mfu_of(corpus, device) if not args.tiny else (lambda samples_per_s: "MFU n/a")
         for micro in args.micro:
             figures = train(work, corpus, micro, args.steps, args.tiny)
             print(
                 f"micro-batch {micro:>2} x accum {32 // micro:>2}: "
                 f"{figures['samples_per_s']:8.1f} samples/s, "
-                f"peak memory {figures['max_memory_gib']:.2f} GiB, wall {figures['wall_s']:.0f} s"
+                f"{mfu(figures['samples_per_s'])}, peak memory {figures['max_memory_gib']:.2f} GiB, "
+                f"wall {figures['wall_s']:.0f} s"
             )
 
 

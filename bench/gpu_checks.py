@@ -9,8 +9,12 @@ correct there? Each prints a row of a verdict table (figure, verdict).
 2. DeepSpeed ZeRO-2 in fp16 on one GPU: trains, every loss finite, kill -9 after a checkpoint,
    resumes to the end;
 3. DDP in fp16: kill -9 after a checkpoint and a resume: the loss curve continues (bitwise equal to an
-   uninterrupted run where the GPU path is deterministic, else within 1e-3 relative);
+   uninterrupted run where the GPU path is deterministic; else no farther from it than 3x the spread of two
+   uninterrupted runs, or 1e-3 relative: CTC's backward on CUDA is not deterministic);
 4. `train.compile` on and off: steady samples/s and the losses' agreement (1e-4 relative; fp16: 1e-2).
+
+Checks 1-3 run side by side (samples/s is not their figure; batched vs batch-1 utterances/s is measured under
+the same load); 4 runs alone.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ from asrlaunch.engine.checkpoint import MANIFEST, step_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+Check = Callable[[Path, Path, bool], tuple[str, str]]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
@@ -145,17 +152,35 @@ def check_deepspeed(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
 
 
 def check_resume(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
-    straight = engine(work, corpus, "straight", tiny, "train.max_steps=20")
-    run(straight)
+    """Killed after step 10's checkpoint and resumed, against an uninterrupted run; a second uninterrupted run
+    measures the run-to-run spread (CTC's backward on a GPU adds with atomics: no bitwise repeat there)."""
     command = engine(work, corpus, "resumed", tiny, "train.max_steps=20")
-    kill_after_checkpoint(command, work / "resumed", 10)
-    run(command)
-    a = {r["step"]: r["loss"] for r in records(work / "straight", "train")}
-    b = {r["step"]: r["loss"] for r in records(work / "resumed", "train")}
-    after = [step for step in a if step > 10]
-    worst = max(abs(a[s] - b[s]) / abs(a[s]) for s in after)
-    how = "bitwise equal" if worst == 0 else f"max rel. diff {worst:.1e}"
-    return f"steps 11-20 after the resume: {how}", "pass" if worst <= 1e-3 else "FAIL"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        repeats = [
+            pool.submit(run, engine(work, corpus, name, tiny, "train.max_steps=20"))
+            for name in ("straight", "control")
+        ]
+        kill_after_checkpoint(command, work / "resumed", 10)
+        run(command)
+        for repeat in repeats:
+            repeat.result()
+    straight, control, resumed = (losses(work / n) for n in ("straight", "control", "resumed"))
+    after = [step for step in straight if step > 10]
+    spread = max(relative(straight[s], control[s]) for s in after)
+    worst = max(relative(straight[s], resumed[s]) for s in after)
+    first = relative(straight[11], resumed[11])
+    how = "bitwise equal" if worst == 0 else f"max rel. diff {worst:.1e} (step 11: {first:.1e})"
+    figure = f"steps 11-20 after the resume: {how}; two uninterrupted runs: {spread:.1e}"
+    # Resumed state is exact when the resumed run is no farther from the uninterrupted one than a repeat is.
+    return figure, "pass" if worst <= max(1e-3, 3 * spread) else "FAIL"
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir, "train")}
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(a)
 
 
 def check_compile(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
@@ -183,6 +208,24 @@ def check_compile(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
     return figure, "pass" if worst <= tolerance else "FAIL"
 
 
+Row = tuple[str, str, str, float]
+
+
+def timed(check: Check, work: Path, corpus: Path, tiny: bool) -> tuple[str, str, float]:
+    started = time.perf_counter()
+    try:
+        figure, verdict = check(work, corpus, tiny)
+    except SystemExit as problem:
+        figure, verdict = str(problem).splitlines()[-1][:150], "ERROR"
+    return figure, verdict, time.perf_counter() - started
+
+
+def report(name: str, outcome: tuple[str, str, float]) -> Row:
+    figure, verdict, seconds = outcome
+    print(f"{name}: {figure} -> {verdict}", flush=True)
+    return name, figure, verdict, seconds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,23 +241,15 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="gpu-checks-"))
     corpus = write_corpus(work / "corpus", train=160, test=32)
-    checks = {
-        "eval": check_eval,
-        "deepspeed": check_deepspeed,
-        "resume": check_resume,
-        "compile": check_compile,
-    }
-    rows = []
-    for name, check in checks.items():
-        if name in args.skip:
-            continue
-        started = time.perf_counter()
-        try:
-            figure, verdict = check(work, corpus, args.tiny)
-        except SystemExit as problem:
-            figure, verdict = str(problem).splitlines()[-1][:150], "ERROR"
-        rows.append((name, figure, verdict, time.perf_counter() - started))
-        print(f"{name}: {figure} -> {verdict}", flush=True)
+    checks = {"eval": check_eval, "deepspeed": check_deepspeed, "resume": check_resume}
+    # The correctness checks run side by side (their processes use a fraction of one GPU); compile's
+    # samples/s is a speed figure, so it runs alone afterwards.
+    side_by_side = [name for name in ("eval", "deepspeed", "resume") if name not in args.skip]
+    with ThreadPoolExecutor(max_workers=len(side_by_side) or 1) as pool:
+        futures = {name: pool.submit(timed, checks[name], work, corpus, args.tiny) for name in side_by_side}
+        rows = [report(name, future.result()) for name, future in futures.items()]
+    if "compile" not in args.skip:
+        rows.append(report("compile", timed(check_compile, work, corpus, args.tiny)))
     print("\n| check | figure | verdict | seconds |\n|---|---|---|---:|")
     for name, figure, verdict, seconds in rows:
         print(f"| {name} | {figure} | {verdict} | {seconds:.0f} |")
