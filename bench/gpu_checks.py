@@ -215,8 +215,8 @@ def timed(check: Check, work: Path, corpus: Path, tiny: bool) -> tuple[str, str,
     started = time.perf_counter()
     try:
         figure, verdict = check(work, corpus, tiny)
-    except SystemExit as problem:
-        figure, verdict = str(problem).splitlines()[-1][:150], "ERROR"
+    except (SystemExit, Exception) as problem:  # one check's failure leaves the others' rows standing
+        figure, verdict = (str(problem).splitlines() or [repr(problem)])[-1][:150], "ERROR"
     return figure, verdict, time.perf_counter() - started
 
 
@@ -244,7 +244,7 @@ def main() -> int:
     checks = {"eval": check_eval, "deepspeed": check_deepspeed, "resume": check_resume}
     # The correctness checks run side by side (their processes use a fraction of one GPU); compile's
     # samples/s is a speed figure, so it runs alone afterwards.
-    side_by_side = [name for name in ("eval", "deepspeed", "resume") if name not in args.skip]
+    side_by_side = [name for name in checks if name not in args.skip]
     with ThreadPoolExecutor(max_workers=len(side_by_side) or 1) as pool:
         futures = {name: pool.submit(timed, checks[name], work, corpus, args.tiny) for name in side_by_side}
         rows = [report(name, future.result()) for name, future in futures.items()]
