@@ -12,7 +12,7 @@ from asrlaunch.core.recipe import load_recipe
 from asrlaunch.launcher.preflight import check_shape, limit_minutes, parse_sinfo_nodes
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
-from .test_slurm import _cluster_up
+from .slurm_cluster import cluster_up
 
 SINFO = """\
 node1|debug*|2|8000|gpu:2|infinite
@@ -56,7 +56,7 @@ def test_the_job_shape_must_fit_a_node_of_its_partition(overrides: list[str], ok
     assert names in check.message
 
 
-@pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster")
+@pytest.mark.skipif(not cluster_up(), reason="no local SLURM cluster")
 def test_a_new_users_timit32_submission_is_refused_with_what_to_fix(tmp_path: Path) -> None:
     done = subprocess.run(
         [PYTHON, SUBMIT, str(RECIPES / "timit32.yaml")],

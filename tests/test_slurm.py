@@ -3,87 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
-
-import pytest
 
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.records import is_start
 from asrlaunch.launcher.status import TERMINAL, collect_status
 
-from .conftest import PYTHON, RECIPES, ROOT, BackgroundRun, notable, python_env
+from .conftest import PYTHON, RECIPES, notable, python_env
+from .slurm_cluster import (
+    CLUSTER,
+    SLURM_MARKS,
+    STATUS,
+    SUBMIT,
+    last_train,
+    launch,
+    squeue_ids,
+    wait_for_step,
+    wait_until_done,
+)
 
-SUBMIT, STATUS = str(ROOT / "launch" / "submit.py"), str(ROOT / "launch" / "status.py")
-CLUSTER = ROOT / "slurm" / "cluster.sh"
-
-
-def _cluster_up() -> bool:
-    try:
-        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.slow,
-    pytest.mark.skipif(not _cluster_up() and not os.environ.get("CI"), reason="no local SLURM cluster"),
-]
-
-
-def launch(
-    tmp_path: Path, corpus: Path, *args: str, env: dict[str, str] | None = None
-) -> list[tuple[str, Path]]:
-    done = subprocess.run(
-        [
-            PYTHON,
-            SUBMIT,
-            str(RECIPES / "smoke.yaml"),
-            f"data.dir={corpus}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "train.max_steps=4",
-            "eval.steps=4",
-            "eval.at_start=false",
-            "logging.steps=2",
-            "cluster.cpus_per_task=1",
-            "--executor",
-            "slurm",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env or python_env(),
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    jobs = []
-    for line in done.stdout.splitlines():
-        if line.startswith("submitted slurm job"):
-            job_id, run_dir = line.removeprefix("submitted slurm job ").split(": ")
-            jobs.append((job_id, tmp_path / run_dir))
-    assert jobs, done.stdout
-    return jobs
-
-
-def squeue_ids() -> set[str]:
-    out = subprocess.run(
-        ["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, check=True
-    ).stdout
-    return set(out.split())
-
-
-def wait_until_done(run_dirs: list[Path], timeout: float = 400) -> dict[Path, str]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = {s.run_dir.path: s.job.state for s in collect_status(run_dirs)}
-        if all(state in TERMINAL for state in states.values()):
-            return states
-        time.sleep(2)
-    raise AssertionError(f"jobs still running after {timeout} s: {states}")
+pytestmark = SLURM_MARKS
 
 
 def test_two_node_job_runs_and_completes(tmp_path: Path, tones_corpus: Path) -> None:
@@ -161,197 +102,6 @@ def test_status_without_accounting_falls_back_to_squeue(tmp_path: Path, tones_co
         assert status.job.restarts == 0
     finally:
         subprocess.run(["bash", str(CLUSTER), "dbd-start"], check=True, capture_output=True)
-
-
-def last_train(run_dir: Path, attempt: int) -> int:
-    """The last step trained by `attempt`, from rank 0's log (0 if none yet)."""
-    from asrlaunch.core.logs import read_records
-
-    path = run_dir / "logs" / "rank0.jsonl"
-    if not path.exists():
-        return 0
-    steps = [r["step"] for r in read_records(path) if r["kind"] == "train" and r["attempt"] == attempt]
-    return max(steps, default=0)
-
-
-def wait_for_step(run_dir: Path, attempt: int, at_least: int, timeout: float = 240) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        step = last_train(run_dir, attempt)
-        if step >= at_least:
-            return step
-        time.sleep(0.5)
-    raise AssertionError(f"attempt {attempt} did not reach step {at_least}: {collect_status([run_dir])}")
-
-
-def preempt_with_a_high_priority_job() -> None:
-    """A short job on the `high` partition that needs every node: SLURM preempts (requeues) `low` jobs."""
-    subprocess.run(
-        ["sbatch", "-p", "high", "--nodes=3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 3"],
-        check=True,
-        capture_output=True,
-    )
-
-
-def scontrol(*args: str) -> str:
-    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
-
-
-def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, tones_corpus: Path) -> None:
-    """A high-priority job, `scancel --signal=USR2` and a time limit each stop it; it resumes every time."""
-    import torch
-    from safetensors.torch import load_file
-
-    overrides = [
-        "train.global_batch_size=8",
-        "train.max_micro_batch_size=8",
-        "train.max_steps=250",
-        "logging.steps=1",
-        "eval.steps=1000",
-        "checkpoint.save_steps=1000",
-    ]
-    straight = BackgroundRun(tmp_path / "straight", tones_corpus, 1, "eval.at_start=false", *overrides)
-    ((job_id, run_dir),) = launch(
-        tmp_path,
-        tones_corpus,
-        "run.name=preempted",
-        "cluster.partition=low",
-        "cluster.time_min=10",
-        "cluster.signal_delay_s=90",
-        *overrides,
-        # Slow steps (sleeps: the same numbers), so the third stop, a time limit seconds away, finds the job
-        # still training rather than done.
-        env=python_env(ASRLAUNCH_FAULT="slow@rank=0,factor=8"),
-    )
-    # 1. preemption by a high-priority job that needs every node
-    wait_for_step(run_dir, 0, 3)
-    preempt_with_a_high_priority_job()
-    # 2. a user signal, as `scancel --signal` delivers it
-    wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-    # 3. a time limit 100 s away, so that the USR2@90 signal is due within seconds
-    wait_for_step(run_dir, 2, last_train(run_dir, 1) + 3)
-    (running,) = collect_status([run_dir])  # two restarts so far: status counts them and still has an ETA
-    assert running.job.restarts == 2 and running.stops == ["preemption", "preemption"]
-    assert running.eta_s is not None and running.eta_s > 0
-    table = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
-    row = table.stdout.splitlines()[1]
-    assert "RUNNING" in row and " 2 " in row and "preemption x2" in row and row.rstrip()[-1].isdigit(), row
-    elapsed = running.job.elapsed
-    minutes, seconds = (int(x) for x in elapsed.split(":")[-2:])
-    limit = minutes * 60 + seconds + 100
-    scontrol("update", f"JobId={job_id}", f"TimeLimit=0:{limit // 60:02d}:{limit % 60:02d}")
-    deadline = time.monotonic() + 120
-    while "JobState=RUNNING" in scontrol("show", "job", job_id) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert "JobState=RUNNING" not in scontrol("show", "job", job_id), "no time-limit signal came"
-    scontrol("update", f"JobId={job_id}", "TimeLimit=10")  # the requeued job gets its full limit back
-    states = wait_until_done([run_dir], timeout=400)
-    assert states[run_dir] == "COMPLETED"
-    assert "Restarts=3" in scontrol("show", "job", job_id)
-    events = notable(read_run_logs(run_dir))
-    assert [e["event"] for e in events] == ["preemption", "preemption", "timeout"]
-    assert all(e["requeued"] for e in events[1:])
-    a, b = (
-        load_file(str(straight.result() / "final" / "model.safetensors")),
-        load_file(str(run_dir / "final" / "model.safetensors")),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    metas = [r for r in read_run_logs(run_dir) if is_start(r)]
-    assert [m["attempt"] for m in metas] == [0, 1, 2, 3]
-    assert [m["slurm_restart_count"] for m in metas] == [0, 1, 2, 3]
-
-
-def test_preempted_then_cancelled_run_resumes_and_collects(tmp_path: Path, tones_corpus: Path) -> None:
-    """A 2-task run is preempted (requeued by itself), then cancelled by scancel and
-    re-submitted with `submit.py --resume`; the collector's table has one row per evaluation, replayed steps
-    counted once, and the table, CSV, JSON, model card and plot agree."""
-    ((job_id, run_dir),) = launch(
-        tmp_path,
-        tones_corpus,
-        "run.name=resumed",
-        "cluster.nodes=2",
-        "cluster.partition=low",
-        "train.global_batch_size=8",
-        "train.max_micro_batch_size=4",
-        "train.max_steps=200",
-        "logging.steps=1",
-        "eval.steps=50",
-        "checkpoint.save_steps=10",
-    )
-    wait_for_step(run_dir, 0, 14)
-    preempt_with_a_high_priority_job()
-    wait_for_step(run_dir, 1, last_train(run_dir, 0) + 14)
-    subprocess.run(["scancel", job_id], check=True)
-    wait_until_done([run_dir])
-    killed_at = last_train(run_dir, 1)
-    done = subprocess.run(
-        [PYTHON, SUBMIT, "--resume", str(run_dir), "--executor", "slurm", "--wait"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=python_env(),
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "COMPLETED" in done.stdout
-    (status,) = collect_status([run_dir])
-    assert status.job_id != job_id and status.step == 200
-    assert [a for a, _ in status.starts] == [0, 1, 2]
-    preempted_at, resumed_at = (step for _, step in status.starts[1:])
-    events = [r for r in notable(read_run_logs(run_dir)) if r["rank"] == 0]
-    stops = [(e["event"], e["step"]) for e in events]
-    assert stops[0] == ("preemption", preempted_at)
-    # scancel's SIGTERM checkpoints the step reached when SLURM's KillWait leaves the time to; else the
-    # resume starts from the last periodic checkpoint
-    assert stops[1:] == [("terminated", resumed_at)] or (stops[1:] == [] and resumed_at % 10 == 0), stops
-    assert preempted_at < resumed_at <= killed_at < 200
-    shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
-    assert "COMPLETED" in shown.stdout and f" {preempted_at},{resumed_at} " in shown.stdout
-
-    collected = subprocess.run(
-        [PYTHON, str(ROOT / "launch" / "collect.py"), str(run_dir)],
-        capture_output=True,
-        text=True,
-        env=python_env(),
-        timeout=120,
-    )
-    assert collected.returncode == 0, collected.stderr
-    check_results_agree(run_dir, steps=[50, 100, 150, 200], restarts=[preempted_at, resumed_at])
-    card = (run_dir / "final" / "README.md").read_text()
-    assert "- num_devices: 2" in card and "- attempts: 3" in card and "- nodes: 2" in card
-
-
-def check_results_agree(run_dir: Path, steps: list[int], restarts: list[int]) -> None:
-    """results.md, .csv, .json and the model card hold the same rows; the plot is a real picture."""
-    import csv
-
-    from matplotlib.image import imread
-
-    from asrlaunch.results.table import HEADERS, NO_LOG, parse_table
-
-    headers, table = parse_table((run_dir / "results.md").read_text())
-    with (run_dir / "results.csv").open() as file:
-        csv_rows = list(csv.reader(file))
-    result = json.loads((run_dir / "results.json").read_text())
-    assert headers == list(HEADERS) == csv_rows[0]
-    assert [int(row[2]) for row in table] == steps == [row["Step"] for row in result["rows"]]
-    assert result["restarts"] == restarts
-    for md_row, csv_row, json_row in zip(table, csv_rows[1:], result["rows"], strict=True):
-        for header, md_value, csv_value in zip(HEADERS, md_row, csv_row, strict=True):
-            if md_value == NO_LOG:
-                assert csv_value == json_row[header] == NO_LOG
-                continue
-            assert float(md_value) == pytest.approx(float(csv_value), abs=5e-5), header
-            assert float(md_value) == pytest.approx(float(json_row[header]), abs=5e-5), header
-    card = (run_dir / "final" / "README.md").read_text()
-    assert (run_dir / "results.md").read_text() in card
-    assert f"value: {result['final']['wer']}" in card and f"- Wer: {table[-1][4]}" in card
-    picture = imread(run_dir / "curves.png")
-    height, width = picture.shape[:2]
-    assert height >= 300 and width >= 800
-    ink = (picture[..., :3] < 0.9).any(axis=-1).mean()  # share of pixels that are not (near) white
-    assert 0.01 < ink < 0.5
 
 
 def test_a_shape_no_node_has_waits_with_its_reason_in_status(tmp_path: Path, tones_corpus: Path) -> None:

@@ -16,17 +16,20 @@ from asrlaunch.launcher.status import collect_status
 from asrlaunch.results.merge import merge_records
 
 from .conftest import PYTHON, BackgroundRun, notable, python_env
-from .test_slurm import (
+from .slurm_cluster import (
     CLUSTER,
+    SLURM_MARKS,
     SUBMIT,
     last_train,
     launch,
     preempt_with_a_high_priority_job,
-    pytestmark,  # noqa: F401  (the same marks: slurm, slow, skipped without a cluster)
     scontrol,
     wait_for_step,
     wait_until_done,
 )
+
+pytestmark = SLURM_MARKS
+
 
 # Two nodes x one task, small steps; a checkpoint every 5 steps; a dead peer is noticed within a minute.
 SHAPE = [

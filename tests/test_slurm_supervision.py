@@ -21,15 +21,17 @@ from asrlaunch.core.rundir import RunDir
 from asrlaunch.launcher.status import collect_status
 
 from .conftest import PYTHON, BackgroundRun, python_env, train_to_the_end
-from .test_slurm import (
+from .slurm_cluster import (
+    SLURM_MARKS,
     last_train,
     launch,
-    pytestmark,  # noqa: F401  (the same marks: slurm, slow, skipped without a cluster)
     scontrol,
     wait_for_step,
     wait_until_done,
 )
 from .test_slurm_failures import SHAPE, kill_rank, same_weights
+
+pytestmark = SLURM_MARKS
 
 
 def rank_pid(job_id: str, rank: int) -> int:
