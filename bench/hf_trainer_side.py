@@ -68,8 +68,8 @@ def trainer_side(args: argparse.Namespace) -> None:
         if "train_sampling_strategy" in fields
         else {"group_by_length": True}
     )
-    # Its default (on since mid-2025) multiplies a model's mean loss (CTC's) by the process count, for the
-    # gradients and the evaluation loss alike (transformers#35078): the card's transformers had no such step.
+    # Its default (on since mid-2025) multiplies a mean loss such as CTC's by the process count: on two
+    # processes its eval loss came out 2x ours (transformers#35078); the card's version had no such thing.
     if "average_tokens_across_devices" in fields:
         grouping["average_tokens_across_devices"] = False
     training = TrainingArguments(
