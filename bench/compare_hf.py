@@ -2,7 +2,7 @@
 `group_by_length`, evaluation at batch 1): the same prepared corpus, model config, seed, steps and
 evaluations, run interleaved N times in one command. Prints medians of whole-run wall time, train
 samples/s, evaluation utterances/s and the ratios ours / Trainer, and checks that our batched evaluation
-equals our batch-1 one.
+equals our batch-1 one (with --gpu, bench/gpu_checks.py does that under fp16).
 
     python bench/compare_hf.py               # CPU: tiny group-norm model, espeak corpus 400/100, 100 steps
     python bench/compare_hf.py --procs 2     # the same, two processes each (torchrun, gloo, 1 thread each)
