@@ -3,6 +3,7 @@
 #   bench/gpu_base.py          wav2vec2-base config, fp16, global batch 32 as micro 32/16/8: samples/s, memory
 #   bench/compare_hf.py --gpu  ours beside the Trainer: wall time, samples/s, eval utterances/s, MFU
 #   bench/gpu_checks.py        fp16 batched eval = batch-1, DeepSpeed ZeRO-2 kill/resume, DDP kill/resume, compile
+# and, as a second short call (`bash bench/gpu.sh --profile`, ~1.5 min), bench/gpu_profile.py: where a step goes.
 # Each part has its own time limit, so one slow part cannot take the others' figures with it.
 # Figures go to stdout and, on the device tool's machine, to $OUT/gpu.log.
 #
@@ -36,6 +37,7 @@ if [ "${1:-}" = "--tiny" ]; then
     $PYTHON bench/gpu_base.py --tiny --steps 6
     $PYTHON bench/compare_hf.py --gpu --tiny --runs 1 --work /tmp/compare-tiny
     $PYTHON bench/gpu_checks.py --tiny
+    $PYTHON bench/gpu_profile.py --tiny --micro 4 --steps 2
   } 2>&1 | tee "$OUT/gpu-tiny.log"
   exit "${PIPESTATUS[0]}"
 fi
@@ -47,6 +49,10 @@ part() {  # part LIMIT SCRIPT ARGS...: one section, stopped at its limit with a 
   local limit=$1; shift
   timeout "$limit" python3 "$@" || { local status=$?; echo "$1: exit $status (124: stopped at its ${limit} s limit)"; return $status; }
 }
+if [ "${1:-}" = "--profile" ]; then  # a second, short call: where a step's time goes
+  part 150 bench/gpu_profile.py 2>&1 | tee "$OUT/gpu-profile.log"
+  exit "${PIPESTATUS[0]}"
+fi
 {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
