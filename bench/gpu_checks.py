@@ -154,7 +154,7 @@ def check_deepspeed(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
 
 def check_resume(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
     """Killed after step 10's checkpoint and resumed, against an uninterrupted run; a second uninterrupted run
-    measures the run-to-run spread (CTC's backward on a GPU adds with atomics: no bitwise repeat there)."""
+    measures the run-to-run spread (CTC's backward on CUDA is not deterministic: no bitwise repeat there)."""
     command = engine(work, corpus, "resumed", tiny, "train.max_steps=20")
     with ThreadPoolExecutor(max_workers=3) as pool:
         repeats = [
