@@ -76,13 +76,21 @@ def train_flops(samples: int, config: dict[str, Any], vocab: int) -> float:
     return conv + 3 * rest
 
 
-def model_config(args: argparse.Namespace) -> dict[str, Any]:
-    if args.gpu and not args.tiny:
-        from transformers import Wav2Vec2Config
+def base_config() -> dict[str, Any]:
+    """wav2vec2-base's architecture (Wav2Vec2Config's defaults), in the fields the comparison sets."""
+    from transformers import Wav2Vec2Config
 
-        base = Wav2Vec2Config().to_dict()  # the defaults are wav2vec2-base's architecture
-        return {k: base[k] for k in [*TINY_GROUP_NORM, "feat_extract_norm", "do_stable_layer_norm"]}
-    return dict(TINY_GROUP_NORM)
+    base = Wav2Vec2Config().to_dict()
+    return {k: base[k] for k in [*TINY_GROUP_NORM, "feat_extract_norm", "do_stable_layer_norm"]}
+
+
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    return base_config() if args.gpu and not args.tiny else dict(TINY_GROUP_NORM)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The GPU's dense fp16 peak, known by its name."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
 # -- our engine ----------------------------------------------------------------------------------------------
@@ -232,7 +240,7 @@ def mfu(args: argparse.Namespace, work: Path, samples_per_s: float, vocab: int) 
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops or peak_tflops(name)
     if peak is None:
         return None
     from asrlaunch.data.timit import load_corpus

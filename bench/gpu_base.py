@@ -99,14 +99,12 @@ def mfu_of(corpus: Path, device: str) -> Callable[[float], str]:
     """MFU of a samples/s figure: the model FLOPs of the corpus's mean utterance (compare_hf.train_flops:
     the frozen conv stack forward only) against the GPU's dense fp16 peak."""
     import soundfile
-    from compare_hf import PEAK_TFLOPS, TINY_GROUP_NORM, train_flops
-    from transformers import Wav2Vec2Config
+    from compare_hf import base_config, peak_tflops, train_flops
 
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+    peak = peak_tflops(device)
     if peak is None:
         return lambda samples_per_s: "MFU n/a"
-    base = Wav2Vec2Config().to_dict()
-    config = {key: base[key] for key in TINY_GROUP_NORM}
+    config = base_config()
     lengths = [soundfile.info(path).frames for path in (corpus / "TRAIN").rglob("*.WAV")]
     per_sample = float(np.mean([train_flops(n, config, vocab=32) for n in lengths]))
     return lambda samples_per_s: f"MFU {100 * per_sample * samples_per_s / (peak * 1e12):.2f}%"
@@ -136,7 +134,7 @@ def main() -> None:
             f"device: {device}; model: {'smoke (tiny)' if args.tiny else 'wav2vec2-base config'}; "
             f"global batch 32; {args.steps} steps; fp16 AMP on a GPU"
         )
-        mfu = mfu_of(corpus, device) if not args.tiny else (lambda samples_per_s: "MFU n/a")
+        mfu = mfu_of(corpus, "" if args.tiny else device)  # wav2vec2-base's FLOPs; n/a on a CPU
         for micro in args.micro:
             figures = train(work, corpus, micro, args.steps, args.tiny)
             print(
