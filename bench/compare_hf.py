@@ -257,7 +257,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, float]:
     return {key: statistics.median(r[key] for r in runs) for key in keys}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The comparison's options, with the defaults of its mode filled in (bench/step_floor.py shares them)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -286,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (60 if gpu_full else 4 if args.gpu else 100)
     args.eval_every = args.eval_every or (30 if gpu_full else 2 if args.gpu else 50)
     args.eval_samples = args.eval_samples or (200 if gpu_full else 16 if args.gpu else args.test)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    gpu_full = args.gpu and not args.tiny
     if args.side == "trainer":
         from hf_trainer_side import trainer_side
 
