@@ -55,7 +55,8 @@ code = main(sys.argv[1:])
 packages = sorted({name.split(".")[0] for name in sys.modules})
 print("IMPORTED", json.dumps({"rank": os.environ.get("RANK", "0"), "code": code, "packages": packages}))
 """
-# Installed here (the dev extras), never needed by a DDP run without trackers on a prepared corpus.
+# Installed by `make venv` (extras train, deepspeed, test), never needed by a DDP run without trackers on a
+# prepared corpus.
 NOT_USED_BY_THE_RUN = (
     "datasets",
     "pandas",
