@@ -107,7 +107,10 @@ def main() -> int:
     parser.add_argument("--side", choices=["bare"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     own, rest = parser.parse_known_args()
-    args = compare_hf.parse_args([*rest, "--procs", "2"] if "--procs" not in rest else rest)
+    given_procs = any(option.startswith("--procs") for option in rest)
+    args = compare_hf.parse_args(rest if given_procs else [*rest, "--procs", "2"])
+    if args.gpu:
+        parser.error("the bare loop runs on the CPU only: drop --gpu")
     if own.side == "bare":
         result = bare_loop(args, Path(args.corpus), Path(args.work))
         if int(os.environ.get("RANK", "0")) == 0:
