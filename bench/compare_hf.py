@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,15 +203,40 @@ def evaluate_both_modes(args: argparse.Namespace, corpus: Path, work: Path, run_
 
 # -- the reference approach ---------------------------------------------------------------------------------
 def run_trainer(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
-    out = work / f"trainer-{index}.json"
-    command = [*launcher(args), __file__, "--side", "trainer", "--result", str(out), *sys.argv[1:]]
+    return run_side(args, __file__, "trainer", corpus, work, index)
+
+
+def run_side(
+    args: argparse.Namespace, script: str, side: str, corpus: Path, work: Path, index: int
+) -> dict[str, Any]:
+    """The other side of a comparison: `script --side SIDE` in fresh processes, launched as ours is, with this
+    command's options; the result file its rank 0 writes, and the whole run's wall time."""
+    out = work / f"{side}-{index}.json"
+    command = [*launcher(args), script, "--side", side, "--result", str(out), *sys.argv[1:]]
     command += ["--corpus", str(corpus), "--work", str(work)]
     started = time.perf_counter()
     done = subprocess.run(command, env=environment(args), capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode:
-        raise SystemExit(f"the Trainer failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"the {side} side failed:\n{done.stderr[-3000:]}")
     return {"wall_s": wall, **json.loads(out.read_text())}
+
+
+Run = Callable[[argparse.Namespace, Path, Path, int], dict[str, Any]]
+
+
+def interleaved(
+    args: argparse.Namespace, corpus: Path, work: Path, sides: dict[str, Run]
+) -> dict[str, list[dict[str, Any]]]:
+    """`args.runs` runs of each side, alternating which goes first, so that a drift of the machine's speed
+    within the sitting falls on both."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    order = list(sides.items())
+    for index in range(args.runs):
+        for name, run in order if index % 2 == 0 else order[::-1]:
+            results[name].append(run(args, corpus, work, index))
+            print(f"run {index} {name}: {json.dumps(results[name][-1])}", flush=True)
+    return results
 
 
 # -- the comparison ------------------------------------------------------------------------------------------
@@ -302,14 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     corpus = make_corpus(args, work)
     vocab = prepare(args, corpus, work)
-    ours: list[dict[str, Any]] = []
-    theirs: list[dict[str, Any]] = []
-    for index in range(args.runs):  # interleaved, alternating who goes first
-        sides = [(ours, run_ours), (theirs, run_trainer)]
-        for results, run in sides if index % 2 == 0 else sides[::-1]:
-            results.append(run(args, corpus, work, index))
-            print(f"run {index} {run.__name__}: {json.dumps(results[-1])}", flush=True)
-    a, b = summary(ours), summary(theirs)
+    results = interleaved(args, corpus, work, {"ours": run_ours, "trainer": run_trainer})
+    ours = results["ours"]
+    a, b = summary(ours), summary(results["trainer"])
     report: dict[str, Any] = {
         "setup": {
             k: getattr(args, k)

@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def timit_seconds(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Utterance lengths in seconds like TIMIT's (mean ~3.1 s, 0.9-7.8 s)."""
+    return np.clip(rng.lognormal(np.log(3.0), 0.3, count), 0.9, 7.8)
+
+
 def write_corpus(root: Path, train: int, test: int, seed: int = 0) -> Path:
     """TIMIT layout, RIFF WAV, noise at TIMIT-like lengths: what a throughput benchmark needs, quickly."""
     import soundfile
@@ -39,7 +44,7 @@ def write_corpus(root: Path, train: int, test: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     for split, count in (("TRAIN", train), ("TEST", test)):
         for index in range(count):
-            seconds = float(np.clip(rng.lognormal(np.log(3.0), 0.3), 0.9, 7.8))
+            seconds = float(timit_seconds(rng, 1)[0])
             folder = root / split / f"DR{index % 8 + 1}" / f"M{split[:2]}{index // 10:03d}"
             folder.mkdir(parents=True, exist_ok=True)
             audio = rng.normal(0, 0.1, int(seconds * 16000)).astype(np.float32)

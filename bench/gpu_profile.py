@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from gpu_base import timit_seconds
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
 TINY: dict[str, Any] = {
@@ -34,7 +35,7 @@ TINY: dict[str, Any] = {
 
 def batch(micro: int, rng: np.random.Generator, device: torch.device) -> dict[str, torch.Tensor]:
     """Noise at TIMIT's lengths (as bench/gpu_base.py), padded to the longest; ~12 characters a second."""
-    seconds = np.clip(rng.lognormal(np.log(3.0), 0.3, micro), 0.9, 7.8)
+    seconds = timit_seconds(rng, micro)
     audio = torch.zeros(micro, int(seconds.max() * 16000))
     labels = torch.full((micro, int(seconds.max() * 12)), -100)
     for row, length in enumerate(seconds):

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,17 +76,11 @@ def bare_loop(args: argparse.Namespace, corpus: Path, work: Path) -> dict[str, f
     return {"train_s": step_seconds, "loop_s": time.perf_counter() - started}
 
 
-def run_bare(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, float]:
-    out = work / f"bare-{index}.json"
-    command = [*compare_hf.launcher(args), __file__, "--side", "bare", "--result", str(out), *sys.argv[1:]]
-    command += ["--corpus", str(corpus), "--work", str(work)]
-    done = subprocess.run(command, env=compare_hf.environment(args), capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"the bare loop failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
+def run_bare(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
+    return compare_hf.run_side(args, __file__, "bare", corpus, work, index)
 
 
-def run_engine(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, float]:
+def run_engine(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
     """The engine's training time (its step times, as its train records give them) and its loop time:
     the start record to the last train record, less the evaluations in between."""
     run_dir = Path(compare_hf.run_ours(args, corpus, work, index)["run_dir"])
@@ -120,14 +113,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     corpus = compare_hf.make_corpus(args, work)
     compare_hf.prepare(args, corpus, work)
-    sides: dict[str, list[dict[str, float]]] = {"engine": [], "bare": []}
-    for index in range(args.runs):  # interleaved, alternating who goes first
-        order = [("engine", run_engine), ("bare", run_bare)]
-        for name, run in order if index % 2 == 0 else order[::-1]:
-            sides[name].append(run(args, corpus, work, index))
-            print(f"run {index} {name}: {json.dumps(sides[name][-1])}", flush=True)
+    sides = compare_hf.interleaved(args, corpus, work, {"engine": run_engine, "bare": run_bare})
     medians = {
-        name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in sides.items()
+        name: {k: statistics.median(r[k] for r in runs) for k in ("train_s", "loop_s")}
+        for name, runs in sides.items()
     }
     report = {
         "setup": {"procs": args.procs, "steps": args.steps, "micro": args.micro, "runs": args.runs},
