@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -115,3 +116,35 @@ def preempt_with_a_high_priority_job() -> None:
 
 def scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
+
+def task_pid(job_id: str, rank: int) -> int:
+    """The process of `rank`'s task of a job (every node of the local cluster is this host)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            f"SLURM_JOB_ID={job_id}".encode() in environ
+            and f"SLURM_PROCID={rank}".encode() in environ
+            and b"submitit.core._submit" in command
+            and not command.startswith(b"srun")  # srun's own command line names the module too
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no task of rank {rank} of job {job_id} found")
+
+
+def kill_rank(job_id: str, rank: int, signum: int = signal.SIGKILL) -> None:
+    """kill -9 a rank's task by default; SIGSTOP is the shape of a GPU kernel hang or a stalled disk."""
+    os.kill(task_pid(job_id, rank), signum)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two runs' final models, tensor by tensor, bitwise."""
+    import torch
+    from safetensors.torch import load_file
+
+    x, y = (load_file(str(run / "final" / "model.safetensors")) for run in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

@@ -4,10 +4,12 @@ what a resume may change, checked before anything is queued."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from asrlaunch.cli.main import COMMANDS
 from asrlaunch.core.plan import plan_run
@@ -96,3 +98,59 @@ def test_a_training_process_collects_once_after_start_up_and_freezes_what_lives(
     assert probe["code"] == 0 and probe["enabled"] and probe["frozen"] > 100_000
     status = run(PYTHON, "-c", PROBE, "status", str(tmp_path / "run"))
     assert json.loads(status.stdout.strip().splitlines()[-1])["frozen"] == 0  # the launcher's: untouched
+
+
+def train_extra_modules() -> set[str]:
+    """The import names of what `pip install '.[train]'` adds to the base install (pyproject's lists)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~\[; ]", spec)[0].lower() for spec in project["optional-dependencies"]["train"]}
+    base = {re.split(r"[<>=!~\[; ]", spec)[0].lower() for spec in project["dependencies"]}
+    return {name.replace("-", "_") for name in names - base}
+
+
+def base_install(tmp_path: Path) -> Path:
+    """A view of this environment's site-packages without the [train] extra's packages: what a login node
+    with `pip install asrlaunch` has (their own dependencies stay; only the named packages are absent)."""
+    hidden = train_extra_modules()
+    view = tmp_path / "site-packages"
+    view.mkdir()
+    (site_packages,) = {p for p in Path(PYTHON).parent.parent.glob("lib/python3*/site-packages")}
+    for entry in site_packages.iterdir():
+        if re.split(r"[.-]", entry.name)[0].lower() not in hidden:
+            (view / entry.name).symlink_to(entry)
+    return view
+
+
+def test_the_launcher_commands_run_on_the_base_install(
+    tmp_path: Path, tones_corpus: Path, trained_smoke: Path
+) -> None:
+    """submit's dry run (preflight, and whether a preparation job is needed), status and collect, with torch,
+    transformers, pyarrow, soundfile and the rest of the [train] extra not installed; a real submission from
+    there is refused before anything is queued: the job's tasks would run this Python."""
+    assert {"torch", "transformers", "pyarrow", "soundfile"} <= train_extra_modules()
+    env = {**python_env(), "PYTHONPATH": f"{base_install(tmp_path)}:{ROOT / 'src'}"}
+
+    def base(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PYTHON, "-S", "-m", "asrlaunch", *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=120,
+        )
+
+    corpus = [f"data.dir={tones_corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
+    smoke = str(RECIPES / "smoke.yaml")
+    dry = base("submit", smoke, *corpus, "cluster.prepare_partition=debug", "--dry-run", "--executor=local")
+    assert dry.returncode == 0, dry.stderr
+    assert "# preflight FAIL  engine: the job runs " in dry.stdout and "lacks torch, " in dry.stdout
+    assert "# preflight skip  data: " in dry.stdout and "soundfile is not installed" in dry.stdout
+    assert "asrlaunch prepare" in dry.stdout  # the corpus is not in this cache: a preparation job first
+    refused = base("submit", smoke, *corpus, "--executor", "local")
+    assert refused.returncode == 2 and "pip install 'asrlaunch[train]'" in refused.stderr, refused.stderr
+    assert "nothing was submitted" in refused.stderr and not (tmp_path / "runs").exists()
+    status = base("status", str(trained_smoke))
+    assert status.returncode == 0 and "200/200" in status.stdout, status.stderr
+    collect = base("collect", str(trained_smoke))
+    assert collect.returncode == 0 and "Wer" in collect.stdout, collect.stderr

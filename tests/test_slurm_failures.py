@@ -4,8 +4,6 @@ bitwise equal to an uninterrupted one."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -20,9 +18,11 @@ from .slurm_cluster import (
     CLUSTER,
     SLURM_MARKS,
     SUBMIT,
+    kill_rank,
     last_train,
     launch,
     preempt_with_a_high_priority_job,
+    same_weights,
     scontrol,
     wait_for_step,
     wait_until_done,
@@ -52,36 +52,6 @@ def straight(tmp_path_factory: pytest.TempPathFactory, tones_corpus: Path) -> Ba
     return BackgroundRun(
         tmp_path_factory.mktemp("straight") / "run", tones_corpus, 2, "eval.at_start=false", *SHAPE
     )
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    import torch
-    from safetensors.torch import load_file
-
-    x, y = (
-        load_file(str(a / "final" / "model.safetensors")),
-        load_file(str(b / "final" / "model.safetensors")),
-    )
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-def kill_rank(job_id: str, rank: int) -> None:
-    """kill -9 the task of `rank` (all nodes of the local cluster are this host)."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (
-            f"SLURM_JOB_ID={job_id}".encode() in environ
-            and f"SLURM_PROCID={rank}".encode() in environ
-            and b"submitit.core._submit" in command
-            and not command.startswith(b"srun")  # srun's own command line names the module too
-        ):
-            os.kill(int(proc.name), signal.SIGKILL)
-            return
-    raise AssertionError(f"no task of rank {rank} of job {job_id} found")
 
 
 def events(run_dir: Path) -> list[str]:

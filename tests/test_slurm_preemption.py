@@ -21,6 +21,7 @@ from .slurm_cluster import (
     last_train,
     launch,
     preempt_with_a_high_priority_job,
+    same_weights,
     scontrol,
     wait_for_step,
     wait_until_done,
@@ -31,9 +32,6 @@ pytestmark = SLURM_MARKS
 
 def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, tones_corpus: Path) -> None:
     """A high-priority job, `scancel --signal=USR2` and a time limit each stop it; it resumes every time."""
-    import torch
-    from safetensors.torch import load_file
-
     overrides = [
         "train.global_batch_size=8",
         "train.max_micro_batch_size=8",
@@ -84,11 +82,7 @@ def test_preempted_three_times_ends_like_an_uninterrupted_run(tmp_path: Path, to
     events = notable(read_run_logs(run_dir))
     assert [e["event"] for e in events] == ["preemption", "preemption", "timeout"]
     assert all(e["requeued"] for e in events[1:])
-    a, b = (
-        load_file(str(straight.result() / "final" / "model.safetensors")),
-        load_file(str(run_dir / "final" / "model.safetensors")),
-    )
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight.result(), run_dir)
     metas = [r for r in read_run_logs(run_dir) if is_start(r)]
     assert [m["attempt"] for m in metas] == [0, 1, 2, 3]
     assert [m["slurm_restart_count"] for m in metas] == [0, 1, 2, 3]

@@ -6,7 +6,6 @@ run that completes is bitwise equal to an uninterrupted one."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -23,33 +22,17 @@ from asrlaunch.launcher.status import collect_status
 from .conftest import PYTHON, BackgroundRun, python_env, train_to_the_end
 from .slurm_cluster import (
     SLURM_MARKS,
+    kill_rank,
     last_train,
     launch,
+    same_weights,
     scontrol,
     wait_for_step,
     wait_until_done,
 )
-from .test_slurm_failures import SHAPE, kill_rank, same_weights
+from .test_slurm_failures import SHAPE
 
 pytestmark = SLURM_MARKS
-
-
-def rank_pid(job_id: str, rank: int) -> int:
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ours = f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
-        if ours and b"submitit.core._submit" in command and not command.startswith(b"srun"):
-            return int(proc.name)
-    raise AssertionError(f"no task of rank {rank} of job {job_id} found")
-
-
-def stop_rank(job_id: str, rank: int) -> None:
-    """SIGSTOP: the shape of a GPU kernel hang or a stalled file system (nothing runs, nothing dies)."""
-    os.kill(rank_pid(job_id, rank), signal.SIGSTOP)
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -69,7 +52,7 @@ def test_the_only_rank_stopped_is_a_hang_restarted_in_the_job(tmp_path: Path, to
         tmp_path, tones_corpus, "run.name=hang1", "train.hang_timeout_s=30", *overrides
     )
     wait_for_step(run_dir, 0, 20)
-    stop_rank(job_id, 0)
+    kill_rank(job_id, 0, signal.SIGSTOP)
     stopped = time.monotonic()
     assert wait_until_done([run_dir], timeout=400)[run_dir] == "COMPLETED"
     assert time.monotonic() - stopped < 180  # detected, stacks taken, restarted, trained to the end
@@ -101,7 +84,7 @@ def test_a_hung_rank_restarts_in_the_job_then_a_dead_one_requeues_without_its_no
     job = ["cluster.nodes=2", "cluster.processes_per_node=1", "cluster.max_restarts_in_job=1", *shape]
     ((job_id, run_dir),) = launch(tmp_path, tones_corpus, "run.name=hang2", *job)
     wait_for_step(run_dir, 0, 8)
-    stop_rank(job_id, 1)
+    kill_rank(job_id, 1, signal.SIGSTOP)
     wait_for_step(run_dir, 1, last_train(run_dir, 0) + 3, timeout=300)  # restarted, training again
     kill_rank(job_id, 1)
     assert wait_until_done([run_dir], timeout=400)[run_dir] == "COMPLETED"

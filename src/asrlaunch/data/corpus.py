@@ -3,8 +3,8 @@
 A corpus is a list of `Source`s per split (TIMIT's layout, an audiofolder, a dataset saved to disk: see
 timit.py and sources.py); from there everything is shared: text normalisation and the vocabulary over both
 splits (text.py), 16 kHz audio (resampled where it is not), the feature extractor, the tokenizer, the cache.
-Decoding and preparing import soundfile, soxr and transformers lazily: the launcher side may import
-this module to count utterances.
+Decoding and preparing import soundfile, soxr, pyarrow and transformers lazily: the launcher side (the base
+install) imports this module to count utterances and to see whether a corpus is prepared.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from asrlaunch.data.table import Table, TableWriter
 from asrlaunch.data.text import (
     BOS,
     EOS,
@@ -37,6 +36,8 @@ from asrlaunch.data.text import (
 
 if TYPE_CHECKING:
     from transformers import Wav2Vec2Processor
+
+    from asrlaunch.data.table import Table
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "test")
@@ -228,6 +229,8 @@ def prepare_split(
 ) -> tuple[Table, list[Problem], bool]:
     """Decode, normalise and tokenise once; later runs memory-map the cached Arrow file. Returns the table
     (without the utterances that cannot be used), those utterances' problems, and whether the cache held it."""
+    from asrlaunch.data.table import Table, TableWriter
+
     final = cache_dir / key
     arrow = final / "table.arrow"
     if arrow.exists():

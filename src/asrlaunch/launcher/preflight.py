@@ -1,12 +1,16 @@
 """Checks on the submitting machine before anything is queued (about a second, no torch): the data, the
-model, the trackers' packages, and whether the job's shape fits a node of its partition. Each problem is one
+model, the engine's and the trackers' packages (the job runs this Python), and whether the job's shape fits a
+node of its partition. Each problem is one
 line naming the recipe key to change; `submit.py --no-preflight` skips them (data seen only by compute nodes).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +31,42 @@ class Check:
     name: str
     ok: bool
     message: str
+    checked: bool = True  # False: this machine cannot tell (a package the check reads is not installed here)
 
     def line(self) -> str:
-        return f"{'ok' if self.ok else 'FAIL':>4}  {self.name}: {self.message}"
+        verdict = "FAIL" if not self.ok else "ok" if self.checked else "skip"
+        return f"{verdict:>4}  {self.name}: {self.message}"
+
+
+def extra_packages(extra: str) -> list[str]:
+    """The distributions `pip install 'asrlaunch[EXTRA]'` adds: pyproject's list, read from the installed
+    metadata."""
+    found = []
+    for spec in importlib.metadata.requires("asrlaunch") or []:
+        requirement, _, marker = spec.partition(";")
+        if re.search(rf"extra\s*==\s*['\"]{extra}['\"]", marker):
+            found.append(re.split(r"[<>=!~\[ (]", requirement.strip())[0])
+    return found
+
+
+def installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def check_engine(recipe: Recipe) -> Check:
+    """The job's tasks run this Python (submitit starts them with it): the engine's packages must be here."""
+    extras = ["train", *(["deepspeed"] if recipe.train.backend == "deepspeed" else [])]
+    missing = {extra: [d for d in extra_packages(extra) if not installed(d)] for extra in extras}
+    lines = [
+        f"the job runs {sys.executable}, which lacks {', '.join(names)}: pip install 'asrlaunch[{extra}]'"
+        for extra, names in missing.items()
+        if names
+    ]
+    return Check("engine", not lines, "; ".join(lines) or f"{sys.executable} has [{','.join(extras)}]")
 
 
 def check_data(recipe: Recipe) -> Check:
@@ -46,6 +83,9 @@ def check_data(recipe: Recipe) -> Check:
         problems = cheap_problems(data)
     except DataError as error:
         return Check("data", False, f"data.dir: {error}")
+    except ModuleNotFoundError as error:  # reading the audio needs the [train] extra: check_engine names it
+        missing = f"{root} ({data.format}): not checked, {error.name} is not installed"
+        return Check("data", True, missing, checked=False)
     expected = data.expected_train_size
     note = "" if expected in (None, counts["train"]) else f"; data.expected_train_size says {expected}"
     if problems:
@@ -195,7 +235,7 @@ def check_shape(recipe: Recipe, nodes: list[Node]) -> Check:
 
 
 def preflight(recipe: Recipe, executor: str) -> list[Check]:
-    checks = [check_data(recipe), check_model(recipe), check_trackers(recipe)]
+    checks = [check_engine(recipe), check_data(recipe), check_model(recipe), check_trackers(recipe)]
     if executor == "slurm":
         nodes = parse_sinfo_nodes(run_command(["sinfo", "-h", "-N", "-o", SINFO_FORMAT]) or "")
         checks.append(check_shape(recipe, nodes) if nodes else Check("shape", False, "sinfo listed no nodes"))
