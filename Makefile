@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE = 1
 .PHONY: venv system cluster cluster-stop demo test lint bench install-check
 
 venv: .venv/.installed
-.venv/.installed: pyproject.toml
+.venv/.installed: pyproject.toml | system   # system first: a stock Debian has no python3-venv
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0   # CPU wheel first: a bare `torch` requirement pulls CUDA builds
@@ -16,8 +16,8 @@ venv: .venv/.installed
 	$(PY) slurm/build_ops.py   # DeepSpeed's CPU ops, compiled here once rather than inside the first run
 	touch $@
 
-system:   ## Debian packages: espeak-ng/sox (speech corpora), slurm-wlm, munge, slurmdbd, mariadb
-	bash slurm/cluster.sh install espeak-ng sox libsndfile1
+system:   ## Debian packages: python3-venv, g++ (DeepSpeed's CPU ops), espeak-ng/sox (speech corpora), slurm-wlm, munge, slurmdbd, mariadb
+	bash slurm/cluster.sh install python3-venv g++ espeak-ng sox libsndfile1
 
 cluster: system
 	bash slurm/cluster.sh start

@@ -166,7 +166,7 @@ def test_logs_of_two_runs_are_refused() -> None:
         "cluster": {"nodes": 4},
         "train": {**first["recipe"]["train"], "max_steps": 99, "backend": "deepspeed"},
     }
-    merge_records([first, second])
+    assert merge_records([first, second]).restarts == [4]
 
 
 def test_reference_table_roundtrips_byte_for_byte() -> None:

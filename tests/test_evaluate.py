@@ -61,7 +61,8 @@ def test_eval_batches_cover_every_utterance_once_within_the_budget() -> None:
         assert max(loads) - min(loads) <= max(int(lengths[b[0]]) * len(b) for b in batches)
 
 
-def evaluate_in_process(config: dict, corpus_dir: Path, cache: Path, mode: str) -> list:
+def evaluate_in_process(config: dict, corpus_dir: Path, cache: Path, mode: str) -> tuple[list, int]:
+    """The utterances' outcomes, and how many batches (forward passes) they took."""
     from accelerate import Accelerator
 
     from asrlaunch.core.recipe import ModelSection
@@ -74,11 +75,18 @@ def evaluate_in_process(config: dict, corpus_dir: Path, cache: Path, mode: str) 
     model = build_model(
         ModelSection(config=config), corpus.vocab_size, corpus.processor.tokenizer.pad_token_id
     )
+    passes = []
     result = evaluate(
-        model, corpus.test, corpus.processor, Accelerator(cpu=True), mode=mode, max_batch_seconds=9
+        model,
+        corpus.test,
+        corpus.processor,
+        Accelerator(cpu=True),
+        mode=mode,
+        max_batch_seconds=9,
+        on_batch=lambda: passes.append(1),
     )
     assert result is not None
-    return result.utterances
+    return result.utterances, len(passes)
 
 
 @pytest.mark.parametrize("layout", ["group-norm", "layer-norm (smoke)"])
@@ -87,8 +95,9 @@ def test_batched_evaluation_equals_batch_1(layout: str, tones_corpus: Path, tmp_
 
     smoke = yaml.safe_load((RECIPES / "smoke.yaml").read_text())["model"]["config"]
     config = GROUP_NORM if layout == "group-norm" else smoke
-    batched = evaluate_in_process(config, tones_corpus, tmp_path, "batched")
-    single = evaluate_in_process(config, tones_corpus, tmp_path, "sequential")
+    batched, batched_passes = evaluate_in_process(config, tones_corpus, tmp_path, "batched")
+    single, single_passes = evaluate_in_process(config, tones_corpus, tmp_path, "sequential")
+    assert single_passes == 16 and batched_passes < 8  # batches of several utterances, padded and masked
     assert [u.index for u in batched] == [u.index for u in single] == list(range(16))
     for a, b in zip(batched, single, strict=True):
         assert a.prediction == b.prediction
@@ -159,6 +168,25 @@ def test_sharded_evaluation_agrees_on_1_2_and_3_processes(
         assert run["eval_loss"] == pytest.approx(reference["eval_loss"], rel=tolerance), (processes, mode)
         for mine, theirs in zip(run["utterances"], reference["utterances"], strict=True):
             assert mine["loss"] == pytest.approx(theirs["loss"], rel=tolerance)
+
+
+def test_the_final_model_transcribes_with_a_pipeline_as_the_engine_does(
+    trained_smoke: Path, tones_corpus: Path, tmp_path: Path
+) -> None:
+    """`final/` is a Hugging Face model folder: transformers' pipeline hears what the engine's evaluation
+    predicted, utterance by utterance."""
+    from transformers import pipeline
+
+    from asrlaunch.core.rundir import RunDir
+    from asrlaunch.data.timit import read_audio, scan_split
+
+    engine = evaluate_cli(trained_smoke / "final", tones_corpus, 1, "sequential", tmp_path / "eval.jsonl")
+    predicted = {u["id"]: u["prediction"] for u in engine["utterances"]}
+    asr = pipeline("automatic-speech-recognition", model=str(trained_smoke / "final"), device="cpu")
+    utterances = scan_split(tones_corpus, "test")[:6]
+    heard = {u.id: asr({"raw": read_audio(u.audio), "sampling_rate": 16000})["text"] for u in utterances}
+    assert heard == {u.id: predicted[u.id] for u in utterances} and any(heard.values())
+    assert json.loads(RunDir(trained_smoke).finished_marker.read_text()) == {"step": 200, "done": True}
 
 
 def test_group_norm_model_batched_equals_batch_1_on_2_processes(tones_corpus: Path, tmp_path: Path) -> None:

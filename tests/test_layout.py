@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import re
 import subprocess
 import tokenize
 from pathlib import Path
@@ -84,6 +85,21 @@ def test_no_import_circle() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
+
+
+def test_the_architecture_document_names_every_module_and_the_import_rules() -> None:
+    """docs/architecture.md's table of packages: each row names exactly the package's modules and the parts
+    MAY_IMPORT lets it import (the document and the rule this file enforces are one list)."""
+    rows = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        found = re.match(r"\| `(\w+)/` \| (.*) \| (.*) \| (yes|no) \|$", line)
+        if found:
+            rows[found[1]] = (set(re.findall(r"`([a-z_]+)`", found[2])), set(re.findall(r"\w+", found[3])))
+    assert set(rows) == set(MAY_IMPORT)
+    for part, (named, may_import) in rows.items():
+        modules = {m.rsplit(".", 1)[1] for m in MODULES if m.startswith(f"asrlaunch.{part}.")}
+        assert named == modules, (part, sorted(named ^ modules))
+        assert may_import & set(MAY_IMPORT) == MAY_IMPORT[part], part
 
 
 def test_only_the_engine_imports_torch() -> None:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -175,9 +173,10 @@ def test_world_size_2_to_1_keeps_samples_and_weights(tmp_path: Path, tones_corpu
     straight, changed = plain, tmp_path / "changed"
     run_and_kill_after_checkpoint(command(changed, tones_corpus, 2), changed, 5)
     keep_only_checkpoint(changed, 5)  # 2 processes accumulate 4 micro-batches, 1 process 8: 20 % 8 != 0
-    run(command(changed, tones_corpus, 1))
-    metas = [r for r in read_run_logs(changed) if is_start(r)]
-    assert sorted({m["world_size"] for m in metas}) == [1, 2]
+    moved = run(command(changed, tones_corpus, 1))
+    assert "(step 5," in moved.stdout and "saved by 2 processes" in moved.stdout
+    metas = [r for r in read_run_logs(changed) if is_start(r) and r["rank"] == 0]
+    assert [(m["world_size"], m["resumed_from"]) for m in metas] == [(2, None), (1, 5)]
     assert sample_ids(straight) == sample_ids(changed)
     a, b = weights(straight), weights(changed)
     total = (
@@ -202,11 +201,9 @@ def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
     cmd = command(run_dir, tones_corpus, 1)
     run(cmd)
     records = len(read_run_logs(run_dir))
-    start = time.monotonic()
-    again = run(cmd)  # finished: exits at once, trains nothing
-    assert "finished already" in again.stdout
+    again = run(cmd)  # finished: exits before loading anything, trains nothing
+    assert "finished already" in again.stdout and "corpus:" not in again.stdout
     assert len(read_run_logs(run_dir)) == records
-    assert time.monotonic() - start < 30
 
     checkpoints = run_dir / "checkpoints"
     assert [s for s, _ in checkpoint.list_checkpoints(checkpoints)] == [10, 5]
@@ -259,21 +256,6 @@ def test_kill_9_while_writing_a_checkpoint_resumes_from_the_previous_one(
     assert step_losses(straight) == step_losses(killed)
 
 
-def test_final_model_transcribes_with_a_pipeline(tmp_path: Path, tones_corpus: Path) -> None:
-    from transformers import pipeline
-
-    from asrlaunch.data.timit import read_audio, scan_split
-
-    run_dir = tmp_path / "run"
-    run(command(run_dir, tones_corpus, 1, "train.max_steps=2"))
-    asr = pipeline("automatic-speech-recognition", model=str(run_dir / "final"), device="cpu")
-    audio = read_audio(scan_split(tones_corpus, "test")[0].audio)
-    result: Any = asr({"raw": audio, "sampling_rate": 16000})
-    assert isinstance(result["text"], str)
-    marker = json.loads(RunDir(run_dir).finished_marker.read_text())
-    assert marker == {"step": 2, "done": True}
-
-
 def test_deepspeed_zero2_and_zero1_resume_exactly_and_on_another_world_size(
     tmp_path: Path, tones_corpus: Path
 ) -> None:
@@ -289,7 +271,7 @@ def test_deepspeed_zero2_and_zero1_resume_exactly_and_on_another_world_size(
     run_and_kill_after_checkpoint(cmd, resumed, 5)
     keep_only_checkpoint(resumed, 5)
     assert (checkpoint.step_dir(resumed / "checkpoints", 5) / "pytorch_model").is_dir()  # ZeRO shards
-    run(cmd)
+    assert "step-000005 (step 5," in run(cmd).stdout
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert step_losses(straight) == step_losses(resumed)
@@ -299,7 +281,8 @@ def test_deepspeed_zero2_and_zero1_resume_exactly_and_on_another_world_size(
     run(command(plain, tones_corpus, 2, *deepspeed))
     run_and_kill_after_checkpoint(command(changed, tones_corpus, 2, *deepspeed), changed, 5)
     keep_only_checkpoint(changed, 5)
-    run(command(changed, tones_corpus, 1, *deepspeed))
+    moved = run(command(changed, tones_corpus, 1, *deepspeed))
+    assert "(step 5," in moved.stdout and "saved by 2 processes, ZeRO state through" in moved.stdout
     assert sample_ids(plain) == sample_ids(changed)
     a, b = weights(plain), weights(changed)
     total = (
@@ -332,14 +315,18 @@ def test_deepspeed_zero2_and_zero1_resume_exactly_and_on_another_world_size(
 def test_deepspeed_trains_in_bf16_on_cpu(tmp_path: Path, tones_corpus: Path) -> None:
     """DeepSpeed holds the model in bf16 and does not autocast: the audio is cast to the engine's dtype (as
     the Trainer's _prepare_input), else the first convolution fails on a dtype mismatch."""
-    run_dir = tmp_path / "bf16"
-    bf16 = ("train.backend=deepspeed", "train.mixed_precision=bf16", "train.max_steps=3")
     rest = ("train.max_micro_batch_size=8", "logging.steps=1", "eval.steps=3", "eval.at_start=false")
-    run(engine_command(run_dir, tones_corpus, 1, *bf16, *rest))
-    records = read_run_logs(run_dir)
-    losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert len(losses) == 3 and all(isinstance(x, float) for x in losses)
-    assert [r["eval_samples"] for r in records if r["kind"] == "eval"] == [16]
+    losses = {}
+    for precision in ("bf16", "no"):
+        run_dir = tmp_path / precision
+        settings = ("train.backend=deepspeed", f"train.mixed_precision={precision}", "train.max_steps=3")
+        run(engine_command(run_dir, tones_corpus, 1, *settings, *rest))
+        records = read_run_logs(run_dir)
+        losses[precision] = [r["loss"] for r in records if r["kind"] == "train"]
+        assert [r["eval_samples"] for r in records if r["kind"] == "eval"] == [16]
+    assert len(losses["bf16"]) == 3 and all(isinstance(x, float) for x in losses["bf16"])
+    assert losses["bf16"] != losses["no"]  # bf16's rounding shows: the run did not fall back to fp32
+    assert losses["bf16"] == pytest.approx(losses["no"], rel=0.05)
 
 
 def test_ddp_on_2_processes_kill_9_and_resume_is_bitwise_exact_with_dropout(
