@@ -154,3 +154,117 @@ def test_the_launcher_commands_run_on_the_base_install(
     assert status.returncode == 0 and "200/200" in status.stdout, status.stderr
     collect = base("collect", str(trained_smoke))
     assert collect.returncode == 0 and "Wer" in collect.stdout, collect.stderr
+
+
+SMOKE = str(RECIPES / "smoke.yaml")
+
+
+@pytest.mark.parametrize(
+    ("command", "lines"),
+    [
+        (
+            ["submit", SMOKE, "--json", "--force"],
+            ["--json goes with --dry-run", "--force goes with --resume"],
+        ),
+        (
+            [
+                "submit",
+                SMOKE,
+                "foo",
+                "train.lr=5",
+                "--sweep",
+                "train.lr=1e-3,2e-3",
+                "--sweep",
+                "cluster.nodes=1,2",
+                "--sweep",
+                "train.seed=1,,2",
+                "--sweep",
+                "train.seed=3",
+                "--dry-run",
+            ],
+            [
+                "override 'foo' must look like section.key=value",
+                "train.lr is swept or overridden twice",
+                "sweep over cluster.nodes: the elements of a job array share one job shape",
+                "sweep 'train.seed=1,,2': an empty value",
+                "train.seed is swept or overridden twice",
+            ],
+        ),
+        (
+            ["submit", SMOKE, "--sweep", "train.seed=1,x", "--sweep", "train.lr=1e-3,abc", "--dry-run"],
+            [
+                "2 problem(s):",
+                "train.lr: Input should be a valid number",
+                "train.seed: Input should be a valid integer",
+            ],
+        ),
+        (
+            ["submit", SMOKE, "--sweep", "train.lr=1e-3,0.001", "--dry-run"],
+            ["lr=1e-3 and lr=0.001 are the same run"],
+        ),
+        (
+            [
+                "submit",
+                SMOKE,
+                "cluster.extra_sbatch={signal: USR1@10, time: '5', mail_type: END}",
+                "--dry-run",
+            ],
+            [
+                "cluster.extra_sbatch.signal: the launcher sets --signal itself; use cluster.signal_delay_s",
+                "cluster.extra_sbatch.time: the launcher sets --time itself; use cluster.time_min",
+            ],
+        ),
+        (
+            ["submit", SMOKE, "train.epochs=.inf", "train.lr=.nan", "--dry-run"],
+            ["train.lr: Input should be a finite"],
+        ),
+        (["submit", ".", "--dry-run"], [".: cannot be read"]),
+        (["status", "nonexistent", "."], ["nonexistent: does not exist", ".: no run directory"]),
+        (
+            ["collect", "nonexistent", "--compare", SMOKE],
+            ["--compare", "no results table", "nonexistent: no run"],
+        ),
+    ],
+    ids=[
+        "flags",
+        "command line",
+        "elements",
+        "same run",
+        "extra_sbatch",
+        "infinite",
+        "folder",
+        "status",
+        "collect",
+    ],
+)
+def test_every_problem_of_a_command_is_reported_at_once_and_nothing_is_written(
+    tmp_path: Path, command: list[str], lines: list[str]
+) -> None:
+    done = run(ASRLAUNCH, *command, cwd=tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
+    for line in lines:
+        assert line in done.stderr, (line, done.stderr)
+
+
+def test_a_dry_run_refuses_what_the_submission_would(tmp_path: Path) -> None:
+    """A run directory that holds a run already, and a model path that is neither a folder nor a hub id."""
+    recipe = load_recipe(RECIPES / "smoke.yaml", [f"data.dir={tmp_path / 'corpus'}"])
+    RunDir(tmp_path / "runs" / "smoke").create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
+    taken = run(ASRLAUNCH, "submit", SMOKE, "--dry-run", "--no-preflight", cwd=tmp_path)
+    assert taken.returncode == 2 and "runs/smoke holds a run already" in taken.stderr
+    path = run(
+        ASRLAUNCH,
+        "submit",
+        SMOKE,
+        "run.name=other",
+        "model.config=null",
+        "model.name_or_path=./m!",
+        "--dry-run",
+    )
+    assert (
+        path.returncode == 0
+        and "FAIL  model: model.name_or_path: ./m! is neither a folder here nor a hub id" in path.stdout
+    )
+    watch = run(ASRLAUNCH, "status", str(tmp_path / "runs" / "smoke"), "--watch", "-1")
+    assert watch.returncode == 2 and "a number of seconds above 0" in watch.stderr

@@ -95,9 +95,12 @@ BROKEN: dict[str, tuple[dict[str, Any], str]] = {
     "beta out of range": ({"train.adam_betas": [0.9, 1.5]}, "train.adam_betas: each beta must be in [0, 1)"),
     "hostile partition": (
         {"cluster.partition": "gpu; rm -rf /"},
-        "cluster.partition: value 'gpu; rm -rf /' may only hold",
+        "cluster.partition: value 'gpu; rm -rf /' must start with a letter or digit and hold only",
     ),
-    "hostile run name": ({"run.name": "$(reboot)"}, "run.name: run name '$(reboot)' may only hold"),
+    "hostile run name": (
+        {"run.name": "$(reboot)"},
+        "run.name: run name '$(reboot)' must start with a letter or digit",
+    ),
     "compile under deepspeed": (
         {"train.compile": True, "train.backend": "deepspeed"},
         "train: train.compile works with train.backend ddp (DeepSpeed compiles its own way)",

@@ -18,7 +18,7 @@ from asrlaunch.core.goodput import clock, goodput, stop_history, stragglers
 from asrlaunch.core.rundir import RunDir, SweepDir
 from asrlaunch.results.merge import MixedRunsError, RunResult, run_result
 from asrlaunch.results.report import write_run_report, write_sweep_report
-from asrlaunch.results.table import compare_tables, render_table
+from asrlaunch.results.table import compare_tables, parse_table, render_table
 
 
 def run_notes(result: RunResult) -> list[str]:
@@ -41,19 +41,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     clean_warnings()
-    reference = None
-    if args.compare:
+    problems, reference = [], None
+    if args.compare:  # read and parsed before anything is written
         try:
             reference = Path(args.compare).read_text()
-        except OSError as problem:
-            error(f"--compare {args.compare}: {problem.strerror}")
-            return ExitCode.USAGE
+            parse_table(reference)
+        except (OSError, UnicodeDecodeError, ValueError) as problem:
+            problems.append(f"--compare {args.compare}: {getattr(problem, 'strerror', None) or problem}")
+    found = {
+        path: [RunDir(path)] if RunDir(path).is_run() else SweepDir(path).elements()
+        for path in map(Path, args.paths)
+    }
+    problems += [
+        f"{path}: no run directory (with {RunDir(path).recipe.name}) here"
+        for path, runs in found.items()
+        if not runs
+    ]
+    if problems:
+        error("\n".join(problems))
+        return ExitCode.USAGE
     exit_code = ExitCode.OK
-    for path in map(Path, args.paths):
-        run_dirs = [RunDir(path)] if RunDir(path).is_run() else SweepDir(path).elements()
-        if not run_dirs:
-            error(f"{path}: no run directory (with {RunDir(path).recipe.name}) here")
-            return ExitCode.USAGE
+    for path, run_dirs in found.items():
         results = []
         for run_dir in run_dirs:
             try:
@@ -70,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(line)
             print(f"wrote {', '.join(str(p) for p in written)}\n")
             if reference is not None:
-                try:
-                    print(compare_tables(reference, result.rows) + "\n")
-                except ValueError as problem:
-                    error(f"--compare {args.compare}: {problem}")
-                    return ExitCode.USAGE
+                print(compare_tables(reference, result.rows) + "\n")
         if len(run_dirs) > 1 and results:
             sweep = SweepDir(path)
             written = write_sweep_report(sweep, results)

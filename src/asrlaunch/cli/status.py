@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -16,8 +17,25 @@ from pathlib import Path
 
 from asrlaunch.core.console import clean_warnings, error
 from asrlaunch.core.exits import ExitCode
-from asrlaunch.core.rundir import RunDir
+from asrlaunch.core.rundir import RunDir, expand_run_dirs
 from asrlaunch.launcher.status import collect_status, format_table
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds above 0 (e.g. 5)")
+    return value
+
+
+def not_runs(paths: list[str]) -> list[str]:
+    """One line per path that names no run: missing, or neither a run directory nor a sweep's root."""
+    marker = RunDir(Path()).recipe.name
+    return [
+        f"{path}: does not exist" if not Path(path).exists() else f"{path}: no run directory (with {marker})"
+        for path in paths
+        if not expand_run_dirs([path])
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--watch",
         nargs="?",
-        type=float,
+        type=seconds,
         const=5.0,
         metavar="SECONDS",
         help="refresh every SECONDS (default 5) until interrupted",
@@ -36,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per run")
     args = parser.parse_args(argv)
     clean_warnings()
+    if problems := not_runs(args.run_dirs):
+        error("\n".join(problems))
+        return ExitCode.USAGE
     if args.watch:  # Ctrl-C ends a watch even where the caller started us with SIGINT ignored
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -48,9 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 def show(run_dirs: list[str], as_json: bool, watch: float | None) -> int:
     while True:
         statuses = collect_status(run_dirs)
-        if not statuses:
-            error(f"no run directory (with {RunDir(Path()).recipe.name}) in {' '.join(run_dirs)}")
-            return ExitCode.USAGE
         if as_json:
             for status in statuses:
                 print(json.dumps(status.to_json()))

@@ -26,6 +26,7 @@ from asrlaunch.launcher.preparation import preparation_sbatch
 from asrlaunch.launcher.status import RunStatus, WaitProgress, collect_status, state_text, wait_for
 from asrlaunch.launcher.submission import (
     SubmitError,
+    check_submittable,
     choose_executor,
     plan_for,
     sbatch_text,
@@ -83,6 +84,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.recipe and "=" in args.recipe and not args.recipe.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.recipe)
         args.recipe = None
+    conflicts = [
+        message
+        for broken, message in (
+            (args.json and not args.dry_run, "--json goes with --dry-run (without it, jobs are submitted)"),
+            (args.force and not args.resume, "--force goes with --resume"),
+            (args.wait and args.dry_run, "--wait follows submitted jobs; --dry-run submits none"),
+            (args.resume and args.recipe, "--resume takes the run's own recipe: leave out RECIPE"),
+        )
+        if broken
+    ]
+    if conflicts:
+        parser.error("; ".join(conflicts))
     return args
 
 
@@ -188,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     clean_warnings()
     try:
         specs = load_specs(args)
-        for spec in specs:
-            plan_for(spec.recipe)  # an impossible batch split fails here, before anything is written
+        check_submittable(specs, resume=bool(args.resume))  # what a submission refuses, a dry run too
         if args.dry_run:
             if not args.no_preflight and not args.json:
                 run_preflight(specs, "slurm" if slurm_available() else "local", verbose=True, fatal=False)

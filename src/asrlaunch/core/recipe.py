@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from asrlaunch.core.validation import describe, fields_at
+
 # Strings that end up in sbatch scripts or on command lines: no quotes, no `;`, no `$()`, no newlines.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # The supervisor's time to see a hang (a poll) and take every rank's stacks before it ends the step.
@@ -20,17 +22,22 @@ SUPERVISOR_HEADROOM_S = 15
 
 
 class RecipeError(ValueError):
-    """A recipe (file or override) is wrong; the message names every offending key."""
+    """A recipe (file or override) is wrong; the message names every offending key, one line each."""
+
+    def __init__(self, message: str, problems: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_safe(value: str | None, what: str) -> str | None:
     if value is not None and not SAFE_NAME.match(value):
         raise ValueError(
-            f"{what} {value!r} may only hold letters, digits and _ . + - (it is used in job scripts)"
+            f"{what} {value!r} must start with a letter or digit and hold only letters, digits and _ . + - "
+            "(it is used in job scripts)"
         )
     return value
 
@@ -301,39 +308,11 @@ class Recipe(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _fields_at(location: Iterable[str | int]) -> list[str]:
-    """The valid keys of the section that `location` (a pydantic error location) points into."""
-    model: type[BaseModel] = Recipe
-    for part in list(location)[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        candidates = getattr(annotation, "__args__", (annotation,))
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return []
-        model = nested[0]
-    return sorted(model.model_fields)
-
-
-def _describe(error: Mapping[str, Any]) -> str:
-    location = [str(part) for part in error["loc"]]
-    key = ".".join(location) or "<recipe>"
-    if error["type"] == "extra_forbidden":
-        valid = ", ".join(_fields_at(location))
-        return f"{key}: unknown key; valid keys here: {valid}"
-    if error["type"] == "missing":
-        return f"{key}: required key is missing"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if isinstance(error.get("input"), Mapping):  # a whole section's rule: its message names the keys
-        return f"{key}: {message}"
-    return f"{key}: {message} (got {error.get('input')!r})"
-
-
 def qualify_key(key: str) -> str:
     """`seed` -> `train.seed`: a bare key that names a field of exactly one section stands for it."""
     if "." in key or key in Recipe.model_fields:
         return key
-    sections = [name for name in Recipe.model_fields if key in _fields_at([name, key])]
+    sections = [name for name in Recipe.model_fields if key in fields_at(Recipe, [name, key])]
     if len(sections) > 1:
         choices = ", ".join(f"{section}.{key}" for section in sections)
         raise RecipeError(f"{key!r} is a key of several sections: write one of {choices}")
@@ -344,24 +323,34 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     """`a.b=value` strings to a nested dict; values are parsed as YAML scalars (1e-4, true, [1, 2]).
     A bare key that belongs to one section only may leave the section out (`seed=1`)."""
     nested: dict[str, Any] = {}
+    problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
-        key = qualify_key(key)
+        key = key.strip()
         try:
-            # Multi-line text stays text: YAML would drop everything after a `#` as a comment.
-            value = yaml.safe_load(raw) if raw.strip() and "\n" not in raw else raw
-        except yaml.YAMLError:  # not a YAML scalar or list: take the text as it is
-            value = raw
-        target = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise RecipeError(f"override {item!r} conflicts with another override of {part!r}")
-        target[leaf] = value
+            if not sep or not key or any(not part for part in key.split(".")):
+                raise RecipeError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4)")
+            *parents, leaf = qualify_key(key).split(".")
+            target = nested
+            for part in parents:
+                target = target.setdefault(part, {})
+                if not isinstance(target, dict):
+                    raise RecipeError(f"override {item!r} conflicts with another override of {part!r}")
+            target[leaf] = parse_value(raw)
+        except RecipeError as problem:
+            problems.append(str(problem))
+    if problems:
+        raise RecipeError("\n".join(problems), problems)
     return nested
+
+
+def parse_value(raw: str) -> Any:
+    """An override's value as YAML reads it (1e-4, true, [1, 2]); other text as it is (multi-line text too:
+    YAML would drop everything after a `#` as a comment)."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() and "\n" not in raw else raw
+    except yaml.YAMLError:
+        return raw
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -378,8 +367,9 @@ def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe
     try:
         return Recipe.model_validate(raw)
     except ValidationError as error:
-        problems = "\n".join(f"  {_describe(e)}" for e in error.errors())
-        raise RecipeError(f"{source}: {error.error_count()} problem(s):\n{problems}") from None
+        problems = [describe(Recipe, e) for e in error.errors()]
+        lines = "\n".join(f"  {line}" for line in problems)
+        raise RecipeError(f"{source}: {len(problems)} problem(s):\n{lines}", problems) from None
 
 
 def read_recipe_file(path: str | Path) -> dict[str, Any]:
@@ -389,6 +379,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as error:  # a folder, unreadable, not text
+        raise RecipeError(f"{path}: cannot be read ({error})") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):

@@ -114,8 +114,17 @@ def check_model(recipe: Recipe) -> Check:
         ok = (path / "config.json").exists()
         return Check("model", ok, f"{path}" + ("" if ok else ": no config.json (model.name_or_path)"))
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError
 
-    cached = try_to_load_from_cache(model.name_or_path, "config.json")
+    try:
+        cached = try_to_load_from_cache(model.name_or_path, "config.json")
+    except HFValidationError:
+        return Check(
+            "model",
+            False,
+            f"model.name_or_path: {model.name_or_path} is neither a folder here nor a hub id "
+            "(owner/name, e.g. facebook/wav2vec2-base)",
+        )
     if isinstance(cached, str):
         return Check("model", True, f"{model.name_or_path} is in the Hugging Face cache")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):

@@ -8,6 +8,7 @@ failover step (job/failover.py) decides whether a failed step is retried.
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -172,6 +173,52 @@ def plan_for(recipe: Recipe) -> StepPlan:
     return plan_run(recipe, recipe.cluster.world_size)
 
 
+# Where to set what the launcher writes itself, for an extra_sbatch option that would replace it.
+OWNED_BY = {
+    "nodes": "cluster.nodes",
+    "ntasks-per-node": "cluster.gpus_per_node (or cluster.processes_per_node without GPUs)",
+    "cpus-per-task": "cluster.cpus_per_task",
+    "mem": "cluster.mem_gb",
+    "time": "cluster.time_min",
+    "signal": "cluster.signal_delay_s (the checkpoint before the time limit needs USR2)",
+    "job-name": "run.name",
+    "array": "--sweep and cluster.array_parallelism",
+    "dependency": "cluster.prepare_partition",
+}
+
+
+def replaced_options(recipe: Recipe) -> list[str]:
+    """One line per `cluster.extra_sbatch` option that the launcher's own script sets already: an extra may
+    add options, not replace the job's shape, its signal, its logs or its requeue."""
+    if not recipe.cluster.extra_sbatch:
+        return []
+    bare = recipe.model_copy(update={"cluster": recipe.cluster.model_copy(update={"extra_sbatch": {}})})
+    script = sbatch_text(bare, Path("/preview"), [Path("/preview/a"), Path("/preview/b")])
+    owned = set(re.findall(r"^#SBATCH --([\w-]+)", script, flags=re.MULTILINE))
+    return [
+        f"cluster.extra_sbatch.{key}: the launcher sets --{key} itself; "
+        + (f"use {OWNED_BY[option]}" if option in OWNED_BY else "leave it out")
+        for key in recipe.cluster.extra_sbatch
+        if (option := key.replace("_", "-")) in owned
+    ]
+
+
+def check_submittable(specs: Sequence[RunSpec], resume: bool) -> None:
+    """Everything a submission refuses, all at once, before anything is written (a dry run refuses the same).
+    An impossible batch split raises BatchPlanError."""
+    problems: list[str] = []
+    for spec in specs:
+        plan_for(spec.recipe)
+        problems += [line for line in replaced_options(spec.recipe) if line not in problems]
+        if spec.run_dir.is_run() and not resume:
+            problems.append(
+                f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
+                "or continue it with --resume"
+            )
+    if problems:
+        raise SubmitError("\n".join(problems))
+
+
 def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tuple[RunSpec, str]]:
     """Submit the runs: one job, or one job array for a sweep. Returns (run, job id) pairs.
 
@@ -180,13 +227,8 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
     """
     from asrlaunch.job.entry import TrainJob
 
+    check_submittable(specs, resume)
     plans = [plan_for(spec.recipe) for spec in specs]
-    for spec in specs:
-        if spec.run_dir.is_run() and not resume:
-            raise SubmitError(
-                f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
-                "or continue it with --resume"
-            )
     created = [spec.run_dir.path for spec in specs if not spec.run_dir.path.exists()]
     prepared: list[tuple[RunSpec, str]] = []
     try:
