@@ -19,6 +19,7 @@ from asrlaunch.core.rundir import RunDir
 from asrlaunch.engine import checkpoint
 from asrlaunch.engine.faults import FaultSpecError, parse_fault, parse_faults
 from asrlaunch.job.failover import decide
+from asrlaunch.job.task import SlurmTask
 
 from .conftest import engine_command, notable, python_env
 from .test_resume import sample_ids, step_losses
@@ -76,6 +77,28 @@ def test_a_failure_restarts_in_the_allocation_first_then_requeues() -> None:
         decide(at_step(12, *restarted), 137, False, budget(0, restarts=1), restarts_in_job=1).action == "none"
     )
     assert decide(at_step(12, *restarted), 137, False, budget(1, restarts=1), restarts_in_job=1).requeue
+
+
+def test_a_step_that_logged_nothing_is_judged_as_itself_and_budgets_are_the_jobs() -> None:
+    """A step whose ranks died before writing a word is a failure of its own (a new attempt), whatever the
+    attempt before it did; the failure budget counts this job's requeues (a --resume gets a new one); a
+    requeue that cluster.max_requeues does not allow is not asked for."""
+    job = SlurmTask(job_id="42", restart_count=1)
+    preempted = at_step(7, meta(0, 0), meta(0, 7, event="preemption"))  # records at time 0.0 and 1.0
+    assert decide(preempted, 137, False, budget(2), task=job).record is None  # the old view: handled
+    silent = decide(preempted, 137, False, budget(2), step_start=100.0, task=job)
+    assert silent.requeue and silent.record is not None and silent.record["failures"] == 1
+    failed = at_step(7, meta(0, 0), meta(0, 7, event="failure", action="requeue", job_id="42"))
+    again = decide(failed, 137, False, budget(2), step_start=100.0, task=job)
+    assert again.action == "none" and "twice in a row at step 7" in again.record["error"]  # type: ignore[index]
+    other_job = [meta(0, 0), meta(0, 7, event="failure", action="requeue", job_id="41"), meta(1, 5)]
+    assert decide(at_step(12, *other_job), 137, False, budget(1), task=job).requeue
+    this_job = [meta(0, 0), meta(0, 7, event="failure", action="requeue", job_id="42"), meta(1, 5)]
+    spent = decide(at_step(12, *this_job), 137, False, budget(1), task=job)
+    assert spent.action == "none" and "cluster.max_failures=1" in spent.record["error"]  # type: ignore[index]
+    limit = ClusterSection(max_failures=2, max_restarts_in_job=0, max_requeues=1)
+    at_limit = decide(at_step(12, *other_job), 137, False, limit, task=job)
+    assert at_limit.action == "none" and "cluster.max_requeues=1" in at_limit.record["error"]  # type: ignore[index]
 
 
 def test_fault_specs_parse_or_say_the_accepted_form() -> None:

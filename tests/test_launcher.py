@@ -257,10 +257,14 @@ def test_torch_environment_of_a_slurm_task() -> None:
         "MASTER_ADDR": "10.0.0.7 for gpu[07-08]",
         "MASTER_PORT": str(master_port("4242")),
     }
-    array = torch_env_from_slurm(
-        {**environ, "SLURM_ARRAY_JOB_ID": "100", "SLURM_ARRAY_TASK_ID": "3"}, resolve_address=lambda _: "x"
-    )
-    assert array["MASTER_PORT"] != env["MASTER_PORT"]  # array elements sharing a node need their own port
+    # Array elements sharing a node need their own port: each has its own SLURM_JOB_ID (4243 = 4200_3 here),
+    # whatever its array's id; 1000 elements of one array, or elements of arrays 20 ids apart, never collide.
+    element = {"SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "3"}
+    ports = {
+        torch_env_from_slurm({**environ, **element, "SLURM_JOB_ID": str(job)}, lambda _: "x")["MASTER_PORT"]
+        for job in range(4200, 5200)
+    }
+    assert len(ports) == 1000 and env["MASTER_PORT"] in ports
     assert 20000 <= int(env["MASTER_PORT"]) < 40000
 
 

@@ -114,6 +114,24 @@ def test_a_fault_that_repeats_at_the_same_step_is_not_retried_forever(
     assert "Restarts=1" in scontrol("show", "job", job_id)
 
 
+def test_a_step_whose_ranks_die_before_a_word_is_a_failure_restarted_then_stopped(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """Every rank dies as it starts (out of memory loading a checkpoint, a bad GPU): no record of the step
+    exists, yet failover judges it as a failure of its own, restarts it in the allocation, and stops the
+    second one: it failed twice in a row at step 0."""
+    env = python_env(ASRLAUNCH_FAULT="crash@step=0,phase=start")
+    job = [*JOB, "cluster.max_restarts_in_job=1"]
+    ((_, run_dir),) = launch(tmp_path, tones_corpus, "run.name=silent", *job, env=env)
+    assert wait_until_done([run_dir])[run_dir] == "FAILED"
+    records = read_run_logs(run_dir)
+    assert not [r for r in records if r.get("event") != "failure"]  # the ranks never wrote a word
+    failures = [r for r in records if r.get("event") == "failure"]
+    assert [(f["attempt"], f["action"]) for f in failures] == [(0, "restart"), (1, "none")]
+    assert "twice in a row at step 0" in failures[-1]["error"]
+    assert failures[0]["first_exit"] == "signal KILL"
+
+
 def test_sigterm_checkpoints_a_cancel_stays_and_term_preemption_requeues(
     tmp_path: Path, tones_corpus: Path, straight: BackgroundRun
 ) -> None:

@@ -112,7 +112,14 @@ class FakeRun:
 
 @pytest.mark.parametrize(
     ("time_left", "expected"),
-    [("1:30\n", "timeout"), ("2:00\n", "timeout"), ("2:01\n", "preemption"), ("15:00\n", "preemption")],
+    # delay 90 s; SLURM may signal up to 60 s early, and the stop is judged a step later: 90 + 60 + 30 = 3:00
+    [
+        ("1:30\n", "timeout"),
+        ("2:30\n", "timeout"),
+        ("3:00\n", "timeout"),
+        ("3:01\n", "preemption"),
+        ("15:00\n", "preemption"),
+    ],
 )
 def test_stop_near_the_time_limit_is_a_timeout(
     monkeypatch: pytest.MonkeyPatch, time_left: str, expected: str

@@ -141,6 +141,7 @@ EVENT_FIELDS: dict[Event, tuple[Field, ...]] = {
     Event.FAILURE: (
         Field("exit_status", "srun's exit status"),
         Field("failures", "failures of the run so far, this one included"),
+        Field("job_id", "the SLURM job that failed (its failure budget is its own)"),
         Field("action", "`restart` (in this allocation), `requeue` or `none`"),
         REQUEUED,
         Field("retry", "false when no retry follows"),

@@ -2,6 +2,8 @@
 
     crash@step=30,rank=1            rank 1 kills itself (SIGKILL) when it starts step 30: a dead rank
     crash@step=10,rank=1,phase=eval     ... when it starts the evaluation after step 10 (or `checkpoint`)
+    crash@step=0,phase=start        every rank dies as it starts, resuming at step 0, before it has logged a
+                                    word (out of memory loading a checkpoint, a bad GPU): nothing is logged
     oom@step=5,micro=8              the first micro-batch of step 5 raises CUDA's out-of-memory error while
                                     the micro-batch is 8 (after the split to 4 it runs): a real OOM's path
     slow@rank=1,factor=2            from `step` (default 0) on, rank 1's forward passes take twice as long: a
@@ -11,9 +13,9 @@
     freeze@step=10,rank=1,phase=checkpoint   rank 1 stops itself (SIGSTOP) there: a hung GPU kernel or file
                                     system, its heartbeat thread stopped with it (the supervisor's case)
 
-Every fault fires on every attempt that reaches it; a `fault` event is logged first. The trainer calls the
-hooks at a step's start and at a phase's start (outside the step's own code); `slow` is a forward hook on the
-model. Parsing is pure (no torch).
+Every fault fires on every attempt that reaches it; a `fault` event is logged first (not at `start`). The
+trainer calls the hooks at a step's start and at a phase's start (outside the step's own code); `slow` is a
+forward hook on the model. Parsing is pure (no torch).
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from typing import Any
 
 KINDS = CRASH, OOM, SLOW, STALL, FREEZE = ("crash", "oom", "slow", "stall", "freeze")
 KEYS = {"step", "rank", "micro", "phase", "factor", "seconds"}
-PHASES = ("step", "eval", "checkpoint")
+PHASES = ("step", "eval", "checkpoint", "start")
 VARIABLE = "ASRLAUNCH_FAULT"
 FORM = (
-    "<kind>@step=<n>[,rank=<r>][,micro=<m>][,phase=step|eval|checkpoint][,factor=<f>][,seconds=<s>], "
+    "<kind>@step=<n>[,rank=<r>][,micro=<m>][,phase=step|eval|checkpoint|start][,factor=<f>][,seconds=<s>], "
     f"several joined by ';', with kind one of {', '.join(KINDS)} (e.g. crash@step=30,rank=1)"
 )
 
@@ -124,7 +126,8 @@ class Faults:
         for fault in self.faults:
             if fault.kind == SLOW or not fault.due(step, self.rank, micro, phase):
                 continue
-            self.log_fault(fault, step)
+            if phase != "start":
+                self.log_fault(fault, step)
             if fault.kind == CRASH:
                 crash_now()
             elif fault.kind == STALL:

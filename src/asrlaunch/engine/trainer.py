@@ -86,6 +86,7 @@ class Trainer:
         request = stop if stop is not None else StopRequest()  # falsy until signalled
         self.stopping = StopDecision(request, self.accelerator, self.task, recipe.cluster)
         self.start_step = self._resume(Path(self.decision.checkpoint)) if self.decision.checkpoint else 0
+        self.faults.at_phase("start", self.start_step)
         self.sink = MetricsSink(
             self.log,
             self.window,

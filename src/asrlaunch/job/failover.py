@@ -34,7 +34,7 @@ from asrlaunch.core.logs import RankLog
 from asrlaunch.core.recipe import ClusterSection, RecipeError, load_recipe
 from asrlaunch.core.records import Event, event_of
 from asrlaunch.core.rundir import RunDir, SweepDir
-from asrlaunch.job.task import SlurmTask
+from asrlaunch.job.task import SlurmTask, within_requeue_budget
 from asrlaunch.job.triage import FirstFailure, first_failure, partition_room, unhealthy_nodes
 
 # Job states in which the scheduler, or the user, already decided what comes next.
@@ -63,9 +63,28 @@ def handled(attempt: Attempt) -> bool:
     return attempt.final_error or bool(attempt.of(Event.FAILURE)) or signalled
 
 
-def requeued_failures(history: RunHistory) -> list[dict[str, Any]]:
-    """Failures after which the job went back to the queue (older records have `requeued` only)."""
-    return [f for f in history.failures if f.get("action", REQUEUE if f.get("requeued") else NONE) == REQUEUE]
+def requeued_failures(history: RunHistory, job_id: str | None = None) -> list[dict[str, Any]]:
+    """Failures after which `job_id` (None: any job) went back to the queue: the failure budget is a job's,
+    and a job resubmitted with --resume starts with a new one. Older records have `requeued` only."""
+    return [
+        f
+        for f in history.failures
+        if f.get("action", REQUEUE if f.get("requeued") else NONE) == REQUEUE
+        and (job_id is None or f.get("job_id", job_id) == job_id)
+    ]
+
+
+def step_attempt(history: RunHistory, step_start: float, restart_count: int = 0) -> Attempt | None:
+    """The attempt this job step ran: the newest, when its ranks logged anything since the step started; else
+    (the step failed while starting: out of memory loading a checkpoint, a bad GPU, srun unable to launch) a
+    new, empty attempt at the step the run had reached, so that the failure is this step's, not the one
+    before it (which may have ended well, or been handled)."""
+    last = history.current
+    if last is None and not step_start:
+        return None
+    if last is not None and last.first_time is not None and last.first_time >= step_start:
+        return last
+    return Attempt(history.next_attempt(restart_count), last_step=last.last_step if last else 0)
 
 
 def decide(
@@ -76,10 +95,14 @@ def decide(
     restarts_in_job: int = 0,
     state: str = "",
     bad_nodes: Sequence[str] = (),
+    step_start: float = 0.0,
+    task: SlurmTask | None = None,
 ) -> Verdict:
-    """The pure decision, from the run's history, the job's state, the restarts this job has had, and the
-    job's nodes that SLURM set down or drained (a restart would run on them again)."""
-    attempt = history.current
+    """The pure decision, from the run's history, the job's state, the restarts this job has had, the job's
+    nodes that SLURM set down or drained (a restart would run on them again), when this step started, and the
+    job's ids and requeues so far (`task`)."""
+    task = task or SlurmTask()
+    attempt = step_attempt(history, step_start, task.restart_count)
     if exit_status == 0 or finished or state in DECIDED_STATES or attempt is None or handled(attempt):
         return Verdict(NONE, None)
     failures, step = history.failures, attempt.last_step
@@ -93,7 +116,14 @@ def decide(
         return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False})
     if restarts_in_job < cluster.max_restarts_in_job and not bad_nodes:
         return Verdict(RESTART, {**record, "action": RESTART, "requeued": False})
-    spent = len(requeued_failures(history))
+    if not within_requeue_budget(task.restart_count + 1, cluster.max_requeues):
+        record["error"] = (
+            f"the job failed after {task.restart_count} requeue(s), the most cluster.max_requeues="
+            f"{cluster.max_requeues} allows; look at the errors in its submitit/ logs, then resubmit with "
+            "`asrlaunch submit --resume`"
+        )
+        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False})
+    spent = len(requeued_failures(history, task.job_id))
     if spent >= cluster.max_failures:
         record["error"] = (
             f"the job failed {len(failures) + 1} times, more than cluster.max_failures={cluster.max_failures}"
@@ -119,23 +149,27 @@ def requeue(first: FirstFailure | None, bad_nodes: Sequence[str], task: SlurmTas
     return {"requeued": requeued, **({"excluded_nodes": nodes, "excluded_why": why} if excluded else {})}
 
 
-def handle(run_dir: RunDir, submitit: Path, exit_status: int, restarts: int, task: SlurmTask) -> Verdict:
+def handle(
+    run_dir: RunDir, submitit: Path, exit_status: int, restarts: int, task: SlurmTask, step_start: float = 0.0
+) -> Verdict:
     try:
         cluster = load_recipe(run_dir.recipe).cluster
     except RecipeError:
         cluster = ClusterSection(max_failures=0, max_restarts_in_job=0)
     history = RunHistory.read(run_dir)
     bad_nodes = unhealthy_nodes(task)
-    verdict = decide(history, exit_status, run_dir.is_finished(), cluster, restarts, task.state(), bad_nodes)
-    attempt = history.current
+    finished, state = run_dir.is_finished(), task.state()
+    verdict = decide(history, exit_status, finished, cluster, restarts, state, bad_nodes, step_start, task)
+    attempt = step_attempt(history, step_start, task.restart_count)
     if verdict.record is None or attempt is None:
         return verdict
     first = first_failure(run_dir, attempt, submitit, task)
-    record = {**verdict.record, **(first.fields() if first else {})}
+    record = {**verdict.record, "job_id": task.job_id, **(first.fields() if first else {})}
     if verdict.action == REQUEUE:
         record.update(requeue(first, bad_nodes, task))
     with RankLog(run_dir, 0, attempt=attempt.number) as log:
-        epoch = attempt.last_step / max(1, attempt.plan.get("steps_per_epoch", 1))
+        plan = next((a.plan for a in reversed(history.attempts) if a.starts), {})
+        epoch = attempt.last_step / max(1, plan.get("steps_per_epoch", 1))
         log.event(Event.FAILURE, attempt.last_step, epoch, **record)
     return Verdict(verdict.action, record)
 
@@ -153,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--exit-status", type=int, required=True, help="srun's exit status")
     parser.add_argument("--restarts", type=int, default=0, help="restarts in this allocation so far")
+    parser.add_argument("--step-start", type=float, default=0.0, help="when srun started (epoch seconds)")
     parser.add_argument("run_dirs", nargs="+", help="the job's run directory (a job array: every element's)")
     args = parser.parse_args(argv)
     # Our own `scontrol requeue` SIGTERMs this batch step at once: without this, the failure record written
@@ -160,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     task = SlurmTask.from_environ()
     run_dir, submitit = pick(args.run_dirs, task)
-    verdict = handle(run_dir, submitit, args.exit_status, args.restarts, task)
+    verdict = handle(run_dir, submitit, args.exit_status, args.restarts, task, args.step_start)
     if verdict.record is not None:
         what = {RESTART: "restarting it in this allocation", REQUEUE: "requeued", NONE: "not retried"}
         reason = verdict.record.get("error", "") or verdict.record.get("first_exit", "")

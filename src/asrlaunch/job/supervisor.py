@@ -191,7 +191,8 @@ def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: Slu
     attempt = blamed.beat.attempt if blamed.beat and blamed.beat.attempt is not None else None
     if attempt is None:
         attempt = history.next_attempt(task.restart_count)
-    stacks = dump_stacks(run_dir, states, task, f"attempt{attempt}-step{blamed.step}.txt")
+    name = f"attempt{attempt}-step{blamed.step}.txt"
+    stacks = run_dir.stacks / name
     node = blamed.beat.node if blamed.beat else None
     steps_per_epoch = (history.current.plan.get("steps_per_epoch") if history.current else None) or 1
     message = (
@@ -213,6 +214,9 @@ def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: Slu
             stacks=str(stacks),
             error=message,
         )
+    # Logged before the stacks are taken (py-spy may need a minute): should a waiting peer's collective time
+    # out meanwhile and srun end the step, the hang is on record, and triage blames the hung rank.
+    dump_stacks(run_dir, states, task, name)
     print(f"asrlaunch: hang: {message}; ending the step", file=sys.stderr, flush=True)
     for step in task.running_steps():
         task.cancel_step(step, "KILL")

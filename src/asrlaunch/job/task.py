@@ -20,6 +20,9 @@ from asrlaunch.core.records import Event
 from asrlaunch.job.scheduler import parse_scontrol_jobs, parse_time_left, run_command
 
 PORT_BASE, PORT_SPAN = 20000, 20000
+# `--signal` may come up to 60 s before its delay (sbatch(1): SLURM's event resolution), and a stop is judged
+# after the step that noticed it: within this much more than the delay, a USR2 is the time limit's warning.
+SIGNAL_EARLY_S = 60 + 30
 
 
 def master_port(job_id: str) -> int:
@@ -129,7 +132,11 @@ class SlurmTask:
         if not self.job_id:
             return Event.SIGNAL
         left = self.time_left()
-        return Event.TIMEOUT if left is not None and left <= signal_delay_s + 30 else Event.PREEMPTION
+        return (
+            Event.TIMEOUT
+            if left is not None and left <= signal_delay_s + SIGNAL_EARLY_S
+            else Event.PREEMPTION
+        )
 
     # -- what this task asks of the scheduler -------------------------------------------------------------
     def requeue(self) -> bool:
@@ -173,9 +180,7 @@ class SlurmTask:
         """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this task. The master
         address is the first node's NodeAddr, because node names need not resolve (here they do not)."""
         resolve = resolve_address or first_node_address
-        port_key = self.job_id or "0"
-        if self.array_job_id and self.array_task_id:
-            port_key = str(int(self.array_job_id) * 1000 + int(self.array_task_id))
+        port_key = self.job_id or "0"  # each element of a job array has a SLURM_JOB_ID of its own
         return {
             "RANK": str(self.proc_id),
             "LOCAL_RANK": str(self.local_id),

@@ -66,6 +66,7 @@ def batch_setup(run_dirs: Sequence[Path]) -> list[str]:
         "trap : USR2 TERM",
         "asrlaunch_restarts=0",
         "while :; do",
+        "asrlaunch_step_start=$(date +%s.%N)",
         f'echo "{STEP_MARKER} (restarts in this allocation: $asrlaunch_restarts)" >&2',
         f"{python} -m asrlaunch supervise {dirs} &",
         "asrlaunch_supervisor=$!",
@@ -80,7 +81,7 @@ def batch_teardown(run_dirs: Sequence[Path]) -> list[str]:
         "asrlaunch_status=$?",
         'kill "$asrlaunch_supervisor" 2>/dev/null; wait "$asrlaunch_supervisor" 2>/dev/null',
         f"{python} -m asrlaunch failover --exit-status $asrlaunch_status --restarts $asrlaunch_restarts "
-        + dirs,
+        f"--step-start $asrlaunch_step_start {dirs}",
         f"[ $? -eq {int(ExitCode.RESTART)} ] || break",
         "asrlaunch_restarts=$((asrlaunch_restarts + 1))",
         "done",
