@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -221,3 +222,21 @@ def test_sigterm_is_a_preemption_only_when_slurm_marked_the_job_preempted(
     monkeypatch.setattr(subprocess, "run", fake)
     assert SlurmTask(job_id="42").stop_kind(signal.SIGTERM, 90) == expected
     assert fake.commands == [["scontrol", "show", "job", "42"]]
+
+
+def test_a_finished_run_whose_job_the_scheduler_forgot_shows_completed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """squeue and sacct no longer know job 77 (purged, no accounting): UNKNOWN, unless the run finished."""
+    from asrlaunch.core.rundir import RunDir
+    from asrlaunch.launcher.status import collect_status
+
+    monkeypatch.setattr(subprocess, "run", FakeRun(""))
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    run_dir.recipe.write_text("run: {name: run}\n")
+    run_dir.record_job({"job_id": "77", "executor": "slurm", "submitted": 0.0})
+    assert [s.job.state for s in collect_status([run_dir.path])] == ["UNKNOWN"]
+    run_dir.final.mkdir()
+    run_dir.mark_finished(260)
+    assert [s.job.state for s in collect_status([run_dir.path])] == ["COMPLETED"]

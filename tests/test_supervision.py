@@ -237,6 +237,43 @@ def test_goodput_splits_the_lost_time_by_cause() -> None:
     assert (attempt, kind, step) == (0, "hang", 20) and cost == pytest.approx(20.0 + 5.0 + 5.0)
 
 
+def test_an_attempt_that_hung_while_starting_counts_its_allocated_time() -> None:
+    """Preempted, requeued, then 600 s hung in start-up (no start record: only the hang and the failure),
+    restarted in the allocation: those 600 s were allocated and lost to the hang, not a requeue wait."""
+    plan = {"global_batch": 8, "steps_per_epoch": 10}
+
+    def start(attempt: int, at: float, resumed: int | None) -> dict:
+        return {
+            "kind": "meta",
+            "step": resumed or 0,
+            "rank": 0,
+            "attempt": attempt,
+            "time": at + 5.0,
+            "process_started": at,
+            "plan": plan,
+            "resumed_from": resumed,
+        }
+
+    def event(attempt: int, at: float, **fields: object) -> dict:
+        return {"kind": "meta", "step": 10, "rank": 0, "attempt": attempt, "time": at, **fields}
+
+    history = history_of(
+        start(0, 100.0, None),
+        {"kind": "train", "step": 10, "rank": 0, "attempt": 0, "time": 130.0, "samples_per_s": 4.0},
+        event(0, 131.0, event="preemption"),
+        event(1, 1000.0, event="hang", stale_s=600.0),
+        event(1, 1005.0, event="failure", action="restart"),
+        start(2, 1010.0, 10),
+        {"kind": "train", "step": 20, "rank": 0, "attempt": 2, "time": 1035.0, "samples_per_s": 4.0},
+    )
+    result = goodput(history)
+    assert result.productive_s == pytest.approx(40.0) and result.lost_s["hang"] == 600.0
+    assert result.allocated_s == pytest.approx(31.0 + 600.0 + 5.0 + 25.0)
+    assert result.requeue_wait_s == pytest.approx(274.0)  # 131 -> 405, where the hang's 600 s began
+    assert result.lost_s["restart"] == 5.0
+    assert stop_history(history) == [(0, "preemption", 10, 274.0), (1, "hang", 10, 10.0)]
+
+
 def test_a_slow_rank_is_named_by_status_and_the_collector(tmp_path: Path, tones_corpus: Path) -> None:
     """Two real processes, rank 1's forward passes slowed threefold by fault injection."""
     run_dir = tmp_path / "run"

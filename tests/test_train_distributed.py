@@ -20,7 +20,7 @@ from .conftest import engine_command, python_env
 pytestmark = pytest.mark.slow
 
 
-def train(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> list[dict]:
+def train(run_dir: Path, corpus: Path, processes: int, *overrides: str, fault: str = "") -> list[dict]:
     """Run the engine as users do: plain Python for one process, torchrun (gloo) for more."""
     command = engine_command(
         run_dir,
@@ -32,7 +32,11 @@ def train(run_dir: Path, corpus: Path, processes: int, *overrides: str) -> list[
         *overrides,
     )
     done = subprocess.run(
-        command, env=python_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+        command,
+        env=python_env(OMP_NUM_THREADS="1", ASRLAUNCH_FAULT=fault),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return read_run_logs(run_dir)
@@ -159,6 +163,21 @@ def test_two_process_run_writes_both_rank_logs_and_the_final_model(
     assert json.loads((final / "config.json").read_text())["vocab_size"] == len(tokenizer)
     assert len(tokenizer) == len(json.loads((final / "vocab.json").read_text())) + 2
     assert json.loads((run_dir / "plan.json").read_text())["world_size"] == 2
+
+
+def test_the_other_ranks_wait_for_rank_0s_corpus_longer_than_a_collective_may_last(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """Rank 0 prepares the corpus (a big one takes long: 25 s more here) while the others wait for its word
+    in the run directory, not in a collective that would time out (after 10 s here)."""
+    run_dir = tmp_path / "run"
+    overrides = ("train.max_steps=2", "train.collective_timeout_s=10", f"data.cache_dir={tmp_path / 'cache'}")
+    stall = "stall@step=0,rank=0,phase=prepare,seconds=25"
+    records = train(run_dir, tones_corpus, 2, *overrides, fault=stall)
+    (fault,) = [r for r in records if r.get("event") == "fault"]
+    assert fault["rank"] == 0 and "phase=prepare" in fault["fault"]
+    assert sorted(r["rank"] for r in records if r["kind"] == "train" and r["step"] == 2) == [0, 1]
+    assert RunDir(run_dir).corpus_ready(0).exists()
 
 
 def test_diverging_run_skips_nonfinite_steps_then_stops_with_a_clear_error(

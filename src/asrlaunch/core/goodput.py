@@ -34,7 +34,7 @@ class AttemptTime:
     eval: float
     checkpoint: float
     hang: float
-    steps: tuple[int, int]  # (resumed from, last step trained)
+    steps: tuple[int, int] | None  # (resumed from, last step trained); None: it never started training
 
     @property
     def wall(self) -> float:
@@ -76,8 +76,13 @@ def rank0(attempt: Attempt, kind: Kind) -> list[dict[str, Any]]:
 
 def attempt_time(attempt: Attempt) -> AttemptTime | None:
     starts = [s for s in attempt.starts if s["rank"] == 0] or attempt.starts
-    if not starts or attempt.last_time is None:
+    if attempt.last_time is None:
         return None
+    hang = sum(float(e.get("stale_s") or 0.0) for e in attempt.of(Event.HANG))
+    if not starts:  # it hung or died while starting: allocated, from as far back as its hang reaches
+        end = float(attempt.last_time)
+        begin = min(float(attempt.first_time or end), end - hang)
+        return AttemptTime(attempt.number, begin, end, 0.0, 0.0, 0.0, 0.0, hang, None)
     begin = min(float(s.get("process_started") or s["time"]) for s in attempt.starts)
     global_batch = int(starts[0].get("plan", {}).get("global_batch", 1))
     training, previous, last = 0.0, attempt.resumed_from, attempt.resumed_from
@@ -95,7 +100,7 @@ def attempt_time(attempt: Attempt) -> AttemptTime | None:
         training,
         sum(float(r.get("eval_seconds") or 0.0) for r in rank0(attempt, Kind.EVAL)),
         sum(float(e.get("seconds") or 0.0) for e in checkpoints),
-        sum(float(e.get("stale_s") or 0.0) for e in attempt.of(Event.HANG)),
+        hang,
         (attempt.resumed_from, last),
     )
 
@@ -111,12 +116,13 @@ def goodput(history: RunHistory) -> Goodput:
     productive = allocated = waits = 0.0
     for index, time in enumerate(times):
         following = times[index + 1] if index + 1 < len(times) else None
-        trained = time.steps[1] - time.steps[0]
-        end = time.steps[1] if following is None else min(time.steps[1], following.steps[0])
-        kept = max(0, end - time.steps[0])
-        share = kept / trained if trained > 0 else 0.0
-        productive += time.training * share
-        lost["replayed"] += time.training * (1 - share)
+        resumed = next((t.steps[0] for t in times[index + 1 :] if t.steps is not None), None)
+        if time.steps is not None:
+            trained = time.steps[1] - time.steps[0]
+            end = time.steps[1] if resumed is None else min(time.steps[1], resumed)
+            share = max(0, end - time.steps[0]) / trained if trained > 0 else 0.0
+            productive += time.training * share
+            lost["replayed"] += time.training * (1 - share)
         lost["startup"] += time.startup
         lost["eval"] += time.eval
         lost["checkpoint"] += time.checkpoint
@@ -189,11 +195,12 @@ def stop_history(history: RunHistory) -> list[tuple[int, str, int, float]]:
     times = {t.number: t for a in history.attempts if (t := attempt_time(a)) is not None}
     rows = []
     ordered = [a for a in history.attempts if a.number in times]
-    for attempt, following in itertools.pairwise(ordered):
+    for index, (attempt, following) in enumerate(itertools.pairwise(ordered)):
         ended = attempt.stop_kind or (Event.HANG if attempt.of(Event.HANG) else None)
         now, later = times[attempt.number], times[following.number]
-        trained = now.steps[1] - now.steps[0]
-        replayed = max(0, now.steps[1] - later.steps[0])
+        resumed = next((t.steps[0] for a in ordered[index + 1 :] if (t := times[a.number]).steps), None)
+        trained = now.steps[1] - now.steps[0] if now.steps else 0
+        replayed = max(0, now.steps[1] - resumed) if now.steps and resumed is not None else 0
         cost = (now.training * replayed / trained if trained else 0.0) + max(0.0, later.begin - now.end)
         rows.append((attempt.number, str(ended or "ended"), attempt.last_step, cost + later.startup))
     return rows

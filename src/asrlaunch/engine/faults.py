@@ -10,6 +10,7 @@
                                     throttled GPU, a straggler
     stall@step=10,rank=0,phase=eval,seconds=60   rank 0 sleeps 60 s when it starts that phase: a long phase
                                     without a collective (a slow file system, a big evaluation)
+    stall@step=0,rank=0,phase=prepare,seconds=60   rank 0 takes 60 s more to prepare the corpus (a big one)
     freeze@step=10,rank=1,phase=checkpoint   rank 1 stops itself (SIGSTOP) there: a hung GPU kernel or file
                                     system, its heartbeat thread stopped with it (the supervisor's case)
 
@@ -29,10 +30,10 @@ from typing import Any
 
 KINDS = CRASH, OOM, SLOW, STALL, FREEZE = ("crash", "oom", "slow", "stall", "freeze")
 KEYS = {"step", "rank", "micro", "phase", "factor", "seconds"}
-PHASES = ("step", "eval", "checkpoint", "start")
+PHASES = ("step", "eval", "checkpoint", "start", "prepare")
 VARIABLE = "ASRLAUNCH_FAULT"
 FORM = (
-    "<kind>@step=<n>[,rank=<r>][,micro=<m>][,phase=step|eval|checkpoint|start][,factor=<f>][,seconds=<s>], "
+    f"<kind>@step=<n>[,rank=<r>][,micro=<m>][,phase={'|'.join(PHASES)}][,factor=<f>][,seconds=<s>], "
     f"several joined by ';', with kind one of {', '.join(KINDS)} (e.g. crash@step=30,rank=1)"
 )
 

@@ -71,14 +71,14 @@ class Trainer:
         self.input_dtype = runtime.input_dtype(self.accelerator)
         self.decision = self._agree_on_resume(history)
         self.heartbeat.begin_attempt(self.decision.attempt)
+        self.log = RankLog(run_dir, self.rank, attempt=self.decision.attempt)
+        self.faults = Faults(planned_faults(), self.rank, self._log_fault)
         self.data = self._load_data()
         self.plan: StepPlan = plan_run(recipe, world, len(self.data), history.oom_micro_cap())
         self.model, self.optimizer, self.scheduler = self._build_model()
         self.counters = TrainCounters()
         memory = functools.partial(runtime.peak_memory, self.accelerator.device)
         self.window = TrainMetrics(self.batch_plan.global_batch, memory)
-        self.log = RankLog(run_dir, self.rank, attempt=self.decision.attempt)
-        self.faults = Faults(planned_faults(), self.rank, self._log_fault)
         self.faults.slow_model(self.net, lambda: self.step_reached)
         on_gpu = self.accelerator.device.type == "cuda"
         self.prefetcher = Prefetcher(self.data, self.batch_plan, self.rank, background=on_gpu)
@@ -115,12 +115,18 @@ class Trainer:
         return decision
 
     def _load_data(self) -> TrainData:
-        main = self.accelerator.is_main_process
-        # The other ranks wait at a barrier while rank 0 prepares the corpus (and ticks its heartbeat).
-        with waiting() if not main else contextlib.nullcontext(), self.accelerator.main_process_first():
-            ensure_corpus(self.recipe, main)
-            self.corpus = prepare_corpus(self.recipe, on_progress=self.heartbeat.progress)
+        main, ready = self.accelerator.is_main_process, self.run_dir.corpus_ready(self.decision.attempt)
+        # Rank 0 prepares the corpus (up to train.startup_timeout_s); the others wait for its word in the run
+        # directory, not in a collective, which would time out after train.collective_timeout_s.
+        while not main and not ready.exists():
+            self.heartbeat.progress()
+            time.sleep(0.2)
+        self.faults.at_phase("prepare", 0)
+        ensure_corpus(self.recipe, main)
+        self.corpus = prepare_corpus(self.recipe, on_progress=self.heartbeat.progress)
         if main:
+            ready.parent.mkdir(parents=True, exist_ok=True)
+            ready.touch()
             how = "cache hit" if self.corpus.cache_hit else "prepared now (cached for the next start)"
             skipped = f", {self.corpus.skipped} bad utterance(s) left out" if self.corpus.skipped else ""
             print(
@@ -151,7 +157,8 @@ class Trainer:
         return prepared, optimizer, scheduler
 
     def _log_fault(self, fault: Fault, step: int) -> None:
-        self.log.event(Event.FAULT, step, self.plan.epoch_at(step), fault=fault.text)
+        # a fault while the corpus is prepared comes before the plan (step 0, epoch 0)
+        self.log.event(Event.FAULT, step, self.plan.epoch_at(step) if step else 0.0, fault=fault.text)
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state_dict(self, step: int) -> dict[str, Any]:

@@ -136,7 +136,9 @@ def collect_status(paths: Sequence[str | Path]) -> list[RunStatus]:
     slurm = slurm_states([*wanted, *preparing.values()])
     for status in statuses:
         if status.job.source == "slurm":
-            status.job = slurm.get(status.job_id, JobState("UNKNOWN", source="slurm"))
+            # a finished run's job that the scheduler forgot (no accounting, purged) completed all the same
+            forgotten = "COMPLETED" if status.run_dir.is_finished() else "UNKNOWN"
+            status.job = slurm.get(status.job_id, JobState(forgotten, source="slurm"))
         elif status.job.source == "local":
             status.job = local_state(status.job_id, status.run_dir)
         if str(status.run_dir) in preparing and not status.starts:
