@@ -9,6 +9,7 @@ from pathlib import Path
 
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.records import is_start
+from asrlaunch.core.rundir import RunDir
 from asrlaunch.launcher.status import TERMINAL, collect_status
 
 from .conftest import PYTHON, RECIPES, notable, python_env
@@ -156,20 +157,20 @@ def test_the_requeue_budget_stops_requeues_and_resume_continues(tmp_path: Path, 
     assert checkpoint.list_checkpoints(run_dir / "checkpoints")[0][0] == events[-1]["step"]
     shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
     assert "requeue limit reached" in shown.stdout
-    assert (
-        subprocess.run(resume, capture_output=True, text=True, env=python_env(), cwd=tmp_path).returncode == 0
-    )
-    assert wait_until_done([run_dir])[run_dir] == "COMPLETED"
     # A job whose state cannot be read (UNKNOWN) may be running: refused, unless forced after checking squeue.
-    jobs = json.loads((run_dir / "job.json").read_text())
-    jobs["jobs"].append({**jobs["jobs"][-1], "job_id": "987654321"})
-    (run_dir / "job.json").write_text(json.dumps(jobs))
+    forgotten = {**RunDir(run_dir).jobs()[-1], "job_id": "987654321"}
+    RunDir(run_dir).record_job(forgotten)
     unknown = subprocess.run(resume, capture_output=True, text=True, env=python_env(), cwd=tmp_path)
     assert unknown.returncode == 2 and "cannot be read" in unknown.stderr and "--force" in unknown.stderr
     forced = subprocess.run(
         [*resume, "--force"], capture_output=True, text=True, env=python_env(), cwd=tmp_path
     )
     assert forced.returncode == 0, forced.stderr
+    assert wait_until_done([run_dir])[run_dir] == "COMPLETED"
+    # Once the run has finished, a job the scheduler forgot completed all the same.
+    RunDir(run_dir).record_job(forgotten)
+    shown = subprocess.run([PYTHON, STATUS, str(run_dir)], capture_output=True, text=True, env=python_env())
+    assert "COMPLETED" in shown.stdout and "UNKNOWN" not in shown.stdout
 
 
 def test_a_gpu_shaped_job_runs_one_task_per_gpu(tmp_path: Path, tones_corpus: Path) -> None:
