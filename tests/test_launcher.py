@@ -166,6 +166,7 @@ def test_sweep_is_a_cross_product_with_one_dir_each() -> None:
     ]
     assert specs[3].recipe.train.lr == pytest.approx(3e-4) and specs[3].recipe.train.seed == 2
     assert element_name(["run.name=a;b$(x)"]) == "name=a-b--x-"
+    assert element_name(["train.adam_betas=[0.9, 0.98]", "train.lr=1e-3"]) == "adam_betas=0.9-0.98_lr=1e-3"
     with pytest.raises(RecipeError, match="must look like"):
         expand_sweep(["train.lr"])
     # a bare key of one section stands for it (`--sweep seed=1,2`); an ambiguous one is refused

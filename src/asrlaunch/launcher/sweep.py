@@ -93,7 +93,8 @@ def element_name(overrides: Sequence[str]) -> str:
     parts = []
     for item in overrides:
         key, _, value = item.partition("=")
-        parts.append(f"{key.split('.')[-1]}={value}")
+        # a list's brackets and spaces say nothing in a name: `[0.9, 0.98]` -> `0.9-0.98`
+        parts.append(f"{key.split('.')[-1]}={re.sub(r'[][{} ]', '', value)}")
     name = "_".join(parts) or "run"
     return re.sub(r"[^A-Za-z0-9_.+=-]", "-", name)
 
