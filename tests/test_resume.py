@@ -194,6 +194,24 @@ def test_world_size_2_to_1_keeps_samples_and_weights(tmp_path: Path, tones_corpu
         assert step_losses(changed)[step] == pytest.approx(loss, rel=1e-5)
 
 
+def test_pruning_after_a_fallback_keeps_the_good_checkpoints(tmp_path: Path) -> None:
+    """keep_last=1; step 200 is corrupt, so the run fell back to 100 and now writes 150: 150 stays (and 200,
+    which the run replaces when it gets there); before, 200 counted as the newest and 150 and 100 went."""
+    checkpoints = tmp_path / "checkpoints"
+    for step in (100, 200, 150):
+        folder = checkpoint.step_dir(checkpoints, step)
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(bytes(64))
+        checkpoint.write_manifest(folder, step, {})
+        if step == 200:
+            (folder / "model.safetensors").write_bytes(bytes([1]) * 64)  # corrupt, same size
+    checkpoint.prune(checkpoints, keep_last=1, written=150)
+    assert [step for step, _ in checkpoint.list_checkpoints(checkpoints)] == [200, 150]
+    with pytest.warns(UserWarning, match="checksum differs"):
+        found = checkpoint.newest_complete(checkpoints)
+    assert found is not None and found[0] == checkpoint.step_dir(checkpoints, 150)
+
+
 def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
     tmp_path: Path, tones_corpus: Path
 ) -> None:
@@ -208,6 +226,9 @@ def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
     checkpoints = run_dir / "checkpoints"
     assert [s for s, _ in checkpoint.list_checkpoints(checkpoints)] == [10, 5]
     RunDir(run_dir).finished_marker.unlink()  # pretend the run did not finish
+    # a resume that ends before its checkpoint is refused (it would call the step-10 model step 7's)
+    shortened = subprocess.run([*cmd, "train.max_steps=7"], env=python_env(), capture_output=True, text=True)
+    assert shortened.returncode == 2 and "before its step-10 checkpoint" in shortened.stderr
     # a writer killed mid-checkpoint leaves a partial folder (never a step folder with a manifest) ...
     torn = checkpoints / ".step-000011.partial"
     torn.mkdir()
@@ -229,7 +250,7 @@ def test_torn_and_corrupt_checkpoints_are_skipped_and_finished_runs_exit(
     assert "resuming from" in resumed.stdout and "step-000005" in resumed.stdout
     assert "skipping checkpoint" in resumed.stderr
     last_meta = [r for r in read_run_logs(run_dir) if is_start(r)][-1]
-    assert last_meta["resumed_from"] == 5 and last_meta["attempt"] == 1
+    assert last_meta["resumed_from"] == 5 and last_meta["attempt"] == 2  # the refused start was attempt 1
     assert not torn.exists()  # stale partial folders are cleaned at the next save
 
 
@@ -327,6 +348,31 @@ def test_deepspeed_trains_in_bf16_on_cpu(tmp_path: Path, tones_corpus: Path) -> 
     assert len(losses["bf16"]) == 3 and all(isinstance(x, float) for x in losses["bf16"])
     assert losses["bf16"] != losses["no"]  # bf16's rounding shows: the run did not fall back to fp32
     assert losses["bf16"] == pytest.approx(losses["no"], rel=0.05)
+
+
+def test_every_rank_resumes_its_own_logging_window(tmp_path: Path, tones_corpus: Path) -> None:
+    """A checkpoint inside a logging window (step 6 of windows of 4 steps): after the resume every rank's next
+    train record is what it was uninterrupted; before, every rank took rank 0's window."""
+    window = ("logging.steps=4", "checkpoint.save_steps=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(command(straight, tones_corpus, 2, *window))
+    cmd = command(resumed, tones_corpus, 2, *window)
+    run_and_kill_after_checkpoint(cmd, resumed, 6)
+    keep_only_checkpoint(resumed, 6)
+    run(cmd)
+
+    def losses(run_dir: Path) -> dict[tuple[int, int], float]:  # (rank, step): the last attempt's
+        return {(r["rank"], r["step"]): r["loss"] for r in read_run_logs(run_dir) if r["kind"] == "train"}
+
+    assert losses(straight) == losses(resumed) and set(losses(straight)) == {
+        (0, 4),
+        (0, 8),
+        (0, 12),
+        (1, 4),
+        (1, 8),
+        (1, 12),
+    }
+    assert losses(straight)[(0, 8)] != losses(straight)[(1, 8)]  # the ranks' windows differ
 
 
 def test_ddp_on_2_processes_kill_9_and_resume_is_bitwise_exact_with_dropout(

@@ -63,6 +63,22 @@ def _fsync_file(path: Path) -> None:
         os.fsync(file.fileno())
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_tree(folder: Path) -> None:
+    """Every file below `folder`, then the folder itself, on disk: what a marker written next vouches for."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _fsync_file(path)
+    _fsync_dir(folder)
+
+
 def write_manifest(folder: Path, step: int, extra: dict[str, Any]) -> dict[str, Any]:
     """Hash every file, flush it to disk, then write the manifest (itself via a temporary file)."""
     files = {}
@@ -82,11 +98,7 @@ def publish(partial: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(final.parent)
 
 
 def verify(folder: Path) -> dict[str, Any]:
@@ -129,9 +141,11 @@ def newest_complete(checkpoints: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def prune(checkpoints: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; remove older ones and stale partial folders."""
-    complete = [p for _, p in list_checkpoints(checkpoints) if (p / MANIFEST).exists()]
+def prune(checkpoints: Path, keep_last: int, written: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints up to the step just `written`; remove older ones and
+    stale partial folders. A newer one is one a resume fell back past (corrupt): it does not count, else it
+    would push out the good ones, the one just written included; the run replaces it when it gets there."""
+    complete = [p for step, p in list_checkpoints(checkpoints) if (p / MANIFEST).exists() and step <= written]
     for folder in complete[keep_last:]:
         shutil.rmtree(folder, ignore_errors=True)
     for stale in [p for pattern in STALE for p in checkpoints.glob(pattern)]:
@@ -195,16 +209,22 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
     """Every rank calls this at the same step boundary (accelerate writes per-rank RNG and shards). A write
     that fails on any rank (a full disk) fails on all of them with CheckpointWriteError; the partial folder
     is removed and nothing older is touched (pruning happens only after a checkpoint is complete)."""
+    from safetensors import SafetensorError  # how safetensors reports an I/O error (a full disk)
+
     partial, final = partial_dir(checkpoints, step), step_dir(checkpoints, step)
     error: Exception | None = None
     try:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
-        _barrier(accelerator)
-        accelerator.save_state(str(partial), safe_serialization=True)
-    except (OSError, RuntimeError) as problem:  # torch's zip writer reports a full disk as RuntimeError
+    except OSError as problem:
         error = problem
+    # Agreed before the shards are written (and a barrier too): every rank then makes the same collectives.
+    if not _anyone(accelerator, error is not None):
+        try:
+            accelerator.save_state(str(partial), safe_serialization=True)
+        except (OSError, RuntimeError, SafetensorError) as problem:  # torch's zip writer: RuntimeError
+            error = problem
     if not _anyone(accelerator, error is not None) and accelerator.is_main_process:
         try:
             (partial / STATE).write_text(json.dumps(state, indent=1))
@@ -222,7 +242,7 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
             raise error  # not the disk: a crash like any other (failover may retry it)
         raise CheckpointWriteError(message)
     if accelerator.is_main_process:
-        prune(checkpoints, keep_last)
+        prune(checkpoints, keep_last, step)
     _barrier(accelerator)
     return final
 

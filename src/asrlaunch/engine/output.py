@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.data.corpus import save_processor
+from asrlaunch.engine.checkpoint import flush_tree
 
 OURS = str(Path(__file__).resolve().parents[1])  # warnings raised from our own code stay on the console
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -96,4 +97,5 @@ def save_final_model(model: Any, processor: Any, run_dir: RunDir, total_steps: i
     for path in partial.iterdir():
         os.replace(path, final / path.name)
     partial.rmdir()
+    flush_tree(final)  # the model on disk before the marker that says the run finished
     run_dir.mark_finished(total_steps)

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.logs import RankLog
 from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
-from asrlaunch.core.recipe import Recipe
+from asrlaunch.core.recipe import Recipe, RecipeError
 from asrlaunch.core.records import Event
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.data.prepare import ensure_corpus, prepare_corpus
@@ -86,6 +86,11 @@ class Trainer:
         request = stop if stop is not None else StopRequest()  # falsy until signalled
         self.stopping = StopDecision(request, self.accelerator, self.task, recipe.cluster)
         self.start_step = self._resume(Path(self.decision.checkpoint)) if self.decision.checkpoint else 0
+        if self.start_step > self.plan.total_steps:  # a resume lowered train.max_steps below its checkpoint
+            raise RecipeError(
+                f"train.max_steps: the run ends at step {self.plan.total_steps}, before its step-"
+                f"{self.start_step} checkpoint; set train.max_steps to {self.start_step} or more"
+            )
         self.faults.at_phase("start", self.start_step)
         self.sink = MetricsSink(
             self.log,
@@ -170,12 +175,14 @@ class Trainer:
             "world_size": self.batch_plan.world_size,
             "attempt": self.log.attempt,
             **self.counters.state_dict(),
-            **self.window.state_dict(),
+            "loss_windows": gather_object([self.window.state_dict()]),  # every rank's own, in rank order
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         self.counters.load_state_dict(state)
-        self.window.load_state_dict(state)
+        windows = state.get("loss_windows") or [state]  # older checkpoints: rank 0's window only
+        same_world = len(windows) == self.accelerator.num_processes
+        self.window.load_state_dict(windows[self.rank] if same_world else windows[0])
         return int(state["step"])
 
     def _resume(self, folder: Path) -> int:
