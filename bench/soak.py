@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from asrlaunch.cli.cluster import task_pid
 from asrlaunch.core.goodput import goodput, restarted_in_allocation
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.records import Event, Kind
@@ -97,15 +98,7 @@ def wait(condition, what: str, timeout: float = 400) -> None:
 
 
 def kill_rank(job_id: str, rank: int, signum: int = signal.SIGKILL) -> None:
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ours = f"SLURM_JOB_ID={job_id}".encode() in environ and f"SLURM_PROCID={rank}".encode() in environ
-        if ours and b"submitit.core._submit" in command and not command.startswith(b"srun"):
-            os.kill(int(proc.name), signum)
+    os.kill(task_pid(job_id, rank), signum)
 
 
 def stop(how: str, job_id: str, rng: random.Random) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from asrlaunch.cli.cluster import task_pid
 from asrlaunch.launcher.status import TERMINAL, collect_status
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
@@ -116,24 +117,6 @@ def preempt_with_a_high_priority_job() -> None:
 
 def scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
-
-
-def task_pid(job_id: str, rank: int) -> int:
-    """The process of `rank`'s task of a job (every node of the local cluster is this host)."""
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if (
-            f"SLURM_JOB_ID={job_id}".encode() in environ
-            and f"SLURM_PROCID={rank}".encode() in environ
-            and b"submitit.core._submit" in command
-            and not command.startswith(b"srun")  # srun's own command line names the module too
-        ):
-            return int(proc.name)
-    raise AssertionError(f"no task of rank {rank} of job {job_id} found")
 
 
 def kill_rank(job_id: str, rank: int, signum: int = signal.SIGKILL) -> None:

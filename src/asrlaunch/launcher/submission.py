@@ -207,10 +207,9 @@ def replaced_options(recipe: Recipe) -> list[str]:
 def check_submittable(specs: Sequence[RunSpec], resume: bool) -> None:
     """Everything a submission refuses, all at once, before anything is written (a dry run refuses the same).
     An impossible batch split raises BatchPlanError."""
-    problems: list[str] = []
+    problems = replaced_options(specs[0].recipe) if specs else []  # cluster.* is one for all elements
     for spec in specs:
         plan_for(spec.recipe)
-        problems += [line for line in replaced_options(spec.recipe) if line not in problems]
         if spec.run_dir.is_run() and not resume:
             problems.append(
                 f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
