@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -80,6 +81,30 @@ def prepare_corpus(recipe: Recipe, on_progress: Callable[[], None] | None = None
         corpus_sources(data), cache_dir(recipe), data.text_normalization, on_progress, checks, data.skip_bad,
         data.dir,
     )
+
+
+def corpus_for_rank(
+    recipe: Recipe,
+    is_main: bool,
+    ready: Path,
+    on_progress: Callable[[], None],
+    before_prepare: Callable[[], None],
+) -> PreparedCorpus:
+    """Rank 0 prepares the corpus (up to train.startup_timeout_s) and then writes `ready`; the others wait for
+    that file, not for a collective, which would time out after train.collective_timeout_s."""
+    while not is_main and not ready.exists():
+        on_progress()
+        time.sleep(0.2)
+    before_prepare()
+    ensure_corpus(recipe, is_main)
+    corpus = prepare_corpus(recipe, on_progress=on_progress)
+    if is_main:
+        ready.parent.mkdir(parents=True, exist_ok=True)
+        ready.touch()
+        how = "cache hit" if corpus.cache_hit else "prepared now (cached for the next start)"
+        skipped = f", {corpus.skipped} bad utterance(s) left out" if corpus.skipped else ""
+        print(f"corpus: {how}: {len(corpus.train)} train / {len(corpus.test)} test{skipped}", flush=True)
+    return corpus
 
 
 def is_prepared(recipe: Recipe) -> bool:

@@ -4,8 +4,9 @@
     crash@step=10,rank=1,phase=eval     ... when it starts the evaluation after step 10 (or `checkpoint`)
     crash@step=0,phase=start        every rank dies as it starts, resuming at step 0, before it has logged a
                                     word (out of memory loading a checkpoint, a bad GPU): nothing is logged
-    oom@step=5,micro=8              the first micro-batch of step 5 raises CUDA's out-of-memory error while
-                                    the micro-batch is 8 (after the split to 4 it runs): a real OOM's path
+    oom@step=5,micro=8              the last micro-batch of step 5 raises CUDA's out-of-memory error, after
+                                    the others' gradients were accumulated, while the micro-batch is 8
+                                    (after the split to 4 it runs): a real OOM's path
     slow@rank=1,factor=2            from `step` (default 0) on, rank 1's forward passes take twice as long: a
                                     throttled GPU, a straggler
     stall@step=10,rank=0,phase=eval,seconds=60   rank 0 sleeps 60 s when it starts that phase: a long phase
@@ -15,8 +16,8 @@
                                     system, its heartbeat thread stopped with it (the supervisor's case)
 
 Every fault fires on every attempt that reaches it; a `fault` event is logged first (not at `start`). The
-trainer calls the hooks at a step's start and at a phase's start (outside the step's own code); `slow` is a
-forward hook on the model. Parsing is pure (no torch).
+trainer calls the hooks at a step's start and at a phase's start (outside the step's own code), `oom`'s
+before the step's last forward; `slow` is a forward hook on the model. Parsing is pure (no torch).
 """
 
 from __future__ import annotations
@@ -118,14 +119,17 @@ class Faults:
         return bool(self.faults)
 
     def at_step(self, step: int, micro: int) -> None:
-        self._fire(step, micro, "step")
+        self._fire(step, micro, "step", set(KINDS) - {SLOW, OOM})
+
+    def at_last_micro_batch(self, step: int, micro: int) -> None:
+        self._fire(step, micro, "step", {OOM})
 
     def at_phase(self, phase: str, step: int) -> None:
-        self._fire(step, 0, phase)
+        self._fire(step, 0, phase, set(KINDS) - {SLOW})
 
-    def _fire(self, step: int, micro: int, phase: str) -> None:
+    def _fire(self, step: int, micro: int, phase: str, kinds: set[str]) -> None:
         for fault in self.faults:
-            if fault.kind == SLOW or not fault.due(step, self.rank, micro, phase):
+            if fault.kind not in kinds or not fault.due(step, self.rank, micro, phase):
                 continue
             if phase != "start":
                 self.log_fault(fault, step)

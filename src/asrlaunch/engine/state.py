@@ -31,6 +31,10 @@ class ResumeDecision:
         return cls(attempt, str(folder), manifest.get("world_size"))
 
 
+class TrainingDivergedError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients."""
+
+
 @dataclass
 class TrainCounters:
     """Counters that must survive a resume, so the resumed run logs what the uninterrupted one would."""
@@ -38,6 +42,17 @@ class TrainCounters:
     nonfinite_total: int = 0  # optimizer steps skipped for non-finite gradients, whole run
     nonfinite_in_a_row: int = 0
     ctc_infinite_total: int = 0  # utterances with fewer CTC frames than their transcript needs, whole run
+
+    def count_update(self, skipped: bool, max_in_a_row: int) -> None:
+        """One optimizer update, skipped for non-finite gradients or not; too many skipped in a row stop the
+        run."""
+        self.nonfinite_total += int(skipped)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if skipped else 0
+        if self.nonfinite_in_a_row >= max_in_a_row:
+            raise TrainingDivergedError(
+                f"{self.nonfinite_in_a_row} optimizer steps in a row had non-finite gradients; lower "
+                "train.lr, raise train.warmup_steps or check the data"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

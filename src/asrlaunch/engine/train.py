@@ -38,10 +38,16 @@ from asrlaunch.engine.checkpoint import CheckpointWriteError
 from asrlaunch.engine.faults import FaultSpecError
 from asrlaunch.engine.output import route_library_output
 from asrlaunch.engine.runtime import adopt_thread_limit
-from asrlaunch.engine.trainer import RequeueLimitError, Trainer, TrainingDivergedError
+from asrlaunch.engine.state import TrainingDivergedError
+from asrlaunch.engine.trainer import Trainer
 from asrlaunch.job.heartbeat import Heartbeat
 from asrlaunch.job.signals import JobInterrupted, StopRequest
 from asrlaunch.job.task import SlurmTask, adopt_launcher_environment
+
+
+class RequeueLimitError(RuntimeError):
+    """The job was restarted more often than cluster.max_requeues allows."""
+
 
 USER_ERRORS = (RecipeError, DataError, BatchPlanError, FaultSpecError)
 # Errors a retry cannot fix: the job stops with its one line, and failover does not retry it.

@@ -22,7 +22,7 @@ from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
 from asrlaunch.core.recipe import Recipe, RecipeError
 from asrlaunch.core.records import Event
 from asrlaunch.core.rundir import RunDir
-from asrlaunch.data.prepare import ensure_corpus, prepare_corpus
+from asrlaunch.data.prepare import corpus_for_rank
 from asrlaunch.engine import checkpoint, runtime
 from asrlaunch.engine.batches import Prefetcher, TrainData
 from asrlaunch.engine.evaluate import evaluate
@@ -38,14 +38,6 @@ from asrlaunch.engine.tracking import Tracking
 from asrlaunch.job.heartbeat import Heartbeat, waiting
 from asrlaunch.job.signals import JobInterrupted, StopRequest
 from asrlaunch.job.task import SlurmTask
-
-
-class TrainingDivergedError(RuntimeError):
-    """Too many optimizer steps in a row had non-finite gradients."""
-
-
-class RequeueLimitError(RuntimeError):
-    """The job was restarted more often than cluster.max_requeues allows."""
 
 
 class Trainer:
@@ -120,24 +112,13 @@ class Trainer:
         return decision
 
     def _load_data(self) -> TrainData:
-        main, ready = self.accelerator.is_main_process, self.run_dir.corpus_ready(self.decision.attempt)
-        # Rank 0 prepares the corpus (up to train.startup_timeout_s); the others wait for its word in the run
-        # directory, not in a collective, which would time out after train.collective_timeout_s.
-        while not main and not ready.exists():
-            self.heartbeat.progress()
-            time.sleep(0.2)
-        self.faults.at_phase("prepare", 0)
-        ensure_corpus(self.recipe, main)
-        self.corpus = prepare_corpus(self.recipe, on_progress=self.heartbeat.progress)
-        if main:
-            ready.parent.mkdir(parents=True, exist_ok=True)
-            ready.touch()
-            how = "cache hit" if self.corpus.cache_hit else "prepared now (cached for the next start)"
-            skipped = f", {self.corpus.skipped} bad utterance(s) left out" if self.corpus.skipped else ""
-            print(
-                f"corpus: {how}: {len(self.corpus.train)} train / {len(self.corpus.test)} test{skipped}",
-                flush=True,
-            )
+        self.corpus = corpus_for_rank(
+            self.recipe,
+            self.accelerator.is_main_process,
+            self.run_dir.corpus_ready(self.decision.attempt),
+            on_progress=self.heartbeat.progress,
+            before_prepare=lambda: self.faults.at_phase("prepare", 0),
+        )
         return TrainData(
             self.corpus, self.batch_plan.global_batch, self.recipe.train.seed, self.recipe.data.order
         )
@@ -241,10 +222,13 @@ class Trainer:
         """One optimizer step; out of memory, it is redone with half the micro-batch and twice the
         accumulation: the same samples, the same global batch, the same update up to summation order."""
         self.step_reached = step
+        batch = self.data.order.batch(step)  # counted once, however often the step is redone
+        frames = self._frames(self.data.order.pad_length(step))
+        self.counters.ctc_infinite_total += int((self.data.ctc_min_frames[batch] > frames).sum())
         while True:
             try:
                 self.faults.at_step(step, self.batch_plan.micro_batch)
-                return self._train_step(step)
+                return (*self._train_step(step), batch)
             except torch.cuda.OutOfMemoryError as error:
                 self._split_micro_batch(step, error)
 
@@ -260,7 +244,9 @@ class Trainer:
             # Peers may be inside this step's gradient all-reduce: no agreement is possible mid-step. The job
             # fails, failover retries it, and the next start begins with the smaller micro-batch.
             raise error
-        self.optimizer.zero_grad(set_to_none=True)
+        # The model's own: accelerate's optimizer ignores zero_grad between two syncs, which would leave the
+        # gradients of the micro-batches done before the error in the redone step.
+        self.net.zero_grad(set_to_none=True)
         self.accelerator.gradient_accumulation_steps = new.grad_accum
         self.accelerator.step = 0
         self.batch_plan = self.prefetcher.plan = new
@@ -268,16 +254,15 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _train_step(self, step: int) -> tuple[Any, float, np.ndarray]:
+    def _train_step(self, step: int) -> tuple[Any, float]:
         """Forward/backward over this rank's micro-batches of global step `step`, then one update. The loss
         stays on the device (the metrics read it once per logging window)."""
         accelerator, clock = self.accelerator, self.clock
-        batch = self.data.order.batch(step)
-        frames = self._frames(self.data.order.pad_length(step))
-        self.counters.ctc_infinite_total += int((self.data.ctc_min_frames[batch] > frames).sum())
         losses, grad_norm = [], float("nan")
         next_step = step + 1 if step + 1 < self.plan.total_steps else None
-        for inputs in self.prefetcher.get(step, next_step):
+        for index, inputs in enumerate(self.prefetcher.get(step, next_step)):
+            if self.faults and index == self.batch_plan.grad_accum - 1:
+                self.faults.at_last_micro_batch(step, self.batch_plan.micro_batch)
             with accelerator.accumulate(self.model), accelerator.autocast():
                 with clock.span():
                     loss = self.model(
@@ -296,7 +281,7 @@ class Trainer:
                     with clock.span():
                         accelerator.backward(loss)
             losses.append(loss.detach())
-        return torch.stack(losses).float().mean(), grad_norm, batch
+        return torch.stack(losses).float().mean(), grad_norm
 
     def _update(self) -> float:
         """Clip, step (unless the gradients are not finite) and schedule; all ranks agree after all-reduce."""
@@ -312,14 +297,7 @@ class Trainer:
         if not skipped:  # as the Trainer: a step that left the weights alone does not advance the schedule
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        counters = self.counters
-        counters.nonfinite_total += int(skipped)
-        counters.nonfinite_in_a_row = counters.nonfinite_in_a_row + 1 if skipped else 0
-        if counters.nonfinite_in_a_row >= self.recipe.train.max_consecutive_nonfinite:
-            raise TrainingDivergedError(
-                f"{counters.nonfinite_in_a_row} optimizer steps in a row had non-finite gradients; lower "
-                "train.lr, raise train.warmup_steps or check the data"
-            )
+        self.counters.count_update(skipped, self.recipe.train.max_consecutive_nonfinite)
         return norm
 
     # -- the loop -------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ class Verdict:
 
     action: str
     record: dict[str, Any] | None
+    attempt: Attempt | None = None  # the attempt the step ran, the failure's (with a record)
 
     @property
     def requeue(self) -> bool:
@@ -113,16 +114,16 @@ def decide(
             f"the job failed twice in a row at step {step} without progress in between: a fault that "
             "repeats at the same place is a bug, not bad luck; see the errors in its submitit/ logs"
         )
-        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False})
+        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
     if restarts_in_job < cluster.max_restarts_in_job and not bad_nodes:
-        return Verdict(RESTART, {**record, "action": RESTART, "requeued": False})
+        return Verdict(RESTART, {**record, "action": RESTART, "requeued": False}, attempt)
     if not within_requeue_budget(task.restart_count + 1, cluster.max_requeues):
         record["error"] = (
             f"the job failed after {task.restart_count} requeue(s), the most cluster.max_requeues="
             f"{cluster.max_requeues} allows; look at the errors in its submitit/ logs, then resubmit with "
             "`asrlaunch submit --resume`"
         )
-        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False})
+        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
     spent = len(requeued_failures(history, task.job_id))
     if spent >= cluster.max_failures:
         record["error"] = (
@@ -130,8 +131,8 @@ def decide(
             f" (after {restarts_in_job} restart(s) in its allocation); look at the errors in its submitit/ "
             "logs, then resubmit with `asrlaunch submit --resume`"
         )
-        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False})
-    return Verdict(REQUEUE, {**record, "action": REQUEUE, "requeued": True})
+        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
+    return Verdict(REQUEUE, {**record, "action": REQUEUE, "requeued": True}, attempt)
 
 
 def requeue(first: FirstFailure | None, bad_nodes: Sequence[str], task: SlurmTask) -> dict[str, Any]:
@@ -160,7 +161,7 @@ def handle(
     bad_nodes = unhealthy_nodes(task)
     finished, state = run_dir.is_finished(), task.state()
     verdict = decide(history, exit_status, finished, cluster, restarts, state, bad_nodes, step_start, task)
-    attempt = step_attempt(history, step_start, task.restart_count)
+    attempt = verdict.attempt
     if verdict.record is None or attempt is None:
         return verdict
     first = first_failure(run_dir, attempt, submitit, task)
@@ -171,7 +172,7 @@ def handle(
         plan = next((a.plan for a in reversed(history.attempts) if a.starts), {})
         epoch = attempt.last_step / max(1, plan.get("steps_per_epoch", 1))
         log.event(Event.FAILURE, attempt.last_step, epoch, **record)
-    return Verdict(verdict.action, record)
+    return Verdict(verdict.action, record, attempt)
 
 
 def pick(run_dirs: Sequence[str], task: SlurmTask) -> tuple[RunDir, Path]:
