@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import Wav2Vec2Config
 
 from asrlaunch.core.recipe import ModelSection
 from asrlaunch.engine.model import build_model
@@ -51,3 +54,21 @@ def test_a_frozen_feature_encoder_gets_no_gradient() -> None:
     assert not audio_needs_gradient(model, torch.randn(2, 8000), torch.randint(1, 12, (2, 5)))
     encoder = model.wav2vec2.feature_extractor
     assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+
+
+def test_a_pretrained_checkpoint_trains_without_activation_checkpointing_as_the_card(tmp_path: Path) -> None:
+    """The hub's wav2vec2-base config.json says `"gradient_checkpointing": true` (a key transformers turns
+    into activation checkpointing at load); the card's script overwrote it with false. Here a local checkpoint
+    whose config.json says the same, with the recipe's overrides and the CTC head applied on top."""
+    from transformers import Wav2Vec2ForCTC, Wav2Vec2Model
+
+    Wav2Vec2Model(Wav2Vec2Config(**GROUP_NORM)).save_pretrained(tmp_path)  # no CTC head, as the hub's
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "gradient_checkpointing": True}))
+    assert Wav2Vec2ForCTC.from_pretrained(tmp_path).wav2vec2.encoder.gradient_checkpointing  # the hub's way
+
+    section = ModelSection(name_or_path=str(tmp_path), overrides={"mask_time_prob": 0.05, "layerdrop": 0.0})
+    model = build_model(section, 12, 3)
+    assert not model.wav2vec2.encoder.gradient_checkpointing
+    assert (model.config.mask_time_prob, model.config.vocab_size, model.config.pad_token_id) == (0.05, 12, 3)
+    assert model.lm_head.out_features == 12

@@ -32,7 +32,12 @@ def build_model(section: ModelSection, vocab_size: int, pad_id: int) -> Wav2Vec2
     if section.config is not None:
         model = Wav2Vec2ForCTC(Wav2Vec2Config(**{**section.config, **section.overrides, **head}))
     else:
-        model = Wav2Vec2ForCTC.from_pretrained(section.name_or_path, **{**section.overrides, **head})
+        # As the reference script: the config first, updated, then the model. The hub's wav2vec2-base config
+        # says `gradient_checkpointing: true`, which transformers turns into activation checkpointing (every
+        # layer's forward computed twice); the script overwrote it with the Trainer's default, false.
+        config = Wav2Vec2Config.from_pretrained(section.name_or_path)
+        config.update({**section.overrides, **head, "gradient_checkpointing": False})
+        model = Wav2Vec2ForCTC.from_pretrained(section.name_or_path, config=config)
     if section.freeze_feature_encoder:
         model.freeze_feature_encoder()
     else:
@@ -41,7 +46,7 @@ def build_model(section: ModelSection, vocab_size: int, pad_id: int) -> Wav2Vec2
 
 
 def skip_audio_gradient(model: Wav2Vec2ForCTC) -> None:
-    """A trainable feature encoder marks the raw audio as needing a gradient (for gradient checkpointing,
+    """A trainable feature encoder marks the raw audio as needing a gradient (for activation checkpointing,
     which the engine never enables): the first convolution then computes that gradient and throws it away,
     ~10-25% of a CPU step of a small model. Its weights still get their gradients, bitwise the same."""
     encoder = model.wav2vec2.feature_extractor
