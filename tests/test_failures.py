@@ -255,3 +255,18 @@ def test_sigterm_checkpoints_at_the_next_step_and_does_not_requeue(
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [event["step"]]
     last_trained = max(r["step"] for r in read_run_logs(run_dir) if r["kind"] == "train")
     assert event["step"] == last_trained  # at the step boundary: no step lost, none half done
+
+
+def test_the_first_training_window_opens_at_the_start_record(tmp_path: Path, tones_corpus: Path) -> None:
+    """Setting up (here a 3 s stall once the model is built and resumed) is start-up in goodput's account: the
+    first window's samples/s, which goodput turns back into training seconds, must not hold it too."""
+    run = tmp_path / "run"
+    done = train(
+        run, tones_corpus, "train.max_steps=2", "logging.steps=2", fault="stall@step=0,phase=start,seconds=3"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_run_logs(run)
+    start = next(r for r in records if is_start(r) and r["rank"] == 0)
+    first = next(r for r in records if r["kind"] == "train" and r["rank"] == 0)
+    opened = first["time"] - first["step"] * start["plan"]["global_batch"] / first["samples_per_s"]
+    assert opened >= start["time"] - 0.1

@@ -73,6 +73,50 @@ def test_an_error_no_retry_can_fix_is_the_runs_last_error(tmp_path: Path) -> Non
     assert history.last_error == limit and history.stops == ["timeout"]
 
 
+def test_a_stop_before_the_latest_submission_is_not_the_runs_state(tmp_path: Path) -> None:
+    """Stopped by the user (a checkpoint, `terminated`, not requeued), then resubmitted with --resume: a job
+    that failed before its ranks wrote a word shows FAILED, not the old STOPPED with its advice."""
+    from asrlaunch.job.scheduler import JobState
+    from asrlaunch.launcher.status import state_text
+
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    lines = [
+        {
+            "kind": "meta",
+            "step": 0,
+            "epoch": 0.0,
+            "rank": 0,
+            "attempt": 0,
+            "time": 1.0,
+            "world_size": 1,
+            "plan": {"total_steps": 40},
+        },
+        {
+            "kind": "meta",
+            "step": 12,
+            "epoch": 1.5,
+            "rank": 0,
+            "attempt": 0,
+            "time": 2.0,
+            "event": "terminated",
+            "requeued": False,
+        },
+    ]
+    run.rank_log(0).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for submitted, state in ((1.5, "STOPPED"), (3.0, "FAILED"), (None, "STOPPED")):
+        status = RunStatus(run, job=JobState("FAILED"))
+        progress_from_logs(status, submitted)
+        assert state_text(status) == state, submitted
+    assert "submit --resume" in stopped_line_of(run, None) and stopped_line_of(run, 3.0) == ""
+
+
+def stopped_line_of(run: RunDir, submitted: float | None) -> str:
+    from asrlaunch.launcher.status import stopped_line
+
+    return stopped_line(RunHistory.read(run), run, submitted)
+
+
 def test_status_shows_the_history(run_dir: RunDir) -> None:
     status = RunStatus(run_dir)
     progress_from_logs(status)

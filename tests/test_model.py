@@ -62,7 +62,8 @@ def test_a_pretrained_checkpoint_trains_without_activation_checkpointing_as_the_
     whose config.json says the same, with the recipe's overrides and the CTC head applied on top."""
     from transformers import Wav2Vec2ForCTC, Wav2Vec2Model
 
-    Wav2Vec2Model(Wav2Vec2Config(**GROUP_NORM)).save_pretrained(tmp_path)  # no CTC head, as the hub's
+    config: dict[str, Any] = GROUP_NORM
+    Wav2Vec2Model(Wav2Vec2Config(**config)).save_pretrained(tmp_path)  # no CTC head, as the hub's
     saved = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**saved, "gradient_checkpointing": True}))
     assert Wav2Vec2ForCTC.from_pretrained(tmp_path).wav2vec2.encoder.gradient_checkpointing  # the hub's way

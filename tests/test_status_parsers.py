@@ -240,3 +240,31 @@ def test_a_finished_run_whose_job_the_scheduler_forgot_shows_completed(
     run_dir.final.mkdir()
     run_dir.mark_finished(260)
     assert [s.job.state for s in collect_status([run_dir.path])] == ["COMPLETED"]
+
+
+def test_wait_ends_on_a_preemption_that_lasts_not_on_one_passed_through(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A requeued job passes through PREEMPTED on its way back to PENDING; one preempted without a requeue
+    (PreemptMode=CANCEL) stays there: `--wait` ends then, and a run beside it still goes on to its end."""
+    from asrlaunch.core.rundir import RunDir
+    from asrlaunch.job.scheduler import JobState
+    from asrlaunch.launcher import status as status_module
+
+    requeued = ["RUNNING", "PREEMPTED", "PENDING", "RUNNING", "COMPLETED"]
+    cancelled = ["RUNNING", *["PREEMPTED"] * 20]
+    polls: list[int] = []
+
+    def collect(paths: list[Path]) -> list[status_module.RunStatus]:
+        turn = len(polls)
+        polls.append(turn)
+        states = {paths[0]: requeued[min(turn, len(requeued) - 1)], paths[1]: cancelled[min(turn, 20)]}
+        return [status_module.RunStatus(RunDir(p), job=JobState(states[p])) for p in paths]
+
+    monkeypatch.setattr(status_module, "collect_status", collect)
+    clock = iter(float(tick) for tick in range(1000))
+    monkeypatch.setattr(status_module.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(status_module.time, "sleep", lambda _s: None)
+    ended = status_module.wait_for([RunDir(tmp_path / "a"), RunDir(tmp_path / "b")], unknown_limit_s=5.0)
+    assert [s.job.state for s in ended] == ["COMPLETED", "PREEMPTED"]
+    assert len(polls) == 8  # the preemption lasted past 5 (monotonic) seconds: the cancelled job's end

@@ -14,7 +14,7 @@ from asrlaunch.core.history import RunHistory
 from asrlaunch.core.recipe import SUPERVISOR_HEADROOM_S, load_recipe
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.heartbeat import Beat
-from asrlaunch.job.supervisor import SILENT_S, budget, judge, rank_states
+from asrlaunch.job.supervisor import SILENT_S, Watch, budget, judge, rank_states
 from asrlaunch.job.triage import describe_exit, node_states, srun_failures
 
 from .conftest import PYTHON, RECIPES, engine_command, python_env
@@ -107,6 +107,76 @@ def test_a_rank_that_never_beat_is_starting_up_since_the_step_began() -> None:
     late = rank_states(RECIPE, {}, 1, started=NOW - RECIPE.train.startup_timeout_s - 1, now=NOW)
     hang = judge(late)
     assert hang is not None and hang.rank.phase == "startup"
+
+
+def test_a_node_whose_clock_is_behind_or_a_beat_unread_for_a_moment_is_not_a_hang() -> None:
+    """Rank 1's node is 40 s behind (its `time`, `since`, `started` say so); rank 1's file cannot be read at
+    one poll. Both ranks step every second for 10 minutes: no hang. Then rank 1 stops: blamed, on this
+    node's clock (silent 30 s, not 70)."""
+    watch, started, skew = Watch(), NOW, 40.0
+
+    def beats_at(now: float, step: int, stopped_at: float | None = None) -> dict[int, Beat]:
+        beats = {}
+        for rank, behind in ((0, 0.0), (1, skew)):
+            written = now if stopped_at is None or rank == 0 else stopped_at
+            step_of = step if stopped_at is None or rank == 0 else int(stopped_at - started)
+            beats[rank] = Beat(
+                rank,
+                100 + rank,
+                "vm",
+                f"node{rank + 1}",
+                started + 1.0 - behind,
+                0,
+                "step",
+                step_of,
+                written - 0.5 - behind,
+                rank == 0,
+                1.0,
+                written - behind,  # rank 0 in the all-reduce
+            )
+        return beats
+
+    for tick in range(2, 600, 2):
+        now = started + tick
+        read = beats_at(now, tick)
+        if tick == 598:  # rank 0 waits: as `startup` since the step, rank 1 would be over 585 s
+            del read[1]  # a rename in flight: not readable this once
+        assert judge(rank_states(RECIPE, watch.update(read, now), 2, started, now)) is None, tick
+    stopped, hang = started + 600.0, None
+    for tick in range(600, 700, 2):
+        now = started + tick
+        hang = judge(rank_states(RECIPE, watch.update(beats_at(now, tick, stopped), now), 2, started, now))
+        if hang is not None:
+            break
+    assert hang is not None and hang.rank.rank == 1 and not hang.alike
+    assert SILENT_S < hang.rank.silent_s <= RECIPE.train.hang_timeout_s + 2 * 2.0
+
+
+def test_a_beat_of_an_earlier_step_never_counts_as_this_ones() -> None:
+    """The previous step's rank 0 is dead: its beat never changes, so it is not taken for this step's."""
+    watch, old = Watch(), Beat(0, 7, "vm", "node1", 5.0, 0, "step", 3, 10.0, False, 0.1, 10.0)
+    for now in (NOW, NOW + 2.0, NOW + 4.0):
+        states = rank_states(RECIPE, watch.update({0: old}, now), 1, NOW - 1.0, now)
+        assert states[0].phase == "startup" and judge(states) is None
+
+
+def test_ranks_that_hang_alike_name_no_single_rank_and_leave_no_node_out(tmp_path: Path) -> None:
+    """A kernel hung on one GPU stops every rank at the same point: the heartbeats cannot tell which."""
+    from asrlaunch.core.history import Attempt
+    from asrlaunch.job.task import SlurmTask
+    from asrlaunch.job.triage import first_failure
+
+    beats = {rank: beat(rank, since=950.0, waiting=True) for rank in (0, 1)}
+    hang = judge(rank_states(RECIPE, beats, 2, started=400.0, now=NOW))
+    assert hang is not None and hang.alike and hang.suspects == [0, 1]
+    one = {0: beats[0], 1: beat(1, since=950.0)}  # rank 1 not in the all-reduce: it is the one
+    single = judge(rank_states(RECIPE, one, 2, started=400.0, now=NOW))
+    assert single is not None and single.rank.rank == 1 and not single.alike
+    event = {"kind": "meta", "event": "hang", "rank": 0, "step": 20, "hung_rank": 0, "suspects": [0, 1]}
+    for alike, node in ((True, None), (False, "node1")):
+        attempt = Attempt(1, events=[{**event, "alike": alike, "node": "node1", "phase": "step"}])
+        first = first_failure(RunDir(tmp_path), attempt, tmp_path, SlurmTask())
+        assert first is not None and first.node == node
 
 
 # srun's report of a 2-node step whose rank 1 was killed (SLURM 22.05, pasted), after an earlier step's lines.

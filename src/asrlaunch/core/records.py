@@ -158,6 +158,11 @@ EVENT_FIELDS: dict[Event, tuple[Field, ...]] = {
     Event.HANG: (
         Field("hung_rank", "the rank without progress (the one not waiting for the others, when that shows)"),
         Field("suspects", "every rank without progress that was not waiting for a peer"),
+        Field(
+            "alike",
+            "the suspects looked the same (the same step, all waiting or none, all silent or none): the "
+            "stacks must say which hung, and no node is left out on its account",
+        ),
         Field("node", "its node"),
         Field("phase", "what it was doing: startup, step, eval, checkpoint, final"),
         Field("stale_s", "seconds since its last progress"),

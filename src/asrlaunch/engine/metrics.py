@@ -53,6 +53,11 @@ class TrainMetrics:
         self._trained_steps = 0
         self._opened = time.perf_counter()
 
+    def open(self) -> None:
+        """Training starts now: the time before (loading a checkpoint, setting up) is start-up, which goodput
+        counts apart, not the first window's."""
+        self._opened = time.perf_counter()
+
     def step_done(self, loss: Any, seconds: float = math.nan, compute_s: Any = math.nan) -> None:
         """`compute_s`: a number, or anything `float()` resolves (a GPU clock, read at the window's end)."""
         self.window.append(loss)

@@ -304,6 +304,7 @@ class Trainer:
     def run(self) -> None:
         plan, recipe, start = self.plan, self.recipe, self.start_step
         self.write_start(start)
+        self.window.open()
         if recipe.eval.at_start and start == 0:
             self.run_eval(0)
         for step in range(start, plan.total_steps):

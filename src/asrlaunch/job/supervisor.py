@@ -2,7 +2,9 @@
 
 The batch script starts it before srun and stops it after (launcher/submission.py):
 
-    python -m asrlaunch supervise RUN_DIR [RUN_DIR ...] &        (a job array: one run per element)
+    python -m asrlaunch supervise --step-start $asrlaunch_step_start RUN_DIR [RUN_DIR ...] &
+
+(a job array: every element's run directory).
 
 Every few seconds it reads the ranks' heartbeats (heartbeat.py). A rank hangs when its last progress, or the
 last sign that its process lives, is older than its phase's budget: `train.startup_timeout_s` until its first
@@ -23,6 +25,7 @@ No torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import signal
 import socket
@@ -65,6 +68,7 @@ class RankState:
 class Hang:
     rank: RankState
     suspects: list[int]
+    alike: bool = False  # several suspects the heartbeats cannot tell apart: `rank` is only the lowest
 
 
 def budget(recipe: Recipe, phase: str, beat: Beat | None) -> float:
@@ -91,6 +95,38 @@ def effective_budget(
     if peer_waits or (world > 1 and phase == "step"):
         allowed = min(allowed, float(recipe.train.collective_deadline_s))
     return allowed
+
+
+class Watch:
+    """The ranks' heartbeats as this process has seen them, on its own clock.
+
+    A rank writes its beat with its node's clock, which may differ from this node's by seconds: a beat whose
+    `time` changed while watched (its process lives, so it is this step's: the step before ended) has its
+    times moved onto this clock, `time` to when the change was seen here. A rank whose file could not be
+    read this once (a rename in flight on a network file system) keeps its last beat."""
+
+    def __init__(self) -> None:
+        self.beats: dict[int, Beat] = {}
+        self.changed_at: dict[int, float] = {}
+        self.live: set[int] = set()
+
+    def update(self, read: dict[int, Beat], now: float) -> dict[int, Beat]:
+        for rank, beat in read.items():
+            last = self.beats.get(rank)
+            if last is None or beat.time != last.time:
+                self.changed_at[rank] = now
+                if last is not None:
+                    self.live.add(rank)
+            self.beats[rank] = beat
+        return {rank: self._here(rank, beat) for rank, beat in self.beats.items()}
+
+    def _here(self, rank: int, beat: Beat) -> Beat:
+        if rank not in self.live:
+            return beat
+        offset = self.changed_at[rank] - beat.time
+        return dataclasses.replace(
+            beat, started=beat.started + offset, since=beat.since + offset, time=self.changed_at[rank]
+        )
 
 
 def rank_states(
@@ -134,8 +170,13 @@ def judge(states: Sequence[RankState]) -> Hang | None:
         return None
     silent = [s for s in states if s.silent_s > SILENT_S]
     suspects = silent or [s for s in hung if not s.waiting] or hung
-    blamed = min(suspects, key=lambda s: (s.silent_s <= SILENT_S, s.waiting, s.step, s.rank))
-    return Hang(blamed, [s.rank for s in suspects])
+
+    def evidence(state: RankState) -> tuple[bool, bool, int]:
+        return state.silent_s <= SILENT_S, state.waiting, state.step
+
+    blamed = min(suspects, key=lambda s: (*evidence(s), s.rank))
+    alike = sum(evidence(s) == evidence(blamed) for s in suspects) > 1
+    return Hang(blamed, [s.rank for s in suspects], alike)
 
 
 def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, name: str) -> Path:
@@ -195,10 +236,12 @@ def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: Slu
     stacks = run_dir.stacks / name
     node = blamed.beat.node if blamed.beat else None
     steps_per_epoch = (history.current.plan.get("steps_per_epoch") if history.current else None) or 1
+    who = f"rank {blamed.rank} on {node or 'its node'}"
+    if hang.alike:
+        who = f"ranks {', '.join(map(str, hang.suspects))}, alike (which hung, their stacks may say),"
     message = (
-        f"rank {blamed.rank} on {node or 'its node'} made no progress for {blamed.stale_s:.0f} s in its "
-        f"{blamed.phase} phase (step {blamed.step}), over its budget of {blamed.budget_s:.0f} s; its stacks: "
-        f"{stacks}"
+        f"{who} made no progress for {blamed.stale_s:.0f} s in the {blamed.phase} phase (step "
+        f"{blamed.step}), over the budget of {blamed.budget_s:.0f} s; stacks: {stacks}"
     )
     with RankLog(run_dir, 0, attempt=attempt) as log:
         log.event(
@@ -207,6 +250,7 @@ def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: Slu
             blamed.step / steps_per_epoch,
             hung_rank=blamed.rank,
             suspects=hang.suspects,
+            alike=hang.alike,
             node=node,
             phase=blamed.phase,
             stale_s=round(max(blamed.stale_s, blamed.silent_s), 1),
@@ -222,19 +266,24 @@ def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: Slu
         task.cancel_step(step, "KILL")
 
 
-def supervise(run_dir: RunDir, task: SlurmTask, poll_s: float = POLL_S) -> Hang | None:
-    """Watch one step until a rank hangs (then end it) or the batch script stops us."""
-    started = time.time()
+def supervise(
+    run_dir: RunDir, task: SlurmTask, poll_s: float = POLL_S, step_start: float | None = None
+) -> Hang | None:
+    """Watch one step until a rank hangs (then end it) or the batch script stops us. `step_start`: when the
+    batch script started the step, on this node's clock (our own imports may take longer than the ranks'
+    start on a cold file system)."""
+    started = step_start or time.time()
     try:
         recipe = load_recipe(run_dir.recipe)
     except RecipeError:
         return None
-    world = recipe.cluster.world_size
+    world, watch = recipe.cluster.world_size, Watch()
     while True:
         time.sleep(poll_s)
         if run_dir.is_finished():
             return None
-        states = rank_states(recipe, read_beats(run_dir), world, started, time.time())
+        now = time.time()
+        states = rank_states(recipe, watch.update(read_beats(run_dir), now), world, started, now)
         hang = judge(states)
         if hang is not None:
             end_step(run_dir, hang, states, task)
@@ -247,11 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", help="the job's run directory (a job array: every element's)")
     parser.add_argument("--poll", type=float, default=POLL_S, help="seconds between looks at the heartbeats")
+    parser.add_argument(
+        "--step-start", type=float, default=None, help="when the step started (epoch seconds)"
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the batch script's teardown stops us
     task = SlurmTask.from_environ()
     run_dirs = args.run_dirs
-    supervise(RunDir(Path(run_dirs[task.array_index if len(run_dirs) > 1 else 0])), task, args.poll)
+    run_dir = RunDir(Path(run_dirs[task.array_index if len(run_dirs) > 1 else 0]))
+    supervise(run_dir, task, args.poll, args.step_start)
     return 0
 
 

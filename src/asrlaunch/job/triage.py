@@ -98,6 +98,9 @@ def first_failure(run_dir: RunDir, attempt: Attempt, submitit: Path, task: Slurm
         rank = int(hang["hung_rank"])
         how = f"hang (no progress for {hang.get('stale_s')} s in its {hang.get('phase')} phase)"
         output = last_words(submitit, task, rank)
+        if hang.get("alike"):  # no rank to blame, no node to leave out
+            how = f"hang of ranks {hang.get('suspects')} alike ({hang.get('phase')} phase): see the stacks"
+            return FirstFailure(rank, None, how, output, hang.get("stacks"))
         return FirstFailure(rank, hang.get("node") or node_of(attempt, rank), how, output, hang.get("stacks"))
     reported = srun_failures("\n".join(tail_lines(task_output(submitit, task, 0), 400)))
     if reported:

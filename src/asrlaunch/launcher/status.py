@@ -70,9 +70,9 @@ class RunStatus:
         return [line for line in lines if line]
 
 
-def progress_from_logs(status: RunStatus) -> None:
+def progress_from_logs(status: RunStatus, submitted: float | None = None) -> None:
     """Progress, starts, stops and the last error from the run's history; the total steps from the latest
-    start's own plan (the submission's plan.json before any start)."""
+    start's own plan (the submission's plan.json before any start). `submitted`: when the latest job was."""
     history = RunHistory.read(status.run_dir)
     current = history.current
     plan = current.plan if current is not None and current.plan else status.run_dir.read_plan()
@@ -85,7 +85,7 @@ def progress_from_logs(status: RunStatus) -> None:
     status.stops = [str(kind) for kind in history.stops]
     status.error = history.last_error
     status.failure = failure_line(history)
-    status.stopped = stopped_line(history, status.run_dir)
+    status.stopped = stopped_line(history, status.run_dir, submitted)
     status.slow = [s.describe() for s in stragglers(current)]
     status.goodput = goodput(history)
 
@@ -107,13 +107,16 @@ def failure_line(history: RunHistory) -> str:
     return f"failure at step {last['step']}{first}; {action}"
 
 
-def stopped_line(history: RunHistory, run_dir: RunDir) -> str:
+def stopped_line(history: RunHistory, run_dir: RunDir, submitted: float | None = None) -> str:
     """A stop that checkpointed and stays stopped (the user's scancel, a requeue limit): where it is kept and
-    how to continue it."""
+    how to continue it. Not one from before the latest job's submission: that job (a `--resume`) is the news,
+    even when it failed before its ranks wrote a word."""
     attempt = history.current
     stop = attempt.stop if attempt is not None else None
     kind = event_of(stop) if stop else None
     if stop is None or kind is None or not kind.stopped_by_signal or stop.get("requeued"):
+        return ""
+    if submitted is not None and float(stop["time"]) < submitted:
         return ""
     return (
         f"stopped at step {stop['step']} ({kind}) with its checkpoint; continue with: "
@@ -130,7 +133,7 @@ def collect_status(paths: Sequence[str | Path]) -> list[RunStatus]:
         status.job.source = training[-1]["executor"] if training else ""
         if len(jobs) >= 2 and jobs[-2].get("role") == "prepare":  # the latest submission had one
             preparing[str(run_dir)] = jobs[-2]["job_id"]
-        progress_from_logs(status)
+        progress_from_logs(status, training[-1].get("submitted") if training else None)
         statuses.append(status)
     wanted = [s.job_id for s in statuses if s.job_id and s.job.source == "slurm"]
     slurm = slurm_states([*wanted, *preparing.values()])
@@ -228,21 +231,24 @@ def wait_for(
     on_poll: Callable[[list[RunStatus]], None] | None = None,
     unknown_limit_s: float = 60.0,
 ) -> list[RunStatus]:
-    """Poll until every run's job has ended (or the scheduler has forgotten it for `unknown_limit_s`)."""
-    unknown_since: float | None = None
+    """Poll until every run's job has ended, or has stayed for `unknown_limit_s` in a state that is final
+    when it lasts: UNKNOWN (the scheduler purged it, no accounting) or PREEMPTED (preempted without a requeue,
+    PreemptMode=CANCEL; a requeued job only passes through it)."""
+    lasting_since: dict[Path, float] = {}
     while True:
         statuses = collect_status([run.path for run in run_dirs])
         if on_poll is not None:
             on_poll(statuses)
-        if all(s.job.ended for s in statuses):
+        now = time.monotonic()
+        for status in statuses:
+            if status.job.state in ("UNKNOWN", "PREEMPTED"):
+                lasting_since.setdefault(status.run_dir.path, now)
+            else:
+                lasting_since.pop(status.run_dir.path, None)
+        if all(
+            s.job.ended or now - lasting_since.get(s.run_dir.path, now) > unknown_limit_s for s in statuses
+        ):
             return statuses
-        # A job the scheduler no longer knows (purged, no accounting) will not come back.
-        if any(s.job.state == "UNKNOWN" for s in statuses):
-            unknown_since = unknown_since or time.monotonic()
-            if time.monotonic() - unknown_since > unknown_limit_s:
-                return statuses
-        else:
-            unknown_since = None
         time.sleep(poll_s)
 
 

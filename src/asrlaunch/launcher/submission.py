@@ -68,7 +68,7 @@ def batch_setup(run_dirs: Sequence[Path]) -> list[str]:
         "while :; do",
         "asrlaunch_step_start=$(date +%s.%N)",
         f'echo "{STEP_MARKER} (restarts in this allocation: $asrlaunch_restarts)" >&2',
-        f"{python} -m asrlaunch supervise {dirs} &",
+        f"{python} -m asrlaunch supervise --step-start $asrlaunch_step_start {dirs} &",
         "asrlaunch_supervisor=$!",
     ]
 
