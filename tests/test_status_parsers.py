@@ -268,3 +268,21 @@ def test_wait_ends_on_a_preemption_that_lasts_not_on_one_passed_through(
     ended = status_module.wait_for([RunDir(tmp_path / "a"), RunDir(tmp_path / "b")], unknown_limit_s=5.0)
     assert [s.job.state for s in ended] == ["COMPLETED", "PREEMPTED"]
     assert len(polls) == 8  # the preemption lasted past 5 (monotonic) seconds: the cancelled job's end
+
+
+def test_a_hang_is_ended_though_the_controller_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """squeue fails twice (a busy controller) before it lists the step; a scancel that times out is a
+    refusal, not an exception that would leave the step running."""
+    answers = iter([1, 1, 0])
+    fake = FakeRun("42.batch\n42.extern\n42.3\n")
+
+    def flaky(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        if command[0] == "scancel":
+            raise subprocess.TimeoutExpired(command, 60)
+        fake.returncode = next(answers)
+        return fake(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", flaky)
+    task = SlurmTask(job_id="42")
+    assert task.running_steps(pause_s=0.0) == ["3"] and len(fake.commands) == 3
+    assert task.cancel_step("3") is False

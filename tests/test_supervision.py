@@ -3,6 +3,7 @@ heartbeats (no cluster); a straggler named by status and the collector after a r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -209,13 +210,42 @@ def test_the_heartbeat_file_says_a_new_attempt_or_phase_at_once(tmp_path: Path) 
         assert (read().phase, read().attempt) == ("startup", None)
         heartbeat.begin_attempt(2)
         assert read().attempt == 2
-        heartbeat.step_done(1, 0.1)
+        heartbeat.step_done(1, 180.0)  # compiling: the first step of an attempt sets no budget
         assert (read().phase, read().step) == ("step", 1)
+        heartbeat.step_done(2, 1.5)
+        assert heartbeat.beat().max_step_s == 1.5 and budget(RECIPE, "step", heartbeat.beat()) == 30
         heartbeat.enter("eval", 5)
         assert (read().phase, read().step) == ("eval", 5)
     finally:
         heartbeat.stop()
     assert read().phase == "done"
+
+
+def test_a_rank_stuck_after_the_final_save_is_still_a_hang(tmp_path: Path) -> None:
+    """The run is finished (its marker written), but a rank hangs closing its trackers: watched on."""
+    import os
+    import time
+
+    import yaml
+
+    from asrlaunch.core.logs import read_run_logs
+    from asrlaunch.job.supervisor import supervise
+    from asrlaunch.job.task import SlurmTask
+
+    run = RunDir(tmp_path / "run")
+    run.recipe.parent.mkdir(parents=True)
+    recipe = load_recipe(RECIPES / "smoke.yaml", ["data.dir=x", "checkpoint.hang_timeout_s=10"])
+    run.recipe.write_text(yaml.safe_dump(recipe.to_dict()))
+    run.finished_marker.parent.mkdir(parents=True)
+    run.mark_finished(40)
+    now = time.time()
+    stuck = Beat(0, 2**22 + 1, "vm", "node1", now - 100, 0, "final", 40, now - 60, False, 0.5, now)
+    run.heartbeat(0).parent.mkdir(parents=True)
+    run.heartbeat(0).write_text(json.dumps(dataclasses.asdict(stuck)))
+    hang = supervise(run, SlurmTask(), poll_s=0.01, step_start=now - 100)
+    assert hang is not None and hang.rank.phase == "final" and hang.rank.budget_s == 10
+    assert [r["hung_rank"] for r in read_run_logs(run) if r.get("event") == "hang"] == [0]
+    assert os.path.exists(run.stacks)
 
 
 def test_srun_says_which_task_ended_first_and_how() -> None:

@@ -41,7 +41,7 @@ class Beat:
     step: int
     since: float  # the last progress (a step done, an evaluation batch, a prepared utterance)
     waiting: bool  # inside a collective, waiting for the other ranks
-    max_step_s: float  # the longest training step of this attempt so far
+    max_step_s: float  # the longest training step of this attempt so far, its first left out
     time: float  # when the thread wrote it: the process was alive then
 
     @classmethod
@@ -60,7 +60,7 @@ class Heartbeat:
         self.rank, self.started, self.interval_s = rank, started, interval_s
         self.attempt: int | None = None
         self.phase, self.step, self.since = "startup", 0, time.time()
-        self.waiting_depth, self.max_step_s = 0, 0.0
+        self.waiting_depth, self.max_step_s, self.steps_timed = 0, 0.0, 0
         self._stop = threading.Event()
         self._writing = threading.RLock()  # the loop and the thread both write: one temporary file at a time
         self._thread = threading.Thread(target=self._run, name="asrlaunch-heartbeat", daemon=True)
@@ -76,7 +76,7 @@ class Heartbeat:
     # (the thread writes every `interval_s`: a start and a few fast steps can fit between two of its beats,
     # and a rank stopped there would be judged from a beat that still says "startup", attempt unknown)
     def begin_attempt(self, attempt: int) -> None:
-        self.attempt = attempt
+        self.attempt, self.steps_timed = attempt, 0
         self.write()
 
     def enter(self, phase: str, step: int | None = None) -> None:
@@ -92,7 +92,9 @@ class Heartbeat:
 
     def step_done(self, step: int, seconds: float) -> None:
         self.step, self.since = step, time.time()
-        self.max_step_s = max(self.max_step_s, seconds)
+        if self.steps_timed:  # an attempt's first step compiles and warms up: it sets no step budget
+            self.max_step_s = max(self.max_step_s, seconds)
+        self.steps_timed += 1
         if self.phase != "step":
             self.phase = "step"
             self.write()

@@ -269,19 +269,17 @@ def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: Slu
 def supervise(
     run_dir: RunDir, task: SlurmTask, poll_s: float = POLL_S, step_start: float | None = None
 ) -> Hang | None:
-    """Watch one step until a rank hangs (then end it) or the batch script stops us. `step_start`: when the
-    batch script started the step, on this node's clock (our own imports may take longer than the ranks'
-    start on a cold file system)."""
+    """Watch one step until a rank hangs (then end it) or the batch script stops us, after srun; a rank that
+    is done is no longer watched. `step_start`: when the batch script started the step, on this node's clock
+    (our own imports may take longer than the ranks' start on a cold file system)."""
     started = step_start or time.time()
     try:
         recipe = load_recipe(run_dir.recipe)
     except RecipeError:
         return None
     world, watch = recipe.cluster.world_size, Watch()
-    while True:
+    while True:  # after the final save too: closing the trackers, the last barrier can hang as well
         time.sleep(poll_s)
-        if run_dir.is_finished():
-            return None
         now = time.time()
         states = rank_states(recipe, watch.update(read_beats(run_dir), now), world, started, now)
         hang = judge(states)

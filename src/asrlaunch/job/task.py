@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,15 +165,27 @@ class SlurmTask:
 
     def cancel_step(self, step: str, signal_name: str = "KILL") -> bool:
         """Send a signal to every task of one job step (`JOB.STEP`), on whatever node it runs."""
-        done = subprocess.run(
-            ["scancel", f"--signal={signal_name}", f"{self.job_id}.{step}"], capture_output=True, timeout=60
-        )
+        try:
+            done = subprocess.run(
+                ["scancel", f"--signal={signal_name}", f"{self.job_id}.{step}"],
+                capture_output=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.TimeoutExpired):  # a busy controller: the caller goes on
+            return False
         return done.returncode == 0
 
-    def running_steps(self) -> list[str]:
-        """The ids of this job's job steps that run now (srun's; not the batch or extern step)."""
-        shown = run_command(["squeue", "-h", "-s", "-j", self.job_id or "", "-o", "%i"]) or ""
-        steps = [line.strip().rsplit(".", 1)[-1] for line in shown.splitlines() if "." in line]
+    def running_steps(self, tries: int = 4, pause_s: float = 5.0) -> list[str]:
+        """The ids of this job's job steps that run now (srun's; not the batch or extern step). squeue is
+        asked again when it fails (a busy controller), so that a hang found is not left running."""
+        shown = None
+        for turn in range(tries if self.in_slurm else 0):
+            shown = run_command(["squeue", "-h", "-s", "-j", self.job_id or "", "-o", "%i"])
+            if shown is not None:
+                break
+            if turn + 1 < tries:
+                time.sleep(pause_s)
+        steps = [line.strip().rsplit(".", 1)[-1] for line in (shown or "").splitlines() if "." in line]
         return [step for step in steps if step.isdigit()]
 
     # -- torch.distributed from SLURM's variables ---------------------------------------------------------
