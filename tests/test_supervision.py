@@ -16,7 +16,7 @@ from asrlaunch.core.recipe import SUPERVISOR_HEADROOM_S, load_recipe
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.heartbeat import Beat
 from asrlaunch.job.supervisor import SILENT_S, Watch, budget, judge, rank_states
-from asrlaunch.job.triage import describe_exit, node_states, srun_failures
+from asrlaunch.job.triage import describe_exit, node_states, srun_failures, usable_nodes
 
 from .conftest import PYTHON, RECIPES, engine_command, python_env
 
@@ -264,6 +264,16 @@ def test_node_states_from_scontrol() -> None:
     assert node_states(shown) == {"node1": "IDLE", "node2": "DOWN+DRAIN"}
 
 
+# `sinfo -h -N -p debug -o '%N|%t'`, SLURM 22.05's compact states (pasted; a node listed once per partition).
+SINFO_NODES = "node1|idle\nnode2|mix\nnode3|alloc\nnode4|drng\nnode5|idle*\nnode6|drain\nnode7|down*\n"
+SINFO_NODES += "node8|comp\nnode9|fail\nnode10|resv\n"
+
+
+def test_a_requeue_counts_only_the_nodes_a_job_could_start_on() -> None:
+    """Draining (`drng`) and not responding (`idle*`) nodes are no room for a job that leaves one out."""
+    assert usable_nodes(SINFO_NODES) == {"node1", "node2", "node3", "node8", "node10"}
+
+
 def history_of(*records: dict) -> RunHistory:
     base = {"epoch": 0.0}
     return RunHistory.from_records([{**base, **r} for r in records])
@@ -372,6 +382,39 @@ def test_an_attempt_that_hung_while_starting_counts_its_allocated_time() -> None
     assert result.requeue_wait_s == pytest.approx(274.0)  # 131 -> 405, where the hang's 600 s began
     assert result.lost_s["restart"] == 5.0
     assert stop_history(history) == [(0, "preemption", 10, 274.0), (1, "hang", 10, 10.0)]
+
+
+def test_an_attempt_that_died_while_starting_counts_from_its_process_start() -> None:
+    """Requeued, then 1500 s preparing a corpus that ends in an error, before any start record: allocated."""
+    plan = {"global_batch": 8, "steps_per_epoch": 10}
+    history = history_of(
+        {
+            "kind": "meta",
+            "step": 0,
+            "rank": 0,
+            "attempt": 0,
+            "time": 105.0,
+            "process_started": 100.0,
+            "plan": plan,
+            "resumed_from": None,
+        },
+        {"kind": "train", "step": 10, "rank": 0, "attempt": 0, "time": 130.0, "samples_per_s": 4.0},
+        {"kind": "meta", "step": 10, "rank": 0, "attempt": 0, "time": 131.0, "event": "preemption"},
+        {
+            "kind": "meta",
+            "step": 0,
+            "rank": 0,
+            "attempt": 1,
+            "time": 2000.0,
+            "event": "error",
+            "error": "DataError: ...",
+            "retry": False,
+            "process_started": 500.0,
+        },
+    )
+    result = goodput(history)
+    assert result.allocated_s == pytest.approx(31.0 + 1500.0)
+    assert result.requeue_wait_s == pytest.approx(500.0 - 131.0)
 
 
 def test_a_slow_rank_is_named_by_status_and_the_collector(tmp_path: Path, tones_corpus: Path) -> None:

@@ -79,9 +79,10 @@ def attempt_time(attempt: Attempt) -> AttemptTime | None:
     if attempt.last_time is None:
         return None
     hang = sum(float(e.get("stale_s") or 0.0) for e in attempt.of(Event.HANG))
-    if not starts:  # it hung or died while starting: allocated, from as far back as its hang reaches
-        end = float(attempt.last_time)
-        begin = min(float(attempt.first_time or end), end - hang)
+    if not starts:  # it hung or died while starting: allocated from its processes' start, or as far back as
+        end = float(attempt.last_time)  # its hang reaches
+        started = [float(e["process_started"]) for e in attempt.events if e.get("process_started")]
+        begin = min(float(attempt.first_time or end), end - hang, *started)
         return AttemptTime(attempt.number, begin, end, 0.0, 0.0, 0.0, 0.0, hang, None)
     begin = min(float(s.get("process_started") or s["time"]) for s in attempt.starts)
     global_batch = int(starts[0].get("plan", {}).get("global_batch", 1))

@@ -84,8 +84,11 @@ def answer_stack_requests(run_dir: RunDir, rank: int) -> None:
     faulthandler.register(signal.SIGQUIT, file=file, all_threads=True)
 
 
-def record_error(run_dir: RunDir, trainer: Trainer | None, problem: BaseException, task: SlurmTask) -> None:
-    """Log what ended this rank (best effort: the disk may be what failed)."""
+def record_error(
+    run_dir: RunDir, trainer: Trainer | None, problem: BaseException, task: SlurmTask, started: float
+) -> None:
+    """Log what ended this rank (best effort: the disk may be what failed), with when its process started: an
+    attempt that ends before its start record (a corpus that failed to prepare) still counts its time."""
     rank = int(os.environ.get("RANK", "0"))
     attempt = (
         trainer.log.attempt
@@ -97,7 +100,8 @@ def record_error(run_dir: RunDir, trainer: Trainer | None, problem: BaseExceptio
     message = f"{type(problem).__name__}: {problem}".splitlines()[0][:500]
     try:
         with RankLog(run_dir, rank, attempt=attempt) as log:
-            log.event(Event.ERROR if final else Event.CRASH, step, 0.0, error=message, retry=not final)
+            kind = Event.ERROR if final else Event.CRASH
+            log.event(kind, step, 0.0, error=message, retry=not final, process_started=round(started, 3))
     except OSError:
         pass
 
@@ -141,7 +145,7 @@ def run_training(recipe: Recipe, run_dir: RunDir) -> None:
     except JobInterrupted:
         raise
     except Exception as problem:
-        record_error(run_dir, trainer, problem, task)
+        record_error(run_dir, trainer, problem, task, started)
         raise
     finally:
         heartbeat.stop()

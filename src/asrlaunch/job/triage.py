@@ -147,9 +147,15 @@ def partition_room(task: SlurmTask, leave_out: list[str]) -> int | None:
     known = job.get("ExcNodeList", "(null)")
     if known not in ("(null)", ""):
         excluded |= set(hostnames(known))
-    healthy = {
+    return len(usable_nodes(shown) - excluded) - int(needed)
+
+
+def usable_nodes(sinfo: str) -> set[str]:
+    """Nodes of `sinfo -h -N -o '%N|%t'` a job could start on: not down, drained or draining (`drng`),
+    failing, of the future or unknown, and answering (a `*` after the state: not responding)."""
+    unusable = ("down", "drain", "drng", "fail", "futr", "unk")
+    return {
         name
-        for name, state in (line.split("|", 1) for line in shown.split() if "|" in line)
-        if not any(word.lower() in state.lower() for word in ("down", "drain", "fail"))
+        for name, state in (line.split("|", 1) for line in sinfo.split() if "|" in line)
+        if not state.endswith("*") and not any(word in state.lower() for word in unusable)
     }
-    return len(healthy - excluded) - int(needed)
