@@ -384,6 +384,46 @@ def test_an_attempt_that_hung_while_starting_counts_its_allocated_time() -> None
     assert stop_history(history) == [(0, "preemption", 10, 274.0), (1, "hang", 10, 10.0)]
 
 
+def test_steps_a_later_resume_replays_are_not_productive_though_the_next_attempt_kept_them() -> None:
+    """0 -> 20, then 20 -> 30 (its step-20 checkpoint is found corrupt later), then 10 -> 40: the first
+    attempt's steps 10-20 were trained twice."""
+    plan = {"global_batch": 8, "steps_per_epoch": 10}
+
+    def attempt(number: int, at: float, resumed: int, reached: int) -> list[dict]:
+        start = {
+            "kind": "meta",
+            "step": resumed,
+            "rank": 0,
+            "attempt": number,
+            "time": at,
+            "process_started": at,
+            "plan": plan,
+            "resumed_from": resumed or None,
+        }
+        train = {
+            "kind": "train",
+            "step": reached,
+            "rank": 0,
+            "attempt": number,
+            "time": at + 10.0,
+            "samples_per_s": 8.0 * (reached - resumed) / 10.0,
+        }
+        stop = {
+            "kind": "meta",
+            "step": reached,
+            "rank": 0,
+            "attempt": number,
+            "time": at + 10.0,
+            "event": "preemption",
+        }
+        return [start, train, stop]
+
+    history = history_of(*attempt(0, 0.0, 0, 20), *attempt(1, 100.0, 20, 30), *attempt(2, 200.0, 10, 40))
+    result = goodput(history)
+    assert result.productive_s == pytest.approx(5.0 + 0.0 + 10.0)  # 0-10 of the first, 10-40 of the last
+    assert result.lost_s["replayed"] == pytest.approx(5.0 + 10.0)
+
+
 def test_an_attempt_that_died_while_starting_counts_from_its_process_start() -> None:
     """Requeued, then 1500 s preparing a corpus that ends in an error, before any start record: allocated."""
     plan = {"global_batch": 8, "steps_per_epoch": 10}

@@ -117,7 +117,8 @@ def goodput(history: RunHistory) -> Goodput:
     productive = allocated = waits = 0.0
     for index, time in enumerate(times):
         following = times[index + 1] if index + 1 < len(times) else None
-        resumed = next((t.steps[0] for t in times[index + 1 :] if t.steps is not None), None)
+        # Steps past any later resume point were trained again (a resume may fall back past a bad checkpoint).
+        resumed = min((t.steps[0] for t in times[index + 1 :] if t.steps is not None), default=None)
         if time.steps is not None:
             trained = time.steps[1] - time.steps[0]
             end = time.steps[1] if resumed is None else min(time.steps[1], resumed)
