@@ -457,8 +457,12 @@ def test_an_attempt_that_died_while_starting_counts_from_its_process_start() -> 
     assert result.requeue_wait_s == pytest.approx(500.0 - 131.0)
 
 
-def test_a_slow_rank_is_named_by_status_and_the_collector(tmp_path: Path, tones_corpus: Path) -> None:
-    """Two real processes, rank 1's forward passes slowed threefold by fault injection."""
+@pytest.mark.parametrize("fault", ["slow@rank=1,factor=3", "slow@rank=1,phase=data,seconds=0.3"])
+def test_a_slow_rank_is_named_by_status_and_the_collector(
+    tmp_path: Path, tones_corpus: Path, fault: str
+) -> None:
+    """Two real processes, rank 1's forward passes slowed threefold, or its data by 0.3 s a step (a slow
+    disk: its peer waits in the all-reduce, so both steps take as long), by fault injection."""
     run_dir = tmp_path / "run"
     command = engine_command(
         run_dir,
@@ -471,9 +475,7 @@ def test_a_slow_rank_is_named_by_status_and_the_collector(tmp_path: Path, tones_
         "eval.at_start=false",
         "train.max_micro_batch_size=4",
     )
-    done = subprocess.run(
-        command, env=python_env(ASRLAUNCH_FAULT="slow@rank=1,factor=3"), capture_output=True, text=True
-    )
+    done = subprocess.run(command, env=python_env(ASRLAUNCH_FAULT=fault), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     (slow,) = stragglers(RunHistory.read(RunDir(run_dir)).current)
     assert slow.rank == 1 and slow.ratio >= 2.0

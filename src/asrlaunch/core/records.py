@@ -113,8 +113,8 @@ TRAIN = (
     Field("step_s", "median wall time of a step in the window, seconds"),
     Field(
         "compute_s",
-        "median time of this rank's own work in a step (forward passes, and backward passes that do not "
-        "synchronise gradients): what does not wait for the other ranks, seconds",
+        "median time of this rank's own work in a step (its data, forward passes, and backward passes that "
+        "do not synchronise gradients): what does not wait for the other ranks, seconds",
     ),
     Field("nonfinite_skipped", "optimizer steps skipped for non-finite gradients, whole run"),
     Field("ctc_infinite", "utterances so far with fewer CTC frames than their transcript needs"),

@@ -9,6 +9,7 @@
                                     (after the split to 4 it runs): a real OOM's path
     slow@rank=1,factor=2            from `step` (default 0) on, rank 1's forward passes take twice as long: a
                                     throttled GPU, a straggler
+    slow@rank=1,phase=data,seconds=0.3   ... each step's data takes 0.3 s more: a slow disk, a starved CPU
     stall@step=10,rank=0,phase=eval,seconds=60   rank 0 sleeps 60 s when it starts that phase: a long phase
                                     without a collective (a slow file system, a big evaluation)
     stall@step=0,rank=0,phase=prepare,seconds=60   rank 0 takes 60 s more to prepare the corpus (a big one)
@@ -31,7 +32,7 @@ from typing import Any
 
 KINDS = CRASH, OOM, SLOW, STALL, FREEZE = ("crash", "oom", "slow", "stall", "freeze")
 KEYS = {"step", "rank", "micro", "phase", "factor", "seconds"}
-PHASES = ("step", "eval", "checkpoint", "start", "prepare")
+PHASES = ("step", "eval", "checkpoint", "start", "prepare", "data")
 VARIABLE = "ASRLAUNCH_FAULT"
 FORM = (
     f"<kind>@step=<n>[,rank=<r>][,micro=<m>][,phase={'|'.join(PHASES)}][,factor=<f>][,seconds=<s>], "
@@ -124,6 +125,13 @@ class Faults:
     def at_last_micro_batch(self, step: int, micro: int) -> None:
         self._fire(step, micro, "step", {OOM})
 
+    def at_data(self, step: int) -> None:
+        """Before a step's micro-batches are collated (or waited for)."""
+        self._fire(step, 0, "data", set(KINDS) - {SLOW})
+        for fault in self.faults:
+            if fault.kind == SLOW and fault.phase == "data" and step >= fault.step:
+                time.sleep(fault.seconds)
+
     def at_phase(self, phase: str, step: int) -> None:
         self._fire(step, 0, phase, set(KINDS) - {SLOW})
 
@@ -148,7 +156,7 @@ class Faults:
 
     def slow_model(self, model: Any, step_of: Callable[[], int]) -> None:
         """A straggler: each forward pass is followed by a sleep of (factor - 1) times its own duration."""
-        slow = [f for f in self.faults if f.kind == SLOW]
+        slow = [f for f in self.faults if f.kind == SLOW and f.phase == "step"]
         if not slow:
             return
         fault, started = slow[0], [0.0]

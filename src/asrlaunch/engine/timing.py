@@ -22,8 +22,9 @@ class ComputeTime:
 
 
 class ComputeClock:
-    """This rank's own work in a step: the spans measured inside `span()` (forward passes, and backward
-    passes that do not synchronise gradients), so waiting for other ranks in the all-reduce is left out."""
+    """This rank's own work in a step: the spans measured inside `span()` (its data, forward passes, and
+    backward passes that do not synchronise gradients), so waiting for other ranks in the all-reduce is left
+    out."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"

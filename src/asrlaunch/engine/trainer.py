@@ -260,7 +260,11 @@ class Trainer:
         accelerator, clock = self.accelerator, self.clock
         losses, grad_norm = [], float("nan")
         next_step = step + 1 if step + 1 < self.plan.total_steps else None
-        for index, inputs in enumerate(self.prefetcher.get(step, next_step)):
+        with clock.span():  # this step's data, collated or waited for, is this rank's own time too
+            if self.faults:
+                self.faults.at_data(step)
+            micro_batches = self.prefetcher.get(step, next_step)
+        for index, inputs in enumerate(micro_batches):
             if self.faults and index == self.batch_plan.grad_accum - 1:
                 self.faults.at_last_micro_batch(step, self.batch_plan.micro_batch)
             with accelerator.accumulate(self.model), accelerator.autocast():
