@@ -248,7 +248,8 @@ def test_every_problem_of_a_command_is_reported_at_once_and_nothing_is_written(
 
 
 def test_a_dry_run_refuses_what_the_submission_would(tmp_path: Path) -> None:
-    """A run directory that holds a run already, and a model path that is neither a folder nor a hub id."""
+    """A run directory that holds a run already, or a sweep's runs, or lies inside a run; a finished run
+    resumed; a model path that is neither a folder nor a hub id."""
     recipe = load_recipe(RECIPES / "smoke.yaml", [f"data.dir={tmp_path / 'corpus'}"])
     RunDir(tmp_path / "runs" / "smoke").create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
     taken = run(ASRLAUNCH, "submit", SMOKE, "--dry-run", "--no-preflight", cwd=tmp_path)
@@ -268,3 +269,17 @@ def test_a_dry_run_refuses_what_the_submission_would(tmp_path: Path) -> None:
     )
     watch = run(ASRLAUNCH, "status", str(tmp_path / "runs" / "smoke"), "--watch", "-1")
     assert watch.returncode == 2 and "a number of seconds above 0" in watch.stderr
+    sweep = ("--sweep", "train.lr=1e-4,2e-4", "--dry-run", "--no-preflight")
+    inside = run(ASRLAUNCH, "submit", SMOKE, *sweep, cwd=tmp_path)  # its elements would be inside the run
+    assert inside.returncode == 2 and "runs/smoke is a run, not a sweep's folder" in inside.stderr
+    element = RunDir(tmp_path / "runs" / "sw" / "lr=0.0001")
+    element.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
+    over = run(ASRLAUNCH, "submit", SMOKE, "run.name=sw", "--dry-run", "--no-preflight", cwd=tmp_path)
+    assert over.returncode == 2 and "runs/sw holds a sweep's runs" in over.stderr
+    finished = RunDir(tmp_path / "runs" / "smoke")
+    finished.final.mkdir(parents=True)
+    finished.mark_finished(3)
+    again = run(ASRLAUNCH, "submit", "--resume", str(finished.path), "--dry-run", "--no-preflight")
+    assert (
+        again.returncode == 2 and "finished already" in again.stderr and "model.name_or_path=" in again.stderr
+    )

@@ -144,3 +144,14 @@ def test_the_logging_window_filters_non_finite_losses_as_the_trainer_did() -> No
     assert figures["loss"] == pytest.approx(round((1.0 + 0.5 + 2.0) / 3, 6))
     assert figures["step_s"] == 0.6 and figures["compute_s"] == 0.25 and figures["samples_per_s"] > 0
     assert metrics.flush()["loss"] != metrics.flush()["loss"]  # an empty window: NaN (no steps)
+
+
+def test_a_resumed_window_times_its_steps_apart_from_its_compute() -> None:
+    """After a resume the window holds the checkpoint's losses; its step and compute times are two lists."""
+    metrics = TrainMetrics(global_batch=8)
+    metrics.load_state_dict({"loss_window": [1.0, 2.0]})
+    for _ in range(2):
+        metrics.step_done(3.0, 1.0, 0.1)
+    figures = metrics.flush()
+    assert (figures["step_s"], figures["compute_s"]) == (1.0, 0.1)
+    assert figures["loss"] == pytest.approx(9.0 / 4)

@@ -9,8 +9,9 @@ from typing import Any
 from asrlaunch.core.recipe import Recipe, RecipeError
 
 # What a resume may change without making it another run: the job shape, how often it logs, evaluates and
-# saves, when it stops, how it is distributed. Everything else (model, data, optimisation, seed, run name)
-# must stay, so that a resumed run is the run it continues, and two elements of a sweep are never merged.
+# saves, when it stops, how it is distributed within its backend (a DDP checkpoint is not a DeepSpeed one).
+# Everything else (model, data, optimisation, seed, run name, backend) must stay, so that a resumed run is
+# the run it continues, and two elements of a sweep are never merged.
 MAY_CHANGE_ON_RESUME = (
     "cluster",
     "logging",
@@ -19,7 +20,6 @@ MAY_CHANGE_ON_RESUME = (
     "data.cache_dir",
     "data.skip_bad",
     "train.max_steps",
-    "train.backend",
     "train.zero_stage",
     "train.max_micro_batch_size",
     "train.collective_timeout_s",
@@ -28,12 +28,17 @@ MAY_CHANGE_ON_RESUME = (
 )
 
 
+def may_change_on_resume(key: str) -> bool:
+    """Whether a dotted recipe key (`cluster.time_min`) is one a resume may change."""
+    return any(key == name or key.startswith(f"{name}.") for name in MAY_CHANGE_ON_RESUME)
+
+
 def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """A recipe as dotted keys -> values, without what a resume may change."""
     flat: dict[str, str] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
-        if name in MAY_CHANGE_ON_RESUME:
+        if may_change_on_resume(name):
             continue
         if isinstance(value, Mapping):
             flat.update(_flat(value, f"{name}."))

@@ -93,7 +93,7 @@ class TrainMetrics:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.window = [float(v) for v in state.get("loss_window", [])]
-        self._step_s = self._compute_s = []
+        self._step_s, self._compute_s = [], []
 
 
 def _medians(**series: list[Any]) -> dict[str, float]:

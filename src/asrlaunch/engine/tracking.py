@@ -5,27 +5,34 @@ samples/s every logging window, eval loss and WER at every evaluation, the recip
 A resumed attempt continues the same tracked run: TensorBoard's writer is opened with `purge_step` at the
 first step the attempt logs, so the events an earlier attempt logged past it (the steps now replayed) are
 dropped by TensorBoard's reader; MLflow continues the same run id (kept in tracking/mlflow_run_id) and W&B
-the same run id (derived from the run directory), where replayed steps add points rather than replace them.
+the same run id (a random one, kept in tracking/wandb_run_id: a new run at the same path is another run),
+where replayed steps add points rather than replace them. The hyperparameters are the recipe without what a
+resume may change (core/resume.py): MLflow refuses a parameter a later attempt would log with another value.
 Which trackers a recipe names is the recipe's (`LoggingSection.trackers`); which package each needs is
 preflight's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import secrets
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from asrlaunch.core.recipe import Recipe
+from asrlaunch.core.resume import may_change_on_resume
 from asrlaunch.core.rundir import RunDir
 
 
 def hyperparameters(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The recipe as dotted keys with scalar values (what every tracker's hyperparameter table accepts)."""
+    """The recipe as dotted keys with scalar values (what every tracker's hyperparameter table accepts),
+    without what a resume may change."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
+        if may_change_on_resume(name):
+            continue
         if isinstance(value, Mapping):
             flat.update(hyperparameters(value, f"{name}."))
         else:
@@ -36,22 +43,31 @@ def hyperparameters(values: Mapping[str, Any], prefix: str = "") -> dict[str, An
 def init_kwargs(recipe: Recipe, run_dir: RunDir, start_step: int) -> dict[str, dict[str, Any]]:
     kwargs: dict[str, dict[str, Any]] = {}
     names = recipe.logging.trackers
-    if "tensorboard" in names and start_step:
-        kwargs["tensorboard"] = {"purge_step": start_step + 1}  # the first step this attempt logs
+    if "tensorboard" in names:  # from the first step this attempt logs (a restart from 0 included)
+        kwargs["tensorboard"] = {"purge_step": start_step + 1}
     if "mlflow" in names:
         stored = run_dir.tracking / "mlflow_run_id"
         kwargs["mlflow"] = (
             {"run_id": stored.read_text().strip()} if stored.exists() else {"run_name": run_dir.path.name}
         )
     if "wandb" in names:
-        stable = hashlib.sha1(str(run_dir.path.resolve()).encode()).hexdigest()[:16]
         kwargs["wandb"] = {
             "dir": str(run_dir.tracking),
-            "id": stable,
+            "id": kept_id(run_dir.tracking / "wandb_run_id"),
             "resume": "allow",
             "name": run_dir.path.name,
         }
     return kwargs
+
+
+def kept_id(path: Path) -> str:
+    """The run's id for a tracker, made at its first start and kept in the run directory."""
+    if path.exists():
+        return path.read_text().strip()
+    made = secrets.token_hex(8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(made + "\n")
+    return made
 
 
 class Tracking:
@@ -67,9 +83,9 @@ class Tracking:
                 os.environ["MLFLOW_TRACKING_URI"] = (run_dir.tracking / "mlruns").resolve().as_uri()
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
         config = hyperparameters(recipe.to_dict())
-        accelerator.init_trackers(
-            recipe.run.name, config=config, init_kwargs=init_kwargs(recipe, run_dir, start_step)
-        )
+        main = accelerator.is_main_process  # the others open no tracker
+        kwargs = init_kwargs(recipe, run_dir, start_step) if main else {}
+        accelerator.init_trackers(recipe.run.name, config=config, init_kwargs=kwargs)
         stored = run_dir.tracking / "mlflow_run_id"
         if accelerator.is_main_process and "mlflow" in recipe.logging.trackers and not stored.exists():
             stored.write_text(accelerator.get_tracker("mlflow", unwrap=True).info.run_id + "\n")

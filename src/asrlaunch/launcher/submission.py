@@ -21,6 +21,7 @@ from typing import Any
 from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.plan import StepPlan, plan_run
 from asrlaunch.core.recipe import Recipe
+from asrlaunch.core.rundir import RunDir, SweepDir
 from asrlaunch.job.triage import STEP_MARKER
 from asrlaunch.launcher.preparation import submit_preparation
 from asrlaunch.launcher.sweep import RunSpec, submitit_folder
@@ -204,17 +205,33 @@ def replaced_options(recipe: Recipe) -> list[str]:
     ]
 
 
+def place_problems(run_dir: RunDir, resume: bool) -> list[str]:
+    """Why a run may not be written at `run_dir`: a run there already (without --resume), a finished one (with
+    it: its job would have nothing to do), a sweep's runs there, or a run around it."""
+    if run_dir.is_finished() and resume:
+        return [
+            f"{run_dir} finished already ({run_dir.final}): a resume continues a stopped run; to train on "
+            f"from its model, start a new run with model.name_or_path={run_dir.final}"
+        ]
+    if run_dir.is_run() and not resume:
+        return [
+            f"{run_dir} holds a run already: pick another run.name (run.name=...), or continue it with "
+            "--resume"
+        ]
+    if SweepDir(run_dir.path).elements():
+        return [f"{run_dir} holds a sweep's runs: pick another run.name (run.name=...)"]
+    if RunDir(run_dir.path.parent).is_run():
+        return [f"{run_dir.path.parent} is a run, not a sweep's folder: pick another run.name (run.name=...)"]
+    return []
+
+
 def check_submittable(specs: Sequence[RunSpec], resume: bool) -> None:
     """Everything a submission refuses, all at once, before anything is written (a dry run refuses the same).
     An impossible batch split raises BatchPlanError."""
     problems = replaced_options(specs[0].recipe) if specs else []  # cluster.* is one for all elements
     for spec in specs:
         plan_for(spec.recipe)
-        if spec.run_dir.is_run() and not resume:
-            problems.append(
-                f"{spec.run_dir} holds a run already: pick another run.name (run.name=...), "
-                "or continue it with --resume"
-            )
+        problems += place_problems(spec.run_dir, resume)
     if problems:
         raise SubmitError("\n".join(problems))
 
