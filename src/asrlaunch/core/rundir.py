@@ -10,7 +10,7 @@
   stacks/              Python stacks of hung ranks
   checkpoints/step-NNNNNN/   self-describing checkpoints (see checkpoint.py)
   final/               save_pretrained model + processor, finished.json, README.md (the model card)
-  tracking/            experiment-tracker files (TensorBoard events, MLflow store, W&B offline runs)
+  tracking/            experiment-tracker files (TensorBoard events, MLflow store, W&B runs, run ids)
   results.md results.csv results.json curves.png
 """
 
