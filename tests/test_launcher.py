@@ -389,3 +389,21 @@ def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
     assert watcher.returncode == 0 and "Traceback" not in err
     assert out.count("\033[2J") >= 3 and out.count("RUN ") >= 3  # the table, redrawn
     assert " 16/" in out and "preemption x2" in out  # step 16 from the logs; two stops counted
+
+
+def test_auto_runs_locally_only_where_there_is_no_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A controller that does not answer must not send a cluster's job to the login node."""
+    import shutil
+    import subprocess
+
+    from asrlaunch.launcher import submission
+
+    def slow_sinfo(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise subprocess.TimeoutExpired(command, 5)
+
+    monkeypatch.setattr(subprocess, "run", slow_sinfo)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(submission.SubmitError, match="--executor local"):
+        submission.choose_executor("auto")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert submission.choose_executor("auto") == "local"

@@ -48,7 +48,14 @@ def choose_executor(requested: str) -> str:
     if requested not in EXECUTORS:
         raise SubmitError(f"executor {requested!r} is not one of {', '.join(EXECUTORS)}")
     if requested == "auto":
-        return "slurm" if slurm_available() else "local"
+        if shutil.which("sinfo") is None:  # no SLURM here (a laptop): run on this machine
+            return "local"
+        if not slurm_available():  # a busy or down controller: never send a cluster's job to the login node
+            raise SubmitError(
+                "SLURM is installed here but its controller does not answer (sinfo failed or took over 5 s): "
+                "retry, or choose --executor slurm (to see the error) or --executor local"
+            )
+        return "slurm"
     if requested == "slurm" and not slurm_available():
         raise SubmitError(
             "no SLURM controller answers (sinfo failed): start one with "
