@@ -68,6 +68,16 @@ def test_a_resume_may_not_change_what_makes_the_run(tmp_path: Path) -> None:
     changes = ("cluster.time_min=30", "train.max_steps=5")
     allowed = run(ASRLAUNCH, "submit", "--resume", str(run_dir), *changes, "--dry-run", cwd=tmp_path)
     assert allowed.returncode == 0, allowed.stderr
+    backend = run(ASRLAUNCH, "submit", "--resume", str(run_dir), "train.backend=deepspeed", "--dry-run")
+    assert backend.returncode == 2 and backend.stderr.startswith("error: train.backend: a resumed run")
+    # Stopped at step 150 of 260 (warmup 50): a run twice as long resumes at a higher learning rate.
+    plan = {**plan_run(recipe, 1).to_dict(), "total_steps": 260}
+    start = {"kind": "meta", "step": 0, "epoch": 0.0, "rank": 0, "attempt": 0, "time": 1.0, "plan": plan}
+    window = {"kind": "train", "step": 150, "epoch": 11.5, "rank": 0, "attempt": 0, "time": 2.0, "loss": 1.0}
+    run_dir.rank_log(0).write_text("".join(json.dumps(r) + "\n" for r in (start, window)))
+    longer = run(ASRLAUNCH, "submit", "--resume", str(run_dir), "train.max_steps=520", "--dry-run")
+    assert longer.returncode == 0 and "warning: train.max_steps: 260 -> 520 steps" in longer.stderr
+    assert "at step 150 goes from 0.00157 to 0.00236" in longer.stderr, longer.stderr
 
 
 PROBE = """

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
 from pathlib import Path
 
 from asrlaunch.core.console import clean_warnings, error
 from asrlaunch.core.exits import ExitCode
-from asrlaunch.core.plan import BatchPlanError
-from asrlaunch.core.recipe import RecipeError, load_recipe, read_recipe_file
+from asrlaunch.core.history import RunHistory
+from asrlaunch.core.plan import BatchPlanError, plan_run, scheduled_lr
+from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe, read_recipe_file
 from asrlaunch.core.resume import check_resume
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.launcher.preflight import preflight
@@ -99,6 +102,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def schedule_change(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> str:
+    """What a new `train.max_steps` does to the learning rate where the run resumes: the schedule is computed
+    anew for the new length (as the Trainer's), so a linear one jumps."""
+    if stored.train.max_steps == resumed.train.max_steps:
+        return ""
+    history = RunHistory.read(run_dir)
+    plan = history.current.plan if history.current is not None else run_dir.read_plan()
+    old_total, samples = plan.get("total_steps"), plan.get("train_samples")
+    if not old_total or not samples:
+        return ""
+    new_total = plan_run(resumed, 1, int(samples)).total_steps
+    step = history.progress.step or 0
+    before, after = scheduled_lr(stored, step, int(old_total)), scheduled_lr(resumed, step, new_total)
+    if math.isclose(before, after):
+        return ""
+    return (
+        f"train.max_steps: {old_total} -> {new_total} steps: the schedule is computed for the new length, so "
+        f"the learning rate at step {step} goes from {before:.3g} to {after:.3g}"
+    )
+
+
 def load_specs(args: argparse.Namespace) -> list[RunSpec]:
     if args.resume:
         run_dir = RunDir(Path(args.resume))
@@ -107,8 +131,12 @@ def load_specs(args: argparse.Namespace) -> list[RunSpec]:
         if args.sweep:
             raise SubmitError("--resume continues one run; it takes no --sweep")
         specs = resolve_runs(read_recipe_file(run_dir.recipe), str(run_dir.recipe), args.overrides, [])
-        check_resume(load_recipe(run_dir.recipe), specs[0].recipe)
+        stored = load_recipe(run_dir.recipe)
+        check_resume(stored, specs[0].recipe)
         ensure_stopped(run_dir, args.force)
+        note = schedule_change(run_dir, stored, specs[0].recipe)
+        if note:
+            warnings.warn(note, stacklevel=1)
         return [RunSpec(specs[0].recipe, specs[0].overrides, run_dir)]
     path = Path(args.recipe) if args.recipe else DEFAULT_RECIPE
     return resolve_runs(read_recipe_file(path), str(path), args.overrides, args.sweep)

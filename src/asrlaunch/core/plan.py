@@ -133,3 +133,14 @@ def plan_run(
             )
         train_samples = min(known)
     return plan_steps(batch, train_samples, train.epochs, train.warmup_steps, train.max_steps)
+
+
+def scheduled_lr(recipe: Recipe, step: int, total_steps: int) -> float:
+    """The learning rate the schedule gives at `step` of `total_steps` (transformers' linear and constant
+    schedules with warmup, the engine's two)."""
+    train, warmup = recipe.train, recipe.train.warmup_steps
+    if step < warmup:
+        return train.lr * step / max(1, warmup)
+    if train.lr_scheduler != "linear":
+        return train.lr
+    return train.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
