@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from asrlaunch.core.logs import read_run_logs
+from asrlaunch.core.plan import plan_run
 from asrlaunch.core.recipe import RecipeError, load_recipe
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.engine import checkpoint
@@ -288,15 +289,34 @@ def test_local_executor_runs_a_job_to_completion(tmp_path: Path, tones_corpus: P
         str(RECIPES / "smoke.yaml"), f"data.dir={tones_corpus}", "--executor", "local", cwd=tmp_path
     )
     assert again.returncode == 2 and "holds a run already" in again.stderr
-    # the finished run submitted again: the job exits at once, successfully, and trains nothing
+    # the finished run resumed: refused (its job would have nothing to do), nothing written
     run_dir = tmp_path / "runs" / "smoke"
-    records = read_run_logs(run_dir)
-    resubmitted = submit("--resume", str(run_dir), "--executor", "local", "--wait", cwd=tmp_path)
-    assert resubmitted.returncode == 0, resubmitted.stdout + resubmitted.stderr
-    assert f"COMPLETED: {run_dir}" in resubmitted.stdout
-    assert read_run_logs(run_dir) == records
-    job_output = "".join(p.read_text() for p in (run_dir / "submitit").glob("*_0_log.out"))
-    assert job_output.count("finished already") == 1
+    records, jobs = read_run_logs(run_dir), RunDir(run_dir).jobs()
+    resubmitted = submit("--resume", str(run_dir), "train.max_steps=99", "--executor", "local", cwd=tmp_path)
+    assert resubmitted.returncode == 2 and "finished already" in resubmitted.stderr
+    assert read_run_logs(run_dir) == records and RunDir(run_dir).jobs() == jobs
+    assert "max_steps: 99" not in RunDir(run_dir).recipe.read_text()
+
+
+def test_a_failed_resume_submission_gives_the_run_its_recipe_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from asrlaunch.launcher import submission
+    from asrlaunch.launcher.sweep import RunSpec
+
+    recipe = load_recipe(RECIPES / "smoke.yaml", ["data.dir=x"])
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
+    before = (run_dir.recipe.read_bytes(), run_dir.plan.read_bytes())
+    longer = load_recipe(RECIPES / "smoke.yaml", ["data.dir=x", "cluster.time_min=90", "train.max_steps=9"])
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("sbatch: error: Batch job submission failed: Socket timed out")
+
+    monkeypatch.setattr(submission, "make_executor", unreachable)
+    with pytest.raises(submission.SubmitError, match="nothing was submitted"):
+        submission.submit([RunSpec(longer, ("cluster.time_min=90",), run_dir)], "local", resume=True)
+    assert (run_dir.recipe.read_bytes(), run_dir.plan.read_bytes()) == before
 
 
 def test_local_executor_gets_the_recipes_time_limit_and_signal_delay(tmp_path: Path) -> None:

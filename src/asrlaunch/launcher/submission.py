@@ -247,13 +247,17 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
     """Submit the runs: one job, or one job array for a sweep. Returns (run, job id) pairs.
 
     Everything is checked before the first directory is written; if the submission itself fails, the
-    directories it created are removed again, so the same command can simply be repeated.
+    directories it created are removed again and a resumed run gets its recipe and plan back, so the same
+    command can simply be repeated.
     """
     from asrlaunch.job.entry import TrainJob
 
     check_submittable(specs, resume)
     plans = [plan_for(spec.recipe) for spec in specs]
     created = [spec.run_dir.path for spec in specs if not spec.run_dir.path.exists()]
+    kept = {
+        path: path.read_bytes() for s in specs for path in (s.run_dir.recipe, s.run_dir.plan) if path.exists()
+    }
     prepared: list[tuple[RunSpec, str]] = []
     try:
         for spec, plan in zip(specs, plans, strict=True):
@@ -275,6 +279,8 @@ def submit(specs: Sequence[RunSpec], kind: str, resume: bool = False) -> list[tu
             subprocess.run(["scancel", job_id], capture_output=True)
         for run_dir in created:
             shutil.rmtree(run_dir, ignore_errors=True)
+        for path, content in kept.items():
+            path.write_bytes(content)
         raise SubmitError(
             f"submission failed ({type(error).__name__}: {error}); nothing was submitted"
         ) from error
