@@ -155,3 +155,32 @@ def test_a_resumed_window_times_its_steps_apart_from_its_compute() -> None:
     figures = metrics.flush()
     assert (figures["step_s"], figures["compute_s"]) == (1.0, 0.1)
     assert figures["loss"] == pytest.approx(9.0 / 4)
+
+
+def test_an_out_of_memory_cap_holds_until_a_resume_changes_the_micro_batch_limit() -> None:
+    def start(attempt: int, limit: int) -> dict:
+        recipe = {"train": {"max_micro_batch_size": limit}}
+        return {
+            "kind": "meta",
+            "step": 0,
+            "epoch": 0.0,
+            "rank": 0,
+            "attempt": attempt,
+            "time": attempt,
+            "plan": {},
+            "recipe": recipe,
+        }
+
+    split = {
+        "kind": "meta",
+        "step": 3,
+        "epoch": 0.1,
+        "rank": 0,
+        "attempt": 0,
+        "time": 0.5,
+        "event": "oom_split",
+        "plan": {"micro_batch": 8},
+    }
+    history = RunHistory.from_records([start(0, 32), split])
+    assert history.oom_micro_cap(32) == 8 and history.oom_micro_cap() == 8
+    assert history.oom_micro_cap(64) is None  # resumed onto bigger GPUs with a raised limit

@@ -125,10 +125,20 @@ class RunHistory:
         less than SLURM's restart count."""
         return max(restart_count, self.attempts[-1].number + 1 if self.attempts else 0)
 
-    def oom_micro_cap(self) -> int | None:
+    def oom_micro_cap(self, max_micro_batch: int | None = None) -> int | None:
         """The smallest micro-batch an out-of-memory split chose: a new start begins there rather than failing
-        again (every rank reads the same logs before its own start is logged, so all agree)."""
-        splits = [e["plan"]["micro_batch"] for a in self.attempts for e in a.of(Event.OOM_SPLIT)]
+        again (every rank reads the same logs before its own start is logged, so all agree). Splits made under
+        another `train.max_micro_batch_size` do not count: a resume that changed it moved to other GPUs."""
+
+        def same_limit(attempt: Attempt) -> bool:
+            if max_micro_batch is None or not attempt.starts:
+                return True
+            train = (attempt.starts[0].get("recipe") or {}).get("train", {})
+            return train.get("max_micro_batch_size", max_micro_batch) == max_micro_batch
+
+        splits = [
+            e["plan"]["micro_batch"] for a in self.attempts if same_limit(a) for e in a.of(Event.OOM_SPLIT)
+        ]
         return min(splits, default=None)
 
     # -- what happened ------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class Trainer:
         self.step_reached = 0
         history = RunHistory.read(run_dir)  # every rank reads it: all agree on the micro-batch cap
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.batch_plan = batch_plan(recipe, world, history.oom_micro_cap())
+        micro_cap = history.oom_micro_cap(recipe.train.max_micro_batch_size)
+        self.batch_plan = batch_plan(recipe, world, micro_cap)
         self.accelerator = runtime.make_accelerator(recipe, self.batch_plan, run_dir.tracking)
         self.rank = self.accelerator.process_index
         self.input_dtype = runtime.input_dtype(self.accelerator)
@@ -66,7 +67,7 @@ class Trainer:
         self.log = RankLog(run_dir, self.rank, attempt=self.decision.attempt)
         self.faults = Faults(planned_faults(), self.rank, self._log_fault)
         self.data = self._load_data()
-        self.plan: StepPlan = plan_run(recipe, world, len(self.data), history.oom_micro_cap())
+        self.plan: StepPlan = plan_run(recipe, world, len(self.data), micro_cap)
         self.model, self.optimizer, self.scheduler = self._build_model()
         self.counters = TrainCounters()
         memory = functools.partial(runtime.peak_memory, self.accelerator.device)
