@@ -160,11 +160,11 @@ def test_logs_of_two_runs_are_refused() -> None:
     second["recipe"] = {**first["recipe"], "train": {**first["recipe"]["train"], "lr": 3e-4}}
     with pytest.raises(MixedRunsError, match=r"differ in train\.lr\)"):
         merge_records([first, second])
-    # a resume may change the job shape, the stop step and the backend: still one run
+    # a resume may change the job shape, the stop step and the ZeRO stage: still one run
     second["recipe"] = {
         **first["recipe"],
         "cluster": {"nodes": 4},
-        "train": {**first["recipe"]["train"], "max_steps": 99, "backend": "deepspeed"},
+        "train": {**first["recipe"]["train"], "max_steps": 99, "zero_stage": 1},
     }
     assert merge_records([first, second]).restarts == [4]
 
@@ -313,3 +313,8 @@ def test_card_wall_time_and_device_hours_are_the_sums_over_attempts(tmp_path: Pa
     card = (tmp_path / "final" / "README.md").read_text()
     assert f"- wall_time_s: {wall:.0f}\n" in card and f"- device_hours: {device / 3600:.3f}\n" in card
     assert wall > 0 and "- attempts: 3\n" in card and "- restarts (resumed from step): 6, 10\n" in card
+    from asrlaunch.core.goodput import goodput
+    from asrlaunch.core.history import RunHistory
+
+    allocated = goodput(RunHistory.read(RunDir(tmp_path))).allocated_s  # one figure, the card's and goodput's
+    assert f"- wall_time_s: {allocated:.0f}\n" in card

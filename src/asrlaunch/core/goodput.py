@@ -110,13 +110,35 @@ def restarted_in_allocation(attempt: Attempt) -> bool:
     return any(f.get("action") == "restart" for f in attempt.of(Event.FAILURE))
 
 
+def allocated_by_attempt(history: RunHistory) -> list[tuple[Attempt, AttemptTime, float, float]]:
+    """Each attempt with its times, the allocation it held (its wall time, plus the restart in the same
+    allocation that followed it) and the wait in the queue that followed it."""
+    times = [(a, t) for a in history.attempts if (t := attempt_time(a)) is not None]
+    rows = []
+    for index, (attempt, time) in enumerate(times):
+        following = times[index + 1][1] if index + 1 < len(times) else None
+        gap = max(0.0, following.begin - time.end) if following is not None else 0.0
+        restarted = restarted_in_allocation(attempt)
+        rows.append((attempt, time, time.wall + (gap if restarted else 0.0), 0.0 if restarted else gap))
+    return rows
+
+
+def device_seconds(history: RunHistory) -> float:
+    """Device time the run held: each attempt's allocation times its world size (an attempt that died before
+    its start record, the world size of the attempt before it)."""
+    total, world = 0.0, 1
+    for attempt, _, allocated, _ in allocated_by_attempt(history):
+        world = attempt.world_size if attempt.starts else world
+        total += world * allocated
+    return total
+
+
 def goodput(history: RunHistory) -> Goodput:
-    times = [t for a in history.attempts if (t := attempt_time(a)) is not None]
-    attempts = {a.number: a for a in history.attempts}
+    rows = allocated_by_attempt(history)
+    times = [time for _, time, _, _ in rows]
     lost = dict.fromkeys(CAUSES, 0.0)
     productive = allocated = waits = 0.0
-    for index, time in enumerate(times):
-        following = times[index + 1] if index + 1 < len(times) else None
+    for index, (_, time, held, wait) in enumerate(rows):
         # Steps past any later resume point were trained again (a resume may fall back past a bad checkpoint).
         resumed = min((t.steps[0] for t in times[index + 1 :] if t.steps is not None), default=None)
         if time.steps is not None:
@@ -131,14 +153,9 @@ def goodput(history: RunHistory) -> Goodput:
         lost["hang"] += time.hang
         used = time.startup + time.training + time.eval + time.checkpoint + time.hang
         lost["other"] += max(0.0, time.wall - used)
-        allocated += time.wall
-        if following is not None:
-            gap = max(0.0, following.begin - time.end)
-            if restarted_in_allocation(attempts[time.number]):
-                lost["restart"] += gap
-                allocated += gap
-            else:
-                waits += gap
+        lost["restart"] += held - time.wall
+        allocated += held
+        waits += wait
     return Goodput(productive, allocated, lost, waits)
 
 

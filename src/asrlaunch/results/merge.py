@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from asrlaunch.core.goodput import allocated_by_attempt, device_seconds
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.records import Kind
@@ -35,8 +36,8 @@ class MergedRun:
     steps_per_epoch: int
     meta: list[dict[str, Any]]  # the start records kept, all ranks, all attempts
     restarts: list[int]  # the step each later attempt resumed from
-    wall_time_s: float  # summed over attempts, first to last record of each (queue time excluded)
-    device_seconds: float  # each attempt's wall time times its world size
+    wall_time_s: float  # the allocated time goodput counts: each attempt from its processes' start, restarts
+    device_seconds: float  # in the allocation included, queue time not; each attempt's times its world size
     history: RunHistory
 
 
@@ -67,11 +68,7 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
         by_attempt[int(record.get("attempt", 0))].append(record)
     losses: dict[int, dict[int, float]] = {}  # step -> rank -> loss
     evals: dict[int, dict[str, float]] = {}
-    wall = device = 0.0
     for attempt in history.attempts:
-        span = (attempt.last_time or 0.0) - (attempt.first_time or 0.0)
-        wall += span
-        device += attempt.world_size * span
         if attempt.starts:  # an attempt that never started (it failed in start-up) replaces nothing
             for table in (losses, evals):
                 for step in [s for s in table if s > attempt.resumed_from]:
@@ -91,8 +88,8 @@ def merge_records(records: Iterable[dict[str, Any]]) -> MergedRun:
         steps_per_epoch=plans[-1] if plans else 1,
         meta=metas,
         restarts=history.restarts,
-        wall_time_s=wall,
-        device_seconds=device,
+        wall_time_s=sum(allocated for _, _, allocated, _ in allocated_by_attempt(history)),
+        device_seconds=device_seconds(history),
         history=history,
     )
 
