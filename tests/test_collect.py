@@ -318,3 +318,13 @@ def test_card_wall_time_and_device_hours_are_the_sums_over_attempts(tmp_path: Pa
 
     allocated = goodput(RunHistory.read(RunDir(tmp_path))).allocated_s  # one figure, the card's and goodput's
     assert f"- wall_time_s: {allocated:.0f}\n" in card
+
+
+def test_the_card_names_the_corpus_it_trained_on() -> None:
+    from asrlaunch.results.card import DATASET, dataset_name
+
+    assert dataset_name({"format": "timit", "dir": "/data/TIMIT", "generate": None}) == DATASET["timit"]
+    assert dataset_name({"format": "timit", "dir": "x", "generate": {"train": 4}}) == DATASET["default"]
+    assert dataset_name({"format": "audiofolder", "dir": "/data/my_calls/", "generate": None}) == (
+        "my_calls (audiofolder)"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from asrlaunch.core.goodput import clock, goodput, stop_history
@@ -97,6 +98,16 @@ def data_line(meta: dict[str, Any], recipe: dict[str, Any]) -> str:
     return f"Train {train} utterances{skipped}; evaluation on the test split, {evaluation(recipe)}."
 
 
+def dataset_name(data: dict[str, Any]) -> str:
+    """As the card names the corpus: TIMIT by its hub name, a generated one as such, anyone else's by its
+    folder and format."""
+    if data.get("generate") is not None:
+        return DATASET["default"]
+    if data.get("format", "timit") == "timit":
+        return DATASET["timit"]
+    return f"{Path(str(data['dir'])).name} ({data['format']})"
+
+
 def model_card(result: RunResult) -> str:
     """final/README.md in the layout of the reference card (Trainer-generated), plus run facts it lacks."""
     run, rows = result.run, result.rows
@@ -108,7 +119,8 @@ def model_card(result: RunResult) -> str:
         else "a randomly initialised model"
     )
     base_link = f"[{base}](https://huggingface.co/{base})" if recipe["model"]["config"] is None else base
-    dataset = DATASET["timit"] if recipe["data"].get("generate") is None else DATASET["default"]
+    dataset = dataset_name(recipe["data"])
+    tags = "\n- timit_asr" if dataset == DATASET["timit"] else ""
     final = result.final
     results = (
         f"- Loss: {format_value(final.validation_loss)}\n- Wer: {format_value(final.wer)}"
@@ -125,8 +137,7 @@ def model_card(result: RunResult) -> str:
     return f"""---
 license: apache-2.0
 tags:
-- automatic-speech-recognition
-- timit_asr
+- automatic-speech-recognition{tags}
 - generated_from_trainer
 model-index:
 - name: {result.name}
