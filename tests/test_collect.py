@@ -277,6 +277,9 @@ def test_collect_writes_table_csv_json_card_and_plot(tmp_path: Path) -> None:
 def test_sweep_root_gets_a_summary_and_a_comparison_plot(tmp_path: Path) -> None:
     for element in ("lr=1e-4", "lr=3e-4"):
         synthetic_run(tmp_path / "sweep" / element)
+    queued = tmp_path / "sweep" / "lr=1e-3"  # an element whose job has not started: no logs yet
+    queued.mkdir()
+    (queued / "recipe.yaml").write_bytes((tmp_path / "sweep" / "lr=1e-4" / "recipe.yaml").read_bytes())
     done = __import__("subprocess").run(
         [PYTHON, str(ROOT / "launch" / "collect.py"), str(tmp_path / "sweep")],
         capture_output=True,
@@ -285,6 +288,7 @@ def test_sweep_root_gets_a_summary_and_a_comparison_plot(tmp_path: Path) -> None
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
+    assert "lr=1e-3: no logs yet" in done.stdout
     summary = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
     headers = [cell.strip() for cell in summary[0].split("|")[1:-1]]
     assert headers == ["Run", "Validation Loss", "Wer", "Best Wer", "Best Step", "Restarts"]

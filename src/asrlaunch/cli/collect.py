@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     for path, run_dirs in found.items():
         results = []
         for run_dir in run_dirs:
+            if not run_dir.rank_logs():  # a sweep's element still queued: the others are collected
+                print(f"# {run_dir}: no logs yet (its job has not started)\n")
+                continue
             try:
                 result = run_result(run_dir)
             except (FileNotFoundError, MixedRunsError, ValueError) as problem:
