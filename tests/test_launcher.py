@@ -427,3 +427,28 @@ def test_auto_runs_locally_only_where_there_is_no_slurm(monkeypatch: pytest.Monk
         submission.choose_executor("auto")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert submission.choose_executor("auto") == "local"
+
+
+def test_a_preparation_job_prepares_each_corpus_once_and_tells_every_run(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """Two sweep elements of one corpus and a run of a broken one: the corpus is prepared once, both elements
+    are told; the broken one fails the job, and a run after it in the job is told of that failure too."""
+    from asrlaunch.job.entry import PrepareJob
+
+    def run_of(name: str, *overrides: str) -> RunDir:
+        recipe = load_recipe(RECIPES / "smoke.yaml", [f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+        run_dir = RunDir(tmp_path / name)
+        run_dir.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
+        return run_dir
+
+    first = run_of("lr=1", f"data.dir={tones_corpus}", "train.lr=1e-3")
+    second = run_of("lr=2", f"data.dir={tones_corpus}", "train.lr=2e-3")
+    broken = run_of("broken", f"data.dir={tmp_path / 'absent'}", "data.generate=null")
+    after = run_of("after", f"data.dir={tones_corpus}", "train.seed=3")
+    with pytest.raises(Exception, match="absent"):
+        PrepareJob()([str(r.path) for r in (first, second, broken, after)])
+    assert [first.read_prepared()["cache"], second.read_prepared()["cache"]] == ["built", "built"]
+    for run_dir in (broken, after):
+        outcome = run_dir.read_prepared()
+        assert outcome["ok"] is False and "absent" in outcome["error"]

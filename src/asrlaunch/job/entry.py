@@ -23,18 +23,28 @@ class PrepareJob:
         from asrlaunch.core.recipe import load_recipe
         from asrlaunch.data.prepare import ensure_corpus, fetch_model, prepare_corpus
 
-        for run_dir in map(RunDir, map(Path, run_dirs)):
-            try:
+        runs = [RunDir(Path(path)) for path in run_dirs]
+        done: dict[str, dict[str, object]] = {}  # one preparation per distinct corpus and model
+        told: list[RunDir] = []
+        try:
+            for run_dir in runs:
                 recipe = load_recipe(run_dir.recipe)
-                ensure_corpus(recipe, is_main=True)
-                corpus = prepare_corpus(recipe)
-                model = fetch_model(recipe.model)
-            except Exception as problem:
-                run_dir.write_prepared({"ok": False, "error": f"{type(problem).__name__}: {problem}"})
-                raise
-            how = "hit" if corpus.cache_hit else "built"
-            run_dir.write_prepared({"ok": True, "cache": how, "skipped": corpus.skipped, "model": model})
-            print(f"prepared {recipe.data.dir}: cache {how}; {model}", flush=True)
+                key = repr((recipe.data, recipe.model))
+                if key not in done:
+                    ensure_corpus(recipe, is_main=True)
+                    corpus = prepare_corpus(recipe)
+                    model = fetch_model(recipe.model)
+                    how = "hit" if corpus.cache_hit else "built"
+                    done[key] = {"ok": True, "cache": how, "skipped": corpus.skipped, "model": model}
+                    print(f"prepared {recipe.data.dir}: cache {how}; {model}", flush=True)
+                run_dir.write_prepared(done[key])
+                told.append(run_dir)
+        except Exception as problem:  # the whole job fails, and every run waiting on it is told why
+            failed = {"ok": False, "error": f"{type(problem).__name__}: {problem}"}
+            for run_dir in runs:
+                if run_dir not in told:
+                    run_dir.write_prepared(failed)
+            raise
         return run_dirs
 
 

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,12 +186,13 @@ def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, n
     target.parent.mkdir(parents=True, exist_ok=True)
     here, sections = socket.gethostname(), {}
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    for state in states:
-        beat = state.beat
-        if beat is not None and beat.host == here and Path(spy).exists():
-            text = _py_spy(spy, beat.pid)
-            if text:
-                sections[state.rank] = f"py-spy dump of pid {beat.pid} on {beat.host}\n{text}"
+    local = [s.beat for s in states if s.beat is not None and s.beat.host == here and Path(spy).exists()]
+    # All at once: one at a time, eight ranks of a node could outlast a waiting peer's collective deadline.
+    with ThreadPoolExecutor(max_workers=max(1, len(local))) as pool:
+        texts = list(pool.map(lambda beat: _py_spy(spy, beat.pid), local))
+    for beat, text in zip(local, texts, strict=True):
+        if text:
+            sections[beat.rank] = f"py-spy dump of pid {beat.pid} on {beat.host}\n{text}"
     missing = [s for s in states if s.rank not in sections and s.beat is not None]
     if missing and task.in_slurm:  # faulthandler in each rank (registered by the trainer) answers SIGQUIT
         for step in task.running_steps():

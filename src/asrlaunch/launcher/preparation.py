@@ -12,23 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from asrlaunch.core.recipe import Recipe
-from asrlaunch.core.rundir import RunDir
+from asrlaunch.core.rundir import RunDir, SweepDir
 from asrlaunch.data.prepare import is_prepared
 from asrlaunch.launcher.sweep import RunSpec, submitit_folder
 
 
 def to_prepare(specs: Sequence[RunSpec]) -> list[RunSpec]:
-    """The runs whose corpus is not in the cache yet, one per distinct corpus and model, when the recipe asks
-    for a preparation job."""
-    wanted, seen = [], set()
-    for spec in specs:
-        recipe = spec.recipe
-        key = repr((recipe.data, recipe.model))
-        if recipe.cluster.prepare_partition is None or key in seen or is_prepared(recipe):
-            continue
-        seen.add(key)
-        wanted.append(spec)
-    return wanted
+    """The runs whose corpus is not in the cache yet, when the recipe asks for a preparation job (the job
+    prepares each distinct corpus once, and tells every run of it)."""
+    return [s for s in specs if s.recipe.cluster.prepare_partition is not None and not is_prepared(s.recipe)]
 
 
 def preparation_parameters(recipe: Recipe) -> dict[str, Any]:
@@ -90,5 +82,6 @@ def preparation_note(run_dir: RunDir, state: str) -> str:
     if state in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
         return f"preparing the corpus ({state}); training waits for it"
     if state not in ("COMPLETED", ""):
-        return f"preparation job {state}; see its output in {run_dir.submitit}"
+        where = run_dir.submitit if run_dir.submitit.exists() else SweepDir(run_dir.path.parent).submitit
+        return f"preparation job {state}; see its output in {where}"
     return ""
