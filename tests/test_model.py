@@ -73,3 +73,22 @@ def test_a_pretrained_checkpoint_trains_without_activation_checkpointing_as_the_
     assert not model.wav2vec2.encoder.gradient_checkpointing
     assert (model.config.mask_time_prob, model.config.vocab_size, model.config.pad_token_id) == (0.05, 12, 3)
     assert model.lm_head.out_features == 12
+
+
+def test_a_key_the_config_does_not_have_is_refused_not_kept(tmp_path: Path) -> None:
+    """transformers keeps an unknown key as an attribute nothing reads: a typo would train without it."""
+    import pytest
+
+    from asrlaunch.core.recipe import RecipeError
+
+    typo = ModelSection(config={**GROUP_NORM, "hiden_size": 32}, overrides={"mask_time_prb": 0.05})
+    with pytest.raises(RecipeError) as refused:
+        build_model(typo, 12, 0)
+    lines = str(refused.value).splitlines()
+    assert lines[0].startswith("model.config.hiden_size: not a Wav2Vec2Config key (did you mean hidden_size")
+    assert lines[1].startswith("model.overrides.mask_time_prb: not a Wav2Vec2Config key (did you mean ")
+    assert "mask_time_prob" in lines[1]
+    config: dict[str, Any] = GROUP_NORM
+    Wav2Vec2Config(**config).save_pretrained(tmp_path)
+    with pytest.raises(RecipeError, match=r"model\.overrides\.layer_drop"):
+        build_model(ModelSection(name_or_path=str(tmp_path), overrides={"layer_drop": 0.0}), 12, 0)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, get_constant_schedule_with_warmup
 from transformers import get_linear_schedule_with_warmup as linear_schedule
 
-from asrlaunch.core.recipe import ModelSection, TrainSection
+from asrlaunch.core.recipe import ModelSection, RecipeError, TrainSection
 from asrlaunch.data.text import ctc_min_frames
 
 __all__ = ["build_model", "build_optimizer", "build_scheduler", "ctc_min_frames"]
@@ -30,12 +31,16 @@ def build_model(section: ModelSection, vocab_size: int, pad_id: int) -> Wav2Vec2
     `section.config`."""
     head = _ctc_head(section, vocab_size, pad_id)
     if section.config is not None:
+        refuse_unknown_keys(
+            Wav2Vec2Config(), {"model.config": section.config, "model.overrides": section.overrides}
+        )
         model = Wav2Vec2ForCTC(Wav2Vec2Config(**{**section.config, **section.overrides, **head}))
     else:
         # As the reference script: the config first, updated, then the model. The hub's wav2vec2-base config
         # says `gradient_checkpointing: true`, which transformers turns into activation checkpointing (every
         # layer's forward computed twice); the script overwrote it with the Trainer's default, false.
         config = Wav2Vec2Config.from_pretrained(section.name_or_path)
+        refuse_unknown_keys(config, {"model.overrides": section.overrides})
         config.update({**section.overrides, **head, "gradient_checkpointing": False})
         model = Wav2Vec2ForCTC.from_pretrained(section.name_or_path, config=config)
     if section.freeze_feature_encoder:
@@ -43,6 +48,20 @@ def build_model(section: ModelSection, vocab_size: int, pad_id: int) -> Wav2Vec2
     else:
         skip_audio_gradient(model)
     return model
+
+
+def refuse_unknown_keys(config: Wav2Vec2Config, sections: dict[str, dict[str, Any]]) -> None:
+    """RecipeError for keys the config does not have: transformers would keep a typo (`mask_time_prb`) as an
+    attribute nothing reads, and the run would train without the setting."""
+    known = [key for key in config.to_dict() if not key.startswith("_")]
+    problems = []
+    for name, values in sections.items():
+        for key in (key for key in values if not hasattr(config, key)):
+            close = difflib.get_close_matches(key, known, 3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            problems.append(f"{name}.{key}: not a Wav2Vec2Config key{hint}")
+    if problems:
+        raise RecipeError("\n".join(problems))
 
 
 def skip_audio_gradient(model: Wav2Vec2ForCTC) -> None:
