@@ -230,3 +230,57 @@ def test_table_rows_across_record_batches_are_the_rows_written(tmp_path: Path) -
     assert [len(a) for a in table.arrays("labels")] == [len(r["labels"]) for r in written]
     with pytest.raises(IndexError):
         table.arrays("labels", [len(written)])
+
+
+def test_the_cache_follows_transcripts_and_checks_and_bad_metadata_says_what_to_fix(
+    corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    """An edited transcript (the same characters) is a new table, not the cached one with the old text; so
+    are other checks. A spreadsheet's byte-order mark reads; Latin-1 and a short row are named."""
+    import shutil
+
+    from asrlaunch.data.corpus import Checks
+    from asrlaunch.data.text import transcript
+
+    folder = tmp_path / "af"
+    shutil.copytree(corpora["audiofolder"], folder)
+    data = DataSection(dir=str(folder), format="audiofolder")
+    first = prepare(corpus_sources(data), tmp_path / "cache", "clean")
+    metadata = folder / "train" / "metadata.csv"
+    lines = metadata.read_text().splitlines()
+    name, text = lines[1].split(",", 1)
+    words = text.split()
+    assert len(set(words)) > 1
+    lines[1] = f"{name},{' '.join(reversed(words))}"
+    metadata.write_text("\ufeff" + "\n".join(lines) + "\n")  # and a byte-order mark
+    edited = prepare(corpus_sources(data), tmp_path / "cache", "clean")
+    assert first.cache_hit is False and edited.cache_hit is False
+    assert edited.train.column("text")[0] == " ".join(reversed(first.train.column("text")[0].split()))
+    strict = prepare(corpus_sources(data), tmp_path / "cache", "clean", checks=Checks(key="strict"))
+    assert strict.cache_hit is False
+    assert transcript("yes|no", "clean").target == "yes no"  # a literal `|` is a word break, not a label
+
+    metadata.write_bytes(("\n".join(lines[:2]) + ",\n" + "caf\xe9.wav\n").encode("latin-1"))
+    with pytest.raises(DataError, match=rf"{metadata}: not UTF-8 text"):
+        count_utterances(data)
+    metadata.write_text("\n".join([*lines[:3], lines[3].split(",", 1)[0]]) + "\n")  # a row without its text
+    (short,) = [p for p in cheap_problems(data) if "no transcript" in p.reason]
+    assert "fewer cells than the header" in short.reason
+
+
+def test_a_disk_corpus_whose_ids_repeat_keeps_every_utterance_apart(tmp_path: Path) -> None:
+    """timit_asr's `id` names the sentence (SA1), read by many speakers: a bad one must not take the rest."""
+    import datasets
+
+    audio = [{"array": np.zeros(16000, dtype=np.float32), "sampling_rate": 16000}] * 3
+    split = datasets.Dataset.from_dict({"audio": audio, "text": ["a b", "", "c d"], "id": ["SA1"] * 3})
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "disk"))
+    data = DataSection(dir=str(tmp_path / "disk"), format="disk")
+    sources = corpus_sources(data)
+    assert [s.id for s in sources["train"]] == ["SA1@0", "SA1@1", "SA1@2"]
+    corpus = prepare(sources, tmp_path / "cache", "clean", skip_bad=True)
+    assert (len(corpus.train), corpus.skipped) == (2, 2)  # the empty transcript, in each split
+    empty = DataSection(dir=str(tmp_path / "disk"), format="disk", max_train_samples=2)
+    only_bad = {**corpus_sources(empty), "train": corpus_sources(empty)["train"][1:2]}
+    with pytest.raises(DataError, match="no usable utterance is left in the train split"):
+        prepare(only_bad, tmp_path / "cache", "clean", skip_bad=True)

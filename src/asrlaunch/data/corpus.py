@@ -86,6 +86,7 @@ class Checks:
 
     frames: Callable[[int], int] | None = None
     transcript_fits: bool = False
+    key: str = ""  # what `frames` and `transcript_fits` depend on, for the cache (prepare.checks_key)
 
     def problem(self, samples: int, labels: list[int]) -> str | None:
         if self.frames is None:
@@ -108,7 +109,7 @@ def file_stamp(path: Path) -> str:
 
 
 def decode(data: Path | bytes, where: str) -> tuple[np.ndarray, int]:
-    """Samples (float32, mono) and rate of an audio file or its bytes, through soundfile."""
+    """Samples (float32, mono: channels averaged) and rate of an audio file or its bytes, through soundfile."""
     import soundfile
 
     try:
@@ -116,9 +117,8 @@ def decode(data: Path | bytes, where: str) -> tuple[np.ndarray, int]:
                                      always_2d=True)
     except Exception as error:  # soundfile raises its own LibsndfileError, RuntimeError or OSError
         raise DataError(f"{where}: unreadable audio ({error})") from None
-    if audio.shape[1] != 1:
-        raise DataError(f"{where}: {audio.shape[1]} channels, expected mono")
-    return audio[:, 0], int(rate)
+    # Several channels are averaged, as datasets' Audio feature does (mono=True).
+    return (audio[:, 0] if audio.shape[1] == 1 else audio.mean(axis=1)), int(rate)
 
 
 def to_16k(audio: np.ndarray, rate: int, where: str) -> np.ndarray:
@@ -169,11 +169,14 @@ def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
     return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
 
 
-def fingerprint(sources: list[Source], vocab: dict[str, int], mode: Normalization) -> str:
-    """Changes when any source, the vocabulary, the normalisation or the table format changes; reads no audio."""
-    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, vocab, mode]).encode())
-    for source in sources:
-        digest.update(f"{source.id}\0{source.stamp}\n".encode())
+def fingerprint(
+    sources: list[Source], texts: list[Transcript], vocab: dict[str, int], mode: Normalization, checks: str
+) -> str:
+    """Changes when any source or its transcript, the vocabulary, the normalisation, the checks that keep an
+    utterance out (`checks`: what they depend on) or the table format changes; reads no audio."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, vocab, mode, checks]).encode())
+    for source, text in zip(sources, texts, strict=True):
+        digest.update(f"{source.id}\0{source.stamp}\0{text.target}\0{text.reference}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -319,7 +322,7 @@ def prepare(
     tables, hits = {}, []
     for name in SPLITS:
         sources, kept = splits[name], usable[name]
-        key = f"{name}-{fingerprint(sources, vocab, mode)}"
+        key = f"{name}-{fingerprint(sources, texts[name], vocab, mode, checks.key)}"
         tables[name], found, hit = prepare_split(
             name, [sources[i] for i in kept], [texts[name][i] for i in kept], processor, cache_dir, key,
             checks, on_progress,
@@ -330,4 +333,7 @@ def prepare(
         _, line = report(problems, cache_dir, data_dir)
         if not skip_bad:
             raise DataError(f"{line}; fix them, or set data.skip_bad=true to leave them out of the run")
+        empty = [name for name in SPLITS if len(tables[name]) == 0]
+        if empty:
+            raise DataError(f"{line}; no usable utterance is left in the {' and '.join(empty)} split")
     return PreparedCorpus(tables["train"], tables["test"], processor, vocab, len(problems), all(hits))

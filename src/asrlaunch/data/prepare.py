@@ -73,10 +73,21 @@ def ctc_frames(model: ModelSection) -> Callable[[int], int]:
     return frames
 
 
+def checks_key(model: ModelSection) -> str:
+    """What the checks of a prepared table depend on, from the recipe alone (no transformers, no torch): the
+    conv stack's source and whether a transcript must fit its frames."""
+    given = {**(model.config or {}), **model.overrides}
+    conv = {key: given[key] for key in ("conv_kernel", "conv_stride") if key in given}
+    source = "config" if model.config is not None else model.name_or_path
+    return json.dumps([source, conv, not model.ctc_zero_infinity])
+
+
 def prepare_corpus(recipe: Recipe, on_progress: Callable[[], None] | None = None) -> PreparedCorpus:
     """The recipe's corpus from the cache, or prepared now (`on_progress` is called per utterance)."""
     data = recipe.data
-    checks = Checks(ctc_frames(recipe.model), transcript_fits=not recipe.model.ctc_zero_infinity)
+    checks = Checks(
+        ctc_frames(recipe.model), transcript_fits=not recipe.model.ctc_zero_infinity, key=checks_key(recipe.model)
+    )
     return prepare(
         corpus_sources(data), cache_dir(recipe), data.text_normalization, on_progress, checks, data.skip_bad,
         data.dir,
@@ -120,7 +131,11 @@ def is_prepared(recipe: Recipe) -> bool:
     usable = [t.target for name in SPLITS for s, t in zip(splits[name], texts[name], strict=True)
               if not s.problem and t.reference]
     vocab = build_vocab(usable, data.text_normalization)
-    keys = [f"{name}-{fingerprint(splits[name], vocab, data.text_normalization)}" for name in SPLITS]
+    checks = checks_key(recipe.model)
+    keys = [
+        f"{name}-{fingerprint(splits[name], texts[name], vocab, data.text_normalization, checks)}"
+        for name in SPLITS
+    ]
     return all((cache_dir(recipe) / key / "table.arrow").exists() for key in keys)
 
 

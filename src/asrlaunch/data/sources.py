@@ -57,17 +57,20 @@ def metadata_rows(root: Path, text_column: str, names: dict[str, str]) -> dict[s
 
 
 def read_metadata(path: Path, text_column: str, needs_split: bool = False) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        columns = reader.fieldnames or []
-        required = ["file_name", text_column, *(["split"] if needs_split else [])]
-        for column in required:
-            if column not in columns:
-                raise DataError(
-                    f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'}); "
-                    f"the transcript column is data.text_column"
-                )
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(file)
+            columns = reader.fieldnames or []
+            required = ["file_name", text_column, *(["split"] if needs_split else [])]
+            for column in required:
+                if column not in columns:
+                    raise DataError(
+                        f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'}); "
+                        f"the transcript column is data.text_column"
+                    )
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
     for number, row in enumerate(rows, start=2):
         row["_folder"], row["_where"] = str(path.parent), f"{path}:{number}"
     return rows
@@ -85,11 +88,14 @@ def audiofolder_sources(root: Path, text_column: str, names: dict[str, str]) -> 
 
 
 def _row_source(row: dict[str, str], root: Path, text_column: str) -> Source:
-    path = Path(row["_folder"]) / row["file_name"]
+    path = Path(row["_folder"]) / (row["file_name"] or "")
     ident = str(path.relative_to(root).with_suffix(""))
     problem = None if path.is_file() else f"the file does not exist ({row['_where']}, file_name {row['file_name']!r})"
+    text = row[text_column]
+    if text is None:  # csv leaves the missing cells of a short row None
+        problem = f"no transcript: the row has fewer cells than the header ({row['_where']})"
     read = functools.partial(decode, path, str(path))
-    return Source(ident, row[text_column], str(path), read, file_stamp(path), path, problem)
+    return Source(ident, text or "", str(path), read, file_stamp(path), path, problem)
 
 
 # -- a dataset saved to disk ---------------------------------------------------------------------------------
@@ -113,22 +119,28 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
         if isinstance(table.features["audio"], datasets.Audio):
             table = table.cast_column("audio", datasets.Audio(decode=False))
         stamp = f"{root}\0{split}\0{table._fingerprint}"
-        splits[role] = [_disk_source(row, index, text_column, f"{root} [{split}] row {index}", stamp)
+        ids = table["id"] if "id" in table.column_names else []
+        unique = len(set(ids)) == len(ids)  # timit_asr's ids name sentences (SA1), which many speakers read
+        splits[role] = [_disk_source(row, index, text_column, f"{root} [{split}] row {index}", stamp, unique)
                         for index, row in enumerate(table)]
     return splits
 
 
-def _disk_source(row: dict[str, Any], index: int, text_column: str, where: str, stamp: str) -> Source:
+def _disk_source(
+    row: dict[str, Any], index: int, text_column: str, where: str, stamp: str, unique_ids: bool
+) -> Source:
     audio = row["audio"]
-    ident = str(row.get("id") or index)
+    ident = str(row.get("id") or index) if unique_ids else f"{row.get('id')}@{index}"
+    text = row[text_column]
+    problem = None if text is not None else f"no transcript ({text_column} is null)"
     if "array" in audio:  # stored as samples
         samples, rate = np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
         stored = functools.partial(_samples, samples, rate)
-        return Source(ident, str(row[text_column]), where, stored, f"{stamp}\0{index}")
+        return Source(ident, str(text or ""), where, stored, f"{stamp}\0{index}", problem=problem)
     data = audio.get("bytes") or Path(audio["path"])
     read = functools.partial(decode, data, where)
     path = data if isinstance(data, Path) else None
-    return Source(ident, str(row[text_column]), where, read, f"{stamp}\0{index}", path)
+    return Source(ident, str(text or ""), where, read, f"{stamp}\0{index}", path, problem)
 
 
 def _samples(samples: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
@@ -149,7 +161,7 @@ def corpus_sources(data: DataSection) -> dict[str, list[Source]]:
 
 def cheap_problems(data: DataSection) -> list[Problem]:
     """What can be found without decoding audio: layout defects (no transcript, a missing file), empty
-    transcripts after normalisation, and audio headers that are unreadable, have no samples or are not mono."""
+    transcripts after normalisation, and audio headers that are unreadable or have no samples."""
     import soundfile
 
     problems = []
@@ -166,9 +178,8 @@ def cheap_problems(data: DataSection) -> list[Problem]:
             except Exception as error:  # soundfile raises its own LibsndfileError, RuntimeError or OSError
                 problems.append(Problem(role, source.id, source.where, f"unreadable audio ({error})"))
                 continue
-            if info.frames == 0 or info.channels != 1:
-                reason = "no samples" if info.frames == 0 else f"{info.channels} channels, expected mono"
-                problems.append(Problem(role, source.id, source.where, reason))
+            if info.frames == 0:
+                problems.append(Problem(role, source.id, source.where, "no samples"))
     return problems
 
 

@@ -48,6 +48,7 @@ def reference_target(text: str) -> str:
 
 
 def transcript(text: str, mode: Normalization) -> Transcript:
+    text = text.replace(WORD_DELIMITER, " ")  # a literal `|` would share the word delimiter's label
     if mode == "reference":
         target = reference_target(text)
         return Transcript(target, target.strip())
