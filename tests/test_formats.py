@@ -284,3 +284,24 @@ def test_a_disk_corpus_whose_ids_repeat_keeps_every_utterance_apart(tmp_path: Pa
     only_bad = {**corpus_sources(empty), "train": corpus_sources(empty)["train"][1:2]}
     with pytest.raises(DataError, match="no usable utterance is left in the train split"):
         prepare(only_bad, tmp_path / "cache", "clean", skip_bad=True)
+
+
+def test_listing_a_disk_corpus_leaves_its_audio_on_disk(tmp_path: Path) -> None:
+    """Every rank lists the sources at every start: 100 s of audio (6.4 MB of samples) must stay in the
+    memory-mapped table until an utterance is read."""
+    import tracemalloc
+
+    import datasets
+
+    rows = [{"array": np.full(16000, i / 100, dtype=np.float32), "sampling_rate": 16000} for i in range(100)]
+    split = datasets.Dataset.from_dict({"audio": rows, "text": ["a b"] * 100})
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "disk"))
+    data = DataSection(dir=str(tmp_path / "disk"), format="disk")
+    corpus_sources(data)  # datasets' own first-use imports and caches, outside the measure
+    tracemalloc.start()
+    sources = corpus_sources(data)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 2_000_000, peak
+    samples, rate = sources["train"][42].read()
+    assert rate == 16000 and samples.shape == (16000,) and samples[0] == pytest.approx(0.42)

@@ -119,32 +119,44 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
         if isinstance(table.features["audio"], datasets.Audio):
             table = table.cast_column("audio", datasets.Audio(decode=False))
         stamp = f"{root}\0{split}\0{table._fingerprint}"
-        ids = table["id"] if "id" in table.column_names else []
-        unique = len(set(ids)) == len(ids)  # timit_asr's ids name sentences (SA1), which many speakers read
-        splits[role] = [_disk_source(row, index, text_column, f"{root} [{split}] row {index}", stamp, unique)
-                        for index, row in enumerate(table)]
+        splits[role] = _disk_split(table, text_column, f"{root} [{split}]", stamp)
     return splits
 
 
-def _disk_source(
-    row: dict[str, Any], index: int, text_column: str, where: str, stamp: str, unique_ids: bool
-) -> Source:
-    audio = row["audio"]
-    ident = str(row.get("id") or index) if unique_ids else f"{row.get('id')}@{index}"
-    text = row[text_column]
-    problem = None if text is not None else f"no transcript ({text_column} is null)"
+def _disk_split(table: Any, text_column: str, name: str, stamp: str) -> list[Source]:
+    """A split's sources from its columns: the audio stays in the memory-mapped table until an utterance is
+    read (every rank lists the sources at every start; holding the audio would cost the corpus's size each)."""
+    ids = list(table["id"]) if "id" in table.column_names else []
+    unique = len(set(ids)) == len(ids)  # timit_asr's ids name sentences (SA1), which many speakers read
+    sources = []
+    for index, (text, path) in enumerate(zip(table[text_column], _audio_paths(table), strict=True)):
+        ident = (str(ids[index]) if unique else f"{ids[index]}@{index}") if ids else str(index)
+        where = f"{name} row {index}"
+        problem = None if text is not None else f"no transcript ({text_column} is null)"
+        read = functools.partial(_read_row, table, index, where)
+        sources.append(Source(ident, str(text or ""), where, read, f"{stamp}\0{index}", path, problem))
+    return sources
+
+
+def _audio_paths(table: Any) -> list[Path | None]:
+    """Each row's audio file where the audio is stored as a path alone (for the cheap header check), read from
+    the Arrow columns without the audio bytes."""
+    column = table.data.column("audio")
+    names = {field.name for field in column.type} if hasattr(column.type, "num_fields") else set()
+    if not {"bytes", "path"} <= names:
+        return [None] * len(table)
+    paths: list[Path | None] = []
+    for chunk in column.chunks:
+        bare = chunk.field("bytes").is_null().to_pylist()
+        paths += [Path(p) if p and b else None for p, b in zip(chunk.field("path").to_pylist(), bare, strict=True)]
+    return paths
+
+
+def _read_row(table: Any, index: int, where: str) -> tuple[np.ndarray, int]:
+    audio = table[index]["audio"]
     if "array" in audio:  # stored as samples
-        samples, rate = np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
-        stored = functools.partial(_samples, samples, rate)
-        return Source(ident, str(text or ""), where, stored, f"{stamp}\0{index}", problem=problem)
-    data = audio.get("bytes") or Path(audio["path"])
-    read = functools.partial(decode, data, where)
-    path = data if isinstance(data, Path) else None
-    return Source(ident, str(text or ""), where, read, f"{stamp}\0{index}", path, problem)
-
-
-def _samples(samples: np.ndarray, rate: int) -> tuple[np.ndarray, int]:
-    return samples, rate
+        return np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
+    return decode(audio.get("bytes") or Path(audio["path"]), where)
 
 
 def corpus_sources(data: DataSection) -> dict[str, list[Source]]:
