@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -140,7 +141,7 @@ def read_audio(path: Path) -> np.ndarray:
 
 def write_atomic(path: Path, text: str) -> None:
     """Ranks that write the same file at once must not tear it: write a private file, then rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -239,7 +240,7 @@ def prepare_split(
     if arrow.exists():
         stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
         return Table(arrow), [Problem(**p) for p in stored], True
-    partial = cache_dir / f"{key}.partial-{os.getpid()}"
+    partial = cache_dir / f"{key}.partial-{socket.gethostname()}-{os.getpid()}"  # nodes share the cache
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     writer = TableWriter(partial / "table.arrow")

@@ -2,8 +2,8 @@
 
 - `timit`: TIMIT's LDC layout (timit.py).
 - `audiofolder`: audio files with a `metadata.csv` holding `file_name` and the transcript column
-  (`data.text_column`), each split as a subfolder (each with its metadata.csv) or one metadata.csv with a
-  `split` column (the conventions of datasets' audiofolder builder), decoded with soundfile.
+  (`data.text_column`), each split as a subfolder with its own metadata.csv (as datasets' audiofolder builder
+  reads it), or one metadata.csv with a `split` column; decoded with soundfile.
 - `disk`: a DatasetDict saved with `save_to_disk`, an `audio` column (an Audio feature, or
   {array, sampling_rate}) and the transcript column.
 The splits are `data.train_split` and `data.eval_split` (default `train` and `test`: TIMIT's TRAIN/ and TEST/,
