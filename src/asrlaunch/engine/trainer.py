@@ -262,8 +262,7 @@ class Trainer:
         losses, grad_norm = [], float("nan")
         next_step = step + 1 if step + 1 < self.plan.total_steps else None
         with clock.span():  # this step's data, collated or waited for, is this rank's own time too
-            if self.faults:
-                self.faults.at_data(step)
+            self.faults.at_data(step)
             micro_batches = self.prefetcher.get(step, next_step)
         for index, inputs in enumerate(micro_batches):
             if self.faults and index == self.batch_plan.grad_accum - 1:
