@@ -19,7 +19,7 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.logs import RankLog
 from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
-from asrlaunch.core.recipe import Recipe, RecipeError
+from asrlaunch.core.recipe import Recipe
 from asrlaunch.core.records import Event
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.data.prepare import corpus_for_rank
@@ -31,7 +31,7 @@ from asrlaunch.engine.metrics import TrainMetrics
 from asrlaunch.engine.model import build_model, build_optimizer, build_scheduler
 from asrlaunch.engine.output import save_final_model
 from asrlaunch.engine.sink import Console, MetricsSink
-from asrlaunch.engine.state import ResumeDecision, TrainCounters
+from asrlaunch.engine.state import ResumeDecision, TrainCounters, check_resume_point
 from asrlaunch.engine.stopping import StopDecision
 from asrlaunch.engine.timing import ComputeClock
 from asrlaunch.engine.tracking import Tracking
@@ -79,11 +79,7 @@ class Trainer:
         request = stop if stop is not None else StopRequest()  # falsy until signalled
         self.stopping = StopDecision(request, self.accelerator, self.task, recipe.cluster)
         self.start_step = self._resume(Path(self.decision.checkpoint)) if self.decision.checkpoint else 0
-        if self.start_step > self.plan.total_steps:  # a resume lowered train.max_steps below its checkpoint
-            raise RecipeError(
-                f"train.max_steps: the run ends at step {self.plan.total_steps}, before its step-"
-                f"{self.start_step} checkpoint; set train.max_steps to {self.start_step} or more"
-            )
+        check_resume_point(self.start_step, self.plan.total_steps)
         self.faults.at_phase("start", self.start_step)
         self.sink = MetricsSink(
             self.log,
