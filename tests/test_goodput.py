@@ -16,66 +16,39 @@ from asrlaunch.core.rundir import RunDir
 
 from .conftest import PYTHON, engine_command, python_env
 
+PLAN = {"global_batch": 8, "steps_per_epoch": 10}
+
+
+def record(kind: str, attempt: int, step: int, time: float, **fields: object) -> dict:
+    """One of rank 0's records as the logs hold it."""
+    return {"kind": kind, "step": step, "epoch": 0.0, "rank": 0, "attempt": attempt, "time": time, **fields}
+
+
+def start(attempt: int, started: float, time: float, resumed: int | None = None) -> dict:
+    return record(
+        "meta", attempt, resumed or 0, time, process_started=started, plan=PLAN, resumed_from=resumed
+    )
+
+
+def train(attempt: int, step: int, time: float, samples_per_s: float = 4.0) -> dict:
+    return record("train", attempt, step, time, samples_per_s=samples_per_s)
+
 
 def history_of(*records: dict) -> RunHistory:
-    base = {"epoch": 0.0}
-    return RunHistory.from_records([{**base, **r} for r in records])
+    return RunHistory.from_records(list(records))
 
 
 def test_goodput_splits_the_lost_time_by_cause() -> None:
-    plan = {"global_batch": 8, "steps_per_epoch": 10}
     history = history_of(
-        {
-            "kind": "meta",
-            "step": 0,
-            "rank": 0,
-            "attempt": 0,
-            "time": 110.0,
-            "process_started": 100.0,
-            "plan": plan,
-            "resumed_from": None,
-        },
-        {"kind": "train", "step": 10, "rank": 0, "attempt": 0, "time": 130.0, "samples_per_s": 4.0},
-        {
-            "kind": "meta",
-            "step": 10,
-            "rank": 0,
-            "attempt": 0,
-            "time": 131.0,
-            "event": "checkpoint",
-            "seconds": 1.0,
-        },
-        {"kind": "train", "step": 20, "rank": 0, "attempt": 0, "time": 151.0, "samples_per_s": 4.0},
-        {
-            "kind": "meta",
-            "step": 20,
-            "rank": 0,
-            "attempt": 0,
-            "time": 190.0,
-            "event": "hang",
-            "stale_s": 35.0,
-        },
-        {
-            "kind": "meta",
-            "step": 20,
-            "rank": 0,
-            "attempt": 0,
-            "time": 195.0,
-            "event": "failure",
-            "action": "restart",
-        },
-        {
-            "kind": "meta",
-            "step": 10,
-            "rank": 0,
-            "attempt": 1,
-            "time": 205.0,
-            "process_started": 200.0,
-            "plan": plan,
-            "resumed_from": 10,
-        },
-        {"kind": "train", "step": 30, "rank": 0, "attempt": 1, "time": 245.0, "samples_per_s": 4.0},
-        {"kind": "eval", "step": 30, "rank": 0, "attempt": 1, "time": 250.0, "eval_seconds": 5.0},
+        start(0, 100.0, 110.0),
+        train(0, 10, 130.0),
+        record("meta", 0, 10, 131.0, event="checkpoint", seconds=1.0),
+        train(0, 20, 151.0),
+        record("meta", 0, 20, 190.0, event="hang", stale_s=35.0),
+        record("meta", 0, 20, 195.0, event="failure", action="restart"),
+        start(1, 200.0, 205.0, resumed=10),
+        train(1, 30, 245.0),
+        record("eval", 1, 30, 250.0, eval_seconds=5.0),
     )
     result = goodput(history)
     # attempt 0: 40 s of steps, of which 10 steps (20 s) were replayed by attempt 1; attempt 1: 40 s
@@ -93,31 +66,14 @@ def test_goodput_splits_the_lost_time_by_cause() -> None:
 def test_an_attempt_that_hung_while_starting_counts_its_allocated_time() -> None:
     """Preempted, requeued, then 600 s hung in start-up (no start record: only the hang and the failure),
     restarted in the allocation: those 600 s were allocated and lost to the hang, not a requeue wait."""
-    plan = {"global_batch": 8, "steps_per_epoch": 10}
-
-    def start(attempt: int, at: float, resumed: int | None) -> dict:
-        return {
-            "kind": "meta",
-            "step": resumed or 0,
-            "rank": 0,
-            "attempt": attempt,
-            "time": at + 5.0,
-            "process_started": at,
-            "plan": plan,
-            "resumed_from": resumed,
-        }
-
-    def event(attempt: int, at: float, **fields: object) -> dict:
-        return {"kind": "meta", "step": 10, "rank": 0, "attempt": attempt, "time": at, **fields}
-
     history = history_of(
-        start(0, 100.0, None),
-        {"kind": "train", "step": 10, "rank": 0, "attempt": 0, "time": 130.0, "samples_per_s": 4.0},
-        event(0, 131.0, event="preemption"),
-        event(1, 1000.0, event="hang", stale_s=600.0),
-        event(1, 1005.0, event="failure", action="restart"),
-        start(2, 1010.0, 10),
-        {"kind": "train", "step": 20, "rank": 0, "attempt": 2, "time": 1035.0, "samples_per_s": 4.0},
+        start(0, 100.0, 105.0),
+        train(0, 10, 130.0),
+        record("meta", 0, 10, 131.0, event="preemption"),
+        record("meta", 1, 10, 1000.0, event="hang", stale_s=600.0),
+        record("meta", 1, 10, 1005.0, event="failure", action="restart"),
+        start(2, 1010.0, 1015.0, resumed=10),
+        train(2, 20, 1035.0),
     )
     result = goodput(history)
     assert result.productive_s == pytest.approx(40.0) and result.lost_s["hang"] == 600.0
@@ -130,36 +86,13 @@ def test_an_attempt_that_hung_while_starting_counts_its_allocated_time() -> None
 def test_steps_a_later_resume_replays_are_not_productive_though_the_next_attempt_kept_them() -> None:
     """0 -> 20, then 20 -> 30 (its step-20 checkpoint is found corrupt later), then 10 -> 40: the first
     attempt's steps 10-20 were trained twice."""
-    plan = {"global_batch": 8, "steps_per_epoch": 10}
 
     def attempt(number: int, at: float, resumed: int, reached: int) -> list[dict]:
-        start = {
-            "kind": "meta",
-            "step": resumed,
-            "rank": 0,
-            "attempt": number,
-            "time": at,
-            "process_started": at,
-            "plan": plan,
-            "resumed_from": resumed or None,
-        }
-        train = {
-            "kind": "train",
-            "step": reached,
-            "rank": 0,
-            "attempt": number,
-            "time": at + 10.0,
-            "samples_per_s": 8.0 * (reached - resumed) / 10.0,
-        }
-        stop = {
-            "kind": "meta",
-            "step": reached,
-            "rank": 0,
-            "attempt": number,
-            "time": at + 10.0,
-            "event": "preemption",
-        }
-        return [start, train, stop]
+        return [
+            start(number, at, at, resumed=resumed or None),
+            train(number, reached, at + 10.0, samples_per_s=8.0 * (reached - resumed) / 10.0),
+            record("meta", number, reached, at + 10.0, event="preemption"),
+        ]
 
     history = history_of(*attempt(0, 0.0, 0, 20), *attempt(1, 100.0, 20, 30), *attempt(2, 200.0, 10, 40))
     result = goodput(history)
@@ -169,31 +102,13 @@ def test_steps_a_later_resume_replays_are_not_productive_though_the_next_attempt
 
 def test_an_attempt_that_died_while_starting_counts_from_its_process_start() -> None:
     """Requeued, then 1500 s preparing a corpus that ends in an error, before any start record: allocated."""
-    plan = {"global_batch": 8, "steps_per_epoch": 10}
     history = history_of(
-        {
-            "kind": "meta",
-            "step": 0,
-            "rank": 0,
-            "attempt": 0,
-            "time": 105.0,
-            "process_started": 100.0,
-            "plan": plan,
-            "resumed_from": None,
-        },
-        {"kind": "train", "step": 10, "rank": 0, "attempt": 0, "time": 130.0, "samples_per_s": 4.0},
-        {"kind": "meta", "step": 10, "rank": 0, "attempt": 0, "time": 131.0, "event": "preemption"},
-        {
-            "kind": "meta",
-            "step": 0,
-            "rank": 0,
-            "attempt": 1,
-            "time": 2000.0,
-            "event": "error",
-            "error": "DataError: ...",
-            "retry": False,
-            "process_started": 500.0,
-        },
+        start(0, 100.0, 105.0),
+        train(0, 10, 130.0),
+        record("meta", 0, 10, 131.0, event="preemption"),
+        record(
+            "meta", 1, 0, 2000.0, event="error", error="DataError: ...", retry=False, process_started=500.0
+        ),
     )
     result = goodput(history)
     assert result.allocated_s == pytest.approx(31.0 + 1500.0)

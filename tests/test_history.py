@@ -50,25 +50,22 @@ def test_the_same_history_from_records_read_whole(run_dir: RunDir) -> None:
     assert whole.starts == read.starts and whole.stops == read.stops and whole.progress == read.progress
 
 
+def meta(step: int, time: float, **fields: object) -> dict:
+    """A meta record of rank 0 in attempt 0 (8 steps an epoch)."""
+    return {"kind": "meta", "step": step, "epoch": step / 8, "rank": 0, "attempt": 0, "time": time, **fields}
+
+
+def write_rank0_log(run: RunDir, *records: dict) -> None:
+    run.logs.mkdir(parents=True, exist_ok=True)
+    run.rank_log(0).write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
 def test_an_error_no_retry_can_fix_is_the_runs_last_error(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    run.logs.mkdir()
     limit = "requeue limit reached (cluster.max_requeues=1): the checkpoint of step 12 is kept"
-    lines = [
-        {"kind": "meta", "step": 0, "epoch": 0.0, "rank": 0, "attempt": 0, "time": 1.0, "world_size": 1},
-        {
-            "kind": "meta",
-            "step": 12,
-            "epoch": 1.5,
-            "rank": 0,
-            "attempt": 0,
-            "time": 2.0,
-            "event": "timeout",
-            "requeued": False,
-            "error": limit,
-        },
-    ]
-    run.rank_log(0).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_rank0_log(
+        run, meta(0, 1.0, world_size=1), meta(12, 2.0, event="timeout", requeued=False, error=limit)
+    )
     history = RunHistory.read(run)
     assert history.last_error == limit and history.stops == ["timeout"]
 
@@ -80,30 +77,10 @@ def test_a_stop_before_the_latest_submission_is_not_the_runs_state(tmp_path: Pat
     from asrlaunch.launcher.status import state_text
 
     run = RunDir(tmp_path)
-    run.logs.mkdir()
-    lines = [
-        {
-            "kind": "meta",
-            "step": 0,
-            "epoch": 0.0,
-            "rank": 0,
-            "attempt": 0,
-            "time": 1.0,
-            "world_size": 1,
-            "plan": {"total_steps": 40},
-        },
-        {
-            "kind": "meta",
-            "step": 12,
-            "epoch": 1.5,
-            "rank": 0,
-            "attempt": 0,
-            "time": 2.0,
-            "event": "terminated",
-            "requeued": False,
-        },
-    ]
-    run.rank_log(0).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plan = {"total_steps": 40}
+    write_rank0_log(
+        run, meta(0, 1.0, world_size=1, plan=plan), meta(12, 2.0, event="terminated", requeued=False)
+    )
     for submitted, state in ((1.5, "STOPPED"), (3.0, "FAILED"), (None, "STOPPED")):
         status = RunStatus(run, job=JobState("FAILED"))
         progress_from_logs(status, submitted)
@@ -158,29 +135,8 @@ def test_a_resumed_window_times_its_steps_apart_from_its_compute() -> None:
 
 
 def test_an_out_of_memory_cap_holds_until_a_resume_changes_the_micro_batch_limit() -> None:
-    def start(attempt: int, limit: int) -> dict:
-        recipe = {"train": {"max_micro_batch_size": limit}}
-        return {
-            "kind": "meta",
-            "step": 0,
-            "epoch": 0.0,
-            "rank": 0,
-            "attempt": attempt,
-            "time": attempt,
-            "plan": {},
-            "recipe": recipe,
-        }
-
-    split = {
-        "kind": "meta",
-        "step": 3,
-        "epoch": 0.1,
-        "rank": 0,
-        "attempt": 0,
-        "time": 0.5,
-        "event": "oom_split",
-        "plan": {"micro_batch": 8},
-    }
-    history = RunHistory.from_records([start(0, 32), split])
+    start = meta(0, 0.0, plan={}, recipe={"train": {"max_micro_batch_size": 32}})
+    split = meta(3, 0.5, event="oom_split", plan={"micro_batch": 8})
+    history = RunHistory.from_records([start, split])
     assert history.oom_micro_cap(32) == 8 and history.oom_micro_cap() == 8
     assert history.oom_micro_cap(64) is None  # resumed onto bigger GPUs with a raised limit
