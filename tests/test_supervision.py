@@ -11,7 +11,7 @@ from asrlaunch.core.recipe import SUPERVISOR_HEADROOM_S, load_recipe
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.heartbeat import Beat
 from asrlaunch.job.supervisor import SILENT_S, Watch, budget, judge, rank_states
-from asrlaunch.job.triage import describe_exit, node_states, srun_failures, usable_nodes
+from asrlaunch.job.triage import describe_exit, node_states, srun_failures, unusable, usable_nodes
 
 from .conftest import RECIPES
 
@@ -257,6 +257,12 @@ def test_node_states_from_scontrol() -> None:
         "NodeName=node2 Arch=x86_64 CoresPerSocket=1\n   State=DOWN+DRAIN ThreadsPerCore=1\n"
     )
     assert node_states(shown) == {"node1": "IDLE", "node2": "DOWN+DRAIN"}
+    assert [unusable(state) for state in ("IDLE", "DOWN+DRAIN", "IDLE+NOT_RESPONDING", "MIXED")] == [
+        False,
+        True,
+        True,
+        False,
+    ]
 
 
 # `sinfo -h -N -p debug -o '%N|%t'`, SLURM 22.05's compact states (pasted; a node listed once per partition).

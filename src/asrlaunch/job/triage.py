@@ -23,7 +23,9 @@ from asrlaunch.job.task import SlurmTask, hostnames
 
 STEP_MARKER = "asrlaunch: step starts"
 SRUN_TASK = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[0-9,-]+): (?P<how>.+)$")
-UNHEALTHY = ("DOWN", "DRAIN", "FAIL", "NOT_RESPONDING")
+# Node states a job cannot run on, in scontrol's long names or sinfo's short ones (`drng`, `futr`), any case;
+# sinfo marks a node that does not respond with a `*` after its state.
+UNUSABLE = ("down", "drain", "drng", "fail", "futr", "future", "unk", "not_responding")
 OUTPUT_LINES = 10
 
 
@@ -130,7 +132,7 @@ def unhealthy_nodes(task: SlurmTask) -> list[str]:
         return []
     nodes = hostnames(task.nodelist)
     states = node_states(run_command(["scontrol", "show", "node", ",".join(nodes)]) or "")
-    return [node for node in nodes if any(word in states.get(node, "") for word in UNHEALTHY)]
+    return [node for node in nodes if unusable(states.get(node, ""))]
 
 
 def partition_room(task: SlurmTask, leave_out: list[str]) -> int | None:
@@ -150,12 +152,15 @@ def partition_room(task: SlurmTask, leave_out: list[str]) -> int | None:
     return len(usable_nodes(shown) - excluded) - int(needed)
 
 
+def unusable(state: str) -> bool:
+    """A node state (`DOWN+DRAIN`, `IDLE+NOT_RESPONDING`, `drng`, `idle*`) a job cannot run on."""
+    return state.endswith("*") or any(word in state.lower() for word in UNUSABLE)
+
+
 def usable_nodes(sinfo: str) -> set[str]:
-    """Nodes of `sinfo -h -N -o '%N|%t'` a job could start on: not down, drained or draining (`drng`),
-    failing, of the future or unknown, and answering (a `*` after the state: not responding)."""
-    unusable = ("down", "drain", "drng", "fail", "futr", "unk")
+    """Nodes of `sinfo -h -N -o '%N|%t'` a job could start on."""
     return {
         name
         for name, state in (line.split("|", 1) for line in sinfo.split() if "|" in line)
-        if not state.endswith("*") and not any(word in state.lower() for word in unusable)
+        if not unusable(state)
     }
