@@ -164,16 +164,10 @@ class SlurmTask:
         return done.returncode == 0
 
     def cancel_step(self, step: str, signal_name: str = "KILL") -> bool:
-        """Send a signal to every task of one job step (`JOB.STEP`), on whatever node it runs."""
-        try:
-            done = subprocess.run(
-                ["scancel", f"--signal={signal_name}", f"{self.job_id}.{step}"],
-                capture_output=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.TimeoutExpired):  # a busy controller: the caller goes on
-            return False
-        return done.returncode == 0
+        """Send a signal to every task of one job step (`JOB.STEP`), on whatever node it runs; False when
+        scancel refused or a busy controller did not answer in time (the caller goes on)."""
+        command = ["scancel", f"--signal={signal_name}", f"{self.job_id}.{step}"]
+        return run_command(command, timeout_s=60) is not None
 
     def running_steps(self, tries: int = 4, pause_s: float = 5.0) -> list[str]:
         """The ids of this job's job steps that run now (srun's; not the batch or extern step). squeue is
