@@ -273,3 +273,55 @@ SINFO_NODES += "node8|comp\nnode9|fail\nnode10|resv\n"
 def test_a_requeue_counts_only_the_nodes_a_job_could_start_on() -> None:
     """Draining (`drng`) and not responding (`idle*`) nodes are no room for a job that leaves one out."""
     assert usable_nodes(SINFO_NODES) == {"node1", "node2", "node3", "node8", "node10"}
+
+
+# A task whose import of the engine hangs (a cold file system), as its process runs it.
+SLOW_IMPORT = """
+import importlib.abc, sys, time
+class Stall(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "asrlaunch.engine.train":
+            print("stalled", flush=True)
+            time.sleep(120)
+        return None
+sys.meta_path.insert(0, Stall())
+from asrlaunch.job.entry import TrainJob
+TrainJob()(sys.argv[1])
+"""
+
+
+def test_a_rank_hung_in_its_imports_answers_for_its_stacks_and_lives(tmp_path: Path) -> None:
+    """The supervisor asks a whole step for stacks with SIGQUIT. A rank still importing torch, with no beat
+    yet, must write its stacks, not die of the signal's default (and dump a core)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from asrlaunch.job.supervisor import RankState, dump_stacks
+    from asrlaunch.job.task import SlurmTask
+
+    run_dir = RunDir(tmp_path / "run")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+    rank = subprocess.Popen(
+        [sys.executable, "-c", SLOW_IMPORT, str(run_dir.path)], env=env, stdout=subprocess.PIPE, text=True
+    )
+
+    @dataclasses.dataclass(frozen=True)
+    class ElsewhereTask(SlurmTask):  # its ranks on another node: only scancel's signal reaches them
+        def running_steps(self, tries: int = 4, pause_s: float = 5.0) -> list[str]:
+            return ["0"]
+
+        def cancel_step(self, step: str, signal_name: str = "KILL") -> bool:
+            os.kill(rank.pid, getattr(signal, f"SIG{signal_name}"))
+            return True
+
+    try:
+        assert rank.stdout is not None and rank.stdout.readline().strip() == "stalled"
+        starting = RankState(1, "startup", 0, 700.0, 700.0, False, 600.0, None)
+        stacks = dump_stacks(run_dir, [starting], ElsewhereTask(job_id="7"), "attempt0-step0.txt").read_text()
+        assert "== rank 1" in stacks and "faulthandler of" in stacks and "in find_spec" in stacks, stacks
+        assert rank.poll() is None, "the rank died of SIGQUIT"
+    finally:
+        rank.kill()
+        rank.wait()

@@ -126,6 +126,10 @@ class RunDir:
         """Where rank R's process `pid` writes its stacks when asked (SIGQUIT)."""
         return self.stacks / f"rank{rank}-pid{pid}.txt"
 
+    def every_rank_stacks(self, rank: int) -> list[Path]:
+        """Each process of rank R that was ready to write its stacks, of every attempt."""
+        return sorted(self.stacks.glob(self.rank_stacks(rank, 0).name.replace("pid0", "pid*")))
+
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"

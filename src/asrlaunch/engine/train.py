@@ -15,9 +15,7 @@ it may, which the job's failover step reads (job/failover.py).
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +39,7 @@ from asrlaunch.engine.runtime import adopt_thread_limit
 from asrlaunch.engine.state import TrainingDivergedError
 from asrlaunch.engine.trainer import Trainer
 from asrlaunch.job.heartbeat import Heartbeat
-from asrlaunch.job.signals import JobInterrupted, StopRequest
+from asrlaunch.job.signals import JobInterrupted, StopRequest, answer_stack_requests
 from asrlaunch.job.task import SlurmTask, adopt_launcher_environment
 
 
@@ -66,22 +64,6 @@ def process_started() -> float:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return time.time()
-
-
-_STACK_FILES: list[object] = []  # open for the process's life: faulthandler writes into them from a signal
-
-
-def answer_stack_requests(run_dir: RunDir, rank: int) -> None:
-    """SIGQUIT writes the Python stack of every thread into stacks/rank<R>-pid<P>.txt (the supervisor asks
-    when a rank hangs). faulthandler writes from the signal handler itself: a rank stuck in C answers too."""
-    path = run_dir.rank_stacks(rank, os.getpid())
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = path.open("w")
-    except OSError:
-        return
-    _STACK_FILES.append(file)
-    faulthandler.register(signal.SIGQUIT, file=file, all_threads=True)
 
 
 def record_error(

@@ -7,12 +7,14 @@ the requeue budget (job/task.py); after a failed step the batch script's failove
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 from asrlaunch.core.rundir import RunDir
-from asrlaunch.job.signals import JobInterrupted
+from asrlaunch.job.signals import JobInterrupted, answer_stack_requests
+from asrlaunch.job.task import adopt_launcher_environment
 
 
 class PrepareJob:
@@ -52,10 +54,13 @@ class TrainJob:
     """Calling it with a run directory trains that run's recipe."""
 
     def __call__(self, run_dir: str) -> str:
+        run = RunDir(Path(run_dir))
+        adopt_launcher_environment()
+        answer_stack_requests(run, int(os.environ.get("RANK", "0")))  # before the imports that can hang
+
         from asrlaunch.core.recipe import load_recipe
         from asrlaunch.engine.train import run_training
 
-        run = RunDir(Path(run_dir))
         try:
             run_training(load_recipe(run.recipe), run)
         except JobInterrupted as stopped:

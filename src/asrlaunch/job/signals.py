@@ -4,13 +4,18 @@ SLURM sends USR2 (`--signal=USR2@<delay>`, submitit's choice) before a time limi
 the controller has `preempt_send_user_signal`. submitit's own handler would checkpoint in the middle of a
 step on rank 0 alone; ours replaces it: all ranks agree at the next step boundary, save one checkpoint,
 then rank 0 requeues the job (task.py) within the requeue budget (a time limit alone does not requeue).
-No torch.
+A hung rank's stacks: SIGQUIT makes faulthandler write them (answer_stack_requests). No torch.
 """
 
 from __future__ import annotations
 
+import faulthandler
+import os
 import signal
 from types import FrameType
+from typing import TextIO
+
+from asrlaunch.core.rundir import RunDir
 
 # USR2: SLURM's warning before a time limit, and at preemption with `preempt_send_user_signal`. TERM: most
 # sites' preemption (a grace time, then KILL), and a user's `scancel --signal=TERM`.
@@ -43,3 +48,23 @@ class JobInterrupted(RuntimeError):
             "requeued" if requeued else "not requeued (continue it with `asrlaunch submit --resume RUN_DIR`)"
         )
         super().__init__(f"stopped at step {step} ({reason}); checkpoint saved; job {action}")
+
+
+_STACK_FILE: list[TextIO] = []  # open for the process's life: faulthandler writes into it from a signal
+
+
+def answer_stack_requests(run_dir: RunDir, rank: int) -> None:
+    """SIGQUIT writes the Python stack of every thread into stacks/rank<R>-pid<P>.txt (the supervisor asks
+    when a rank hangs). Registered first thing in a task, before torch's imports: the supervisor signals a
+    whole step, and SIGQUIT's default would end (and core-dump) a rank still importing, the very rank whose
+    stacks say where a cold file system hangs. faulthandler writes from the signal handler itself, so a rank
+    stuck in C answers too. Once per process."""
+    if _STACK_FILE:
+        return
+    path = run_dir.rank_stacks(rank, os.getpid())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _STACK_FILE.append(path.open("w"))
+    except OSError:
+        return
+    faulthandler.register(signal.SIGQUIT, file=_STACK_FILE[0], all_threads=True)

@@ -193,17 +193,17 @@ def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, n
     for beat, text in zip(local, texts, strict=True):
         if text:
             sections[beat.rank] = f"py-spy dump of pid {beat.pid} on {beat.host}\n{text}"
-    missing = [s for s in states if s.rank not in sections and s.beat is not None]
-    if missing and task.in_slurm:  # faulthandler in each rank (registered by the trainer) answers SIGQUIT
+    missing = [s for s in states if s.rank not in sections]
+    if missing and task.in_slurm:  # each rank's faulthandler (registered as its task starts) answers SIGQUIT
+        asked = time.time()
         for step in task.running_steps():
             task.cancel_step(step, "QUIT")
             task.cancel_step(step, "CONT")
         time.sleep(3.0)
         for state in missing:
-            assert state.beat is not None
-            dumped = run_dir.rank_stacks(state.rank, state.beat.pid)
-            if dumped.exists() and dumped.stat().st_size:
-                sections[state.rank] = f"faulthandler of pid {state.beat.pid}\n{dumped.read_text()}"
+            dumped = _answer(run_dir, state, asked)
+            if dumped is not None:
+                sections[state.rank] = f"faulthandler of {dumped.stem.split('-')[-1]}\n{dumped.read_text()}"
     lines = []
     for state in states:
         head = f"== rank {state.rank}: phase {state.phase}, step {state.step}, waiting {state.waiting}, "
@@ -211,6 +211,25 @@ def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, n
         lines.append(f"{head}\n{sections.get(state.rank, '(no stacks: not reachable from here)')}\n")
     target.write_text("\n".join(lines))
     return target
+
+
+def _answer(run_dir: RunDir, state: RankState, asked: float) -> Path | None:
+    """What rank R's faulthandler wrote when asked: its beat names its process. A rank that never beat (hung
+    in its imports) is found by what was written lately; a minute's slack for a file server's clock, and an
+    earlier step's stacks are older than any step's budget."""
+    if state.beat is not None:
+        candidates = [run_dir.rank_stacks(state.rank, state.beat.pid)]
+    else:
+        candidates = [path for path in run_dir.every_rank_stacks(state.rank) if _modified(path) >= asked - 60]
+    written = [path for path in candidates if path.exists() and path.stat().st_size]
+    return max(written, key=_modified, default=None)
+
+
+def _modified(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _py_spy(spy: str, pid: int) -> str:
