@@ -153,7 +153,7 @@ def test_the_launcher_commands_run_on_the_base_install(
     corpus = [f"data.dir={tones_corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
     smoke = str(RECIPES / "smoke.yaml")
     dry = base("submit", smoke, *corpus, "cluster.prepare_partition=debug", "--dry-run", "--executor=local")
-    assert dry.returncode == 0, dry.stderr
+    assert dry.returncode == 2 and "(a submission would be refused; " in dry.stderr, dry.stderr
     assert "# preflight FAIL  engine: the job runs " in dry.stdout and "lacks torch, " in dry.stdout
     assert "# preflight skip  data: " in dry.stdout and "soundfile is not installed" in dry.stdout
     assert "asrlaunch prepare" in dry.stdout  # the corpus is not in this cache: a preparation job first
@@ -274,7 +274,7 @@ def test_a_dry_run_refuses_what_the_submission_would(tmp_path: Path) -> None:
         "--dry-run",
     )
     assert (
-        path.returncode == 0
+        path.returncode == 2
         and "FAIL  model: model.name_or_path: ./m! is neither a folder here nor a hub id" in path.stdout
     )
     watch = run(ASRLAUNCH, "status", str(tmp_path / "runs" / "smoke"), "--watch", "-1")

@@ -80,8 +80,11 @@ def test_a_new_users_timit32_submission_is_refused_with_what_to_fix(tmp_path: Pa
         cwd=tmp_path,
         env=python_env(HF_HOME=str(tmp_path / "hf")),
     )
-    assert dry.returncode == 0 and "# preflight FAIL  data: data.dir:" in dry.stdout
-    assert "# preflight   ok  trackers: tensorboard" in dry.stdout
+    # The whole plan, then the same refusal, so that a script or CI checking recipes stops there.
+    assert dry.returncode == 2 and "# preflight FAIL  data: data.dir:" in dry.stdout
+    assert "# preflight   ok  trackers: tensorboard" in dry.stdout and "# sbatch script" in dry.stdout
+    assert [line for line in dry.stderr.splitlines() if line.startswith("error: ")] == errors
+    assert "(a submission would be refused; --no-preflight skips these checks)" in dry.stderr
 
 
 def test_a_corpus_of_an_unexpected_size_is_named_beside_the_expected_one(tones_corpus: Path) -> None:

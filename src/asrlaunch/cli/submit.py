@@ -161,8 +161,8 @@ def ensure_stopped(run_dir: RunDir, force: bool = False) -> None:
     )
 
 
-def run_preflight(specs: list[RunSpec], kind: str, verbose: bool, fatal: bool = True) -> None:
-    """SubmitError with one line per failed check (each names the recipe key to change)."""
+def run_preflight(specs: list[RunSpec], kind: str, verbose: bool) -> list[str]:
+    """What each failed check says (each names the recipe key to change); `verbose`: every line printed."""
     seen, failed = set(), []
     for spec in specs:
         for check in preflight(spec.recipe, kind):
@@ -173,8 +173,12 @@ def run_preflight(specs: list[RunSpec], kind: str, verbose: bool, fatal: bool = 
                 print(f"# preflight {check.line()}")
             if not check.ok:
                 failed.append(check.message)
-    if failed and fatal:
-        raise SubmitError("\n".join(failed) + "\n(nothing was submitted; --no-preflight skips these checks)")
+    return failed
+
+
+def refuse_failed(failed: list[str], what: str) -> None:
+    if failed:
+        raise SubmitError("\n".join(failed) + f"\n({what}; --no-preflight skips these checks)")
 
 
 PREPARATION_ID = "PREPARATION_JOB_ID"  # the id SLURM gives the preparation job
@@ -231,13 +235,15 @@ def main(argv: list[str] | None = None) -> int:
         specs = load_specs(args)
         check_submittable(specs, resume=bool(args.resume))  # what a submission refuses, a dry run too
         if args.dry_run:
+            failed = []
             if not args.no_preflight and not args.json:
-                run_preflight(specs, "slurm" if slurm_available() else "local", verbose=True, fatal=False)
-            dry_run(specs, args.json)
+                failed = run_preflight(specs, "slurm" if slurm_available() else "local", verbose=True)
+            dry_run(specs, args.json)  # the whole plan still, then what a submission would refuse
+            refuse_failed(failed, "a submission would be refused")
             return ExitCode.OK
         kind = choose_executor(args.executor)
         if not args.no_preflight:
-            run_preflight(specs, kind, verbose=False)
+            refuse_failed(run_preflight(specs, kind, verbose=False), "nothing was submitted")
         submitted = submit(specs, kind, resume=bool(args.resume))
     except (RecipeError, BatchPlanError, SubmitError) as problem:
         error(problem)
