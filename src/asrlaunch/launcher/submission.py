@@ -101,7 +101,7 @@ def executor_parameters(
     recipe: Recipe, run_dirs: Sequence[Path] = (), after: str | None = None
 ) -> dict[str, Any]:
     """submitit's AutoExecutor parameters for the recipe's `cluster` section: one task per device; a dead
-    task ends the step (`--kill-on-bad-exit`), the job is requeueable (a lost node) and fails over; `after`:
+    task ends the step (`--kill-on-bad-exit`), each task gets its CPUs, the job is requeueable (a lost node) and fails over; `after`:
     the preparation job it waits for (afterok)."""
     cluster = recipe.cluster
     params: dict[str, Any] = {
@@ -121,7 +121,9 @@ def executor_parameters(
             params[f"slurm_{key}"] = getattr(cluster, key)
     dependency = {"dependency": f"afterok:{after}"} if after else {}
     params["slurm_additional_parameters"] = {"requeue": True, **dependency, **cluster.extra_sbatch}
-    params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
+    # SLURM 22.05 to 23.02's srun does not inherit the job's --cpus-per-task: under task/affinity or
+    # task/cgroup each rank would be pinned to one CPU while it runs cpus_per_task threads.
+    params["slurm_srun_args"] = ["--kill-on-bad-exit=1", f"--cpus-per-task={cluster.cpus_per_task}"]
     if run_dirs:
         params["slurm_setup"] = batch_setup(run_dirs)
         params["slurm_teardown"] = batch_teardown(run_dirs)
