@@ -72,6 +72,10 @@ def test_a_failure_restarts_in_the_allocation_first_then_requeues() -> None:
     assert decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=2).action == "requeue"
     down = decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=0, bad_nodes=["node2"])
     assert down.action == "requeue"
+    # Too close to the time limit for a restarted step to start and still get its stop signal (60 s before).
+    late = decide(hung, 137, False, budget(2, restarts=2), time_left=150.0)
+    assert late.action == "requeue"
+    assert decide(hung, 137, False, budget(2, restarts=2), time_left=600.0).action == "restart"
     restarted = [meta(0, 0), meta(0, 9, event="failure", action="restart"), meta(1, 5)]
     assert (
         decide(at_step(12, *restarted), 137, False, budget(0, restarts=1), restarts_in_job=1).action == "none"
@@ -90,6 +94,10 @@ def test_a_step_that_logged_nothing_is_judged_as_itself_and_budgets_are_the_jobs
     assert silent.requeue and silent.record is not None and silent.record["failures"] == 1
     assert silent.attempt is not None and silent.attempt.number == preempted.current.number + 1  # type: ignore[union-attr]
     assert silent.attempt.last_step == 7 and not silent.attempt.events
+    # Rank 1's node runs 15 s behind the batch script's: its first record seems older than the step.
+    ranks = [{**meta(0, 0), "time": 101.0}, {**meta(0, 0), "rank": 1, "time": 86.0}]
+    skewed = RunHistory.from_records([*ranks, {**meta(0, 7, event="preemption"), "time": 130.0}])
+    assert decide(skewed, 137, False, budget(2), step_start=100.0, task=job).record is None  # handled
     failed = at_step(7, meta(0, 0), meta(0, 7, event="failure", action="requeue", job_id="42"))
     again = decide(failed, 137, False, budget(2), step_start=100.0, task=job)
     assert again.action == "none" and "twice in a row at step 7" in again.record["error"]  # type: ignore[index]

@@ -13,7 +13,8 @@ Anything else (a rank killed, a hang the supervisor ended, a crash, a lost node)
 then:
 - never twice in a row at the same step without progress in between: a fault that repeats is a bug;
 - restarted in this allocation (exit status 75 to the batch script, which runs srun again) while fewer than
-  `cluster.max_restarts_in_job` restarts happened in this job and no node of the job is down or drained;
+  `cluster.max_restarts_in_job` restarts happened in this job, no node of the job is down or drained, and
+  the job has time left to start again before its stop signal;
 - else requeued, within `cluster.max_failures` requeues after failures, with the node the failure points at
   excluded (`ExcNodeList`) as long as the job still fits on the partition's other nodes.
 """
@@ -83,9 +84,16 @@ def step_attempt(history: RunHistory, step_start: float, restart_count: int = 0)
     last = history.current
     if last is None and not step_start:
         return None
-    if last is not None and last.first_time is not None and last.first_time >= step_start:
+    if last is not None and (began := _began(last)) is not None and began >= step_start:
         return last
     return Attempt(history.next_attempt(restart_count), last_step=last.last_step if last else 0)
+
+
+def _began(attempt: Attempt) -> float | None:
+    """When the attempt's first record was written, on the batch script's clock: rank 0 runs on the job's
+    first node, where the batch script runs; another node's clock may be seconds off."""
+    times = [float(r["time"]) for r in attempt.records if int(r.get("rank", 0)) == 0]
+    return min(times, default=attempt.first_time)
 
 
 def decide(
@@ -98,10 +106,11 @@ def decide(
     bad_nodes: Sequence[str] = (),
     step_start: float = 0.0,
     task: SlurmTask | None = None,
+    time_left: float | None = None,
 ) -> Verdict:
     """The pure decision, from the run's history, the job's state, the restarts this job has had, the job's
-    nodes that SLURM set down or drained (a restart would run on them again), when this step started, and the
-    job's ids and requeues so far (`task`)."""
+    nodes that SLURM set down or drained (a restart would run on them again), when this step started, the
+    job's ids and requeues so far (`task`) and its time left (seconds; None: unknown or unlimited)."""
     task = task or SlurmTask()
     attempt = step_attempt(history, step_start, task.restart_count)
     if exit_status == 0 or finished or state in DECIDED_STATES or attempt is None or handled(attempt):
@@ -115,7 +124,11 @@ def decide(
             "repeats at the same place is a bug, not bad luck; see the errors in its submitit/ logs"
         )
         return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
-    if restarts_in_job < cluster.max_restarts_in_job and not bad_nodes:
+    if (
+        restarts_in_job < cluster.max_restarts_in_job
+        and not bad_nodes
+        and restart_has_time(cluster, time_left)
+    ):
         return Verdict(RESTART, {**record, "action": RESTART, "requeued": False}, attempt)
     if not within_requeue_budget(task.restart_count + 1, cluster.max_requeues):
         record["error"] = (
@@ -133,6 +146,17 @@ def decide(
         )
         return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
     return Verdict(REQUEUE, {**record, "action": REQUEUE, "requeued": True}, attempt)
+
+
+# What a restarted step needs before its stop signal could be acted on: start-up, a checkpoint to resume.
+RESTART_STARTUP_S = 120.0
+
+
+def restart_has_time(cluster: ClusterSection, time_left: float | None) -> bool:
+    """SLURM sends the stop signal before the time limit once: a step restarted later than that, or too close
+    to it to start up first, would reach the limit without a checkpoint and end as TIMEOUT, which nothing
+    requeues. Such a step is requeued instead."""
+    return time_left is None or time_left > cluster.signal_delay_s + RESTART_STARTUP_S
 
 
 def requeue(first: FirstFailure | None, bad_nodes: Sequence[str], task: SlurmTask) -> dict[str, Any]:
@@ -160,7 +184,10 @@ def handle(
     history = RunHistory.read(run_dir)
     bad_nodes = unhealthy_nodes(task)
     finished, state = run_dir.is_finished(), task.state()
-    verdict = decide(history, exit_status, finished, cluster, restarts, state, bad_nodes, step_start, task)
+    left = task.time_left()
+    verdict = decide(
+        history, exit_status, finished, cluster, restarts, state, bad_nodes, step_start, task, left
+    )
     attempt = verdict.attempt
     if verdict.record is None or attempt is None:
         return verdict

@@ -101,8 +101,8 @@ def executor_parameters(
     recipe: Recipe, run_dirs: Sequence[Path] = (), after: str | None = None
 ) -> dict[str, Any]:
     """submitit's AutoExecutor parameters for the recipe's `cluster` section: one task per device; a dead
-    task ends the step (`--kill-on-bad-exit`), each task gets its CPUs, the job is requeueable (a lost node) and fails over; `after`:
-    the preparation job it waits for (afterok)."""
+    task ends the step (`--kill-on-bad-exit`), each task gets its CPUs, the job is requeueable (a lost node)
+    and fails over; `after`: the preparation job it waits for (afterok)."""
     cluster = recipe.cluster
     params: dict[str, Any] = {
         "name": recipe.run.name,
