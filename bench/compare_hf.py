@@ -94,6 +94,14 @@ def peak_tflops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
 
 
+def run_side_process(args: argparse.Namespace, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """One side's run. On a GPU its output goes on to this command's (bench/gpu.sh's log): a section stopped
+    at its time limit still shows how far each side got."""
+    if args.gpu:
+        return subprocess.run(command, env=environment(args), stdout=sys.stderr, text=True)
+    return subprocess.run(command, env=environment(args), capture_output=True, text=True)
+
+
 # -- our engine ----------------------------------------------------------------------------------------------
 def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> dict[str, Any]:
     from asrlaunch.core.logs import read_run_logs
@@ -112,10 +120,10 @@ def run_ours(args: argparse.Namespace, corpus: Path, work: Path, index: int) -> 
         f"eval.mode={args.eval_mode}",
     ]
     started = time.perf_counter()
-    done = subprocess.run(command, env=environment(args), capture_output=True, text=True)
+    done = run_side_process(args, command)
     wall = time.perf_counter() - started
     if done.returncode:
-        raise SystemExit(f"our engine failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"our engine failed:\n{(done.stderr or '')[-3000:]}")
     records = read_run_logs(run_dir)
     trains = [r for r in records if r["kind"] == Kind.TRAIN and r["rank"] == 0]
     evals = [r for r in records if r["kind"] == Kind.EVAL]
@@ -215,10 +223,10 @@ def run_side(
     command = [*launcher(args), script, "--side", side, "--result", str(out), *sys.argv[1:]]
     command += ["--corpus", str(corpus), "--work", str(work)]
     started = time.perf_counter()
-    done = subprocess.run(command, env=environment(args), capture_output=True, text=True)
+    done = run_side_process(args, command)
     wall = time.perf_counter() - started
     if done.returncode:
-        raise SystemExit(f"the {side} side failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"the {side} side failed:\n{(done.stderr or '')[-3000:]}")
     return {"wall_s": wall, **json.loads(out.read_text())}
 
 

@@ -216,12 +216,13 @@ SMOKE = str(RECIPES / "smoke.yaml")
             [
                 "submit",
                 SMOKE,
-                "cluster.extra_sbatch={signal: USR1@10, time: '5', mail_type: END}",
+                "cluster.extra_sbatch={signal: USR1@10, time: '5', mail_type: END, gpus_per_task: '1'}",
                 "--dry-run",
             ],
             [
                 "cluster.extra_sbatch.signal: the launcher sets --signal itself; use cluster.signal_delay_s",
                 "cluster.extra_sbatch.time: the launcher sets --time itself; use cluster.time_min",
+                "cluster.extra_sbatch.gpus_per_task: one GPU per task is not supported (DeepSpeed picks",
             ],
         ),
         (

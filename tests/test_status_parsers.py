@@ -212,6 +212,35 @@ def test_a_requeue_without_a_node_holds_updates_and_releases(monkeypatch: pytest
     ]
 
 
+def test_a_release_the_controller_does_not_answer_in_time_is_asked_again_then_status_says_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requeuehold ends the batch step (KILL after KillWait, 30 s): update and release get 10 + 8 + 8 s, not a
+    minute each, and a job left held says how to free it."""
+    from asrlaunch.core.rundir import RunDir
+    from asrlaunch.launcher.status import collect_status
+
+    fake = FakeRun("JobId=42 JobName=smoke\n   JobState=RUNNING ExcNodeList=(null)\n")
+    limits: list[float] = []
+
+    def busy(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        limits.append(kwargs["timeout"])
+        if command[:2] == ["scontrol", "release"]:
+            raise subprocess.TimeoutExpired(command, kwargs.get("timeout") or 0)
+        return fake(command)
+
+    monkeypatch.setattr(subprocess, "run", busy)
+    assert SlurmTask(job_id="42").requeue_without(["node1"]) == (False, True)
+    assert sum(limits[2:]) <= 30 and limits[-2:] == [8, 8]  # after the hold: update, release, release
+    monkeypatch.setattr(subprocess, "run", FakeRun("42|PENDING||0:00|JobHeldUser\n"))
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.path.mkdir()
+    run_dir.recipe.write_text("run: {name: run}\n")
+    run_dir.record_job({"job_id": "42", "executor": "slurm", "submitted": 0.0})
+    (status,) = collect_status([run_dir.path])
+    assert status.notes[0].startswith("held: it starts only after `scontrol release 42`"), status.notes
+
+
 @pytest.mark.parametrize(
     ("preempt_time", "expected"), [("2026-11-28T21:54:32", "preemption"), ("None", "terminated")]
 )

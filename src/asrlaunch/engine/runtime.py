@@ -29,9 +29,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def deepspeed_config(recipe: Recipe, plan: BatchPlan, precision: str) -> dict[str, Any]:
-    """The batch plan passed through as DeepSpeed's micro-batch and accumulation; small buckets, because
-    the default 5e8-element buckets cost seconds per step on CPU."""
+def deepspeed_config(recipe: Recipe, plan: BatchPlan, precision: str, on_cpu: bool) -> dict[str, Any]:
+    """The batch plan passed through as DeepSpeed's micro-batch and accumulation. Buckets: DeepSpeed's 5e8
+    elements on GPUs (wav2vec2-base's 95M parameters in one reduction); 5e5 on a CPU, where the default
+    costs seconds per step."""
+    bucket = 5e5 if on_cpu else 5e8
     return {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -39,8 +41,8 @@ def deepspeed_config(recipe: Recipe, plan: BatchPlan, precision: str) -> dict[st
         "gradient_clipping": recipe.train.max_grad_norm or 0.0,
         "zero_optimization": {
             "stage": recipe.train.zero_stage,
-            "reduce_bucket_size": 5e5,
-            "allgather_bucket_size": 5e5,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
         },
         "fp16": {"enabled": precision == "fp16"},
         "bf16": {"enabled": precision == "bf16"},
@@ -98,7 +100,7 @@ def make_accelerator(recipe: Recipe, plan: BatchPlan, tracking_dir: Path | None 
         if on_cpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             backend = "gloo"  # else accelerate and DeepSpeed disagree on the world
-        deepspeed = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, plan, precision))
+        deepspeed = DeepSpeedPlugin(hf_ds_config=deepspeed_config(recipe, plan, precision, on_cpu))
     timeout = timedelta(seconds=recipe.train.collective_timeout_s)
     handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
     world_size = plan.world_size

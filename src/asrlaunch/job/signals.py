@@ -64,7 +64,9 @@ def answer_stack_requests(run_dir: RunDir, rank: int) -> None:
     path = run_dir.rank_stacks(rank, os.getpid())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _STACK_FILE.append(path.open("w"))
+        # O_SYNC: on NFS a write reaches the server at once, not at close (the supervisor reads elsewhere)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_SYNC, 0o644)
+        _STACK_FILE.append(os.fdopen(descriptor, "w"))
     except OSError:
         return
     faulthandler.register(signal.SIGQUIT, file=_STACK_FILE[0], all_threads=True)

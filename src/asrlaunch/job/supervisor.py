@@ -201,9 +201,9 @@ def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, n
             task.cancel_step(step, "CONT")
         time.sleep(3.0)
         for state in missing:
-            dumped = _answer(run_dir, state, asked)
-            if dumped is not None:
-                sections[state.rank] = f"faulthandler of {dumped.stem.split('-')[-1]}\n{dumped.read_text()}"
+            if (answer := _answer(run_dir, state, asked)) is not None:
+                path, text = answer
+                sections[state.rank] = f"faulthandler of {path.stem.split('-')[-1]}\n{text}"
     lines = []
     for state in states:
         head = f"== rank {state.rank}: phase {state.phase}, step {state.step}, waiting {state.waiting}, "
@@ -213,23 +213,24 @@ def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, n
     return target
 
 
-def _answer(run_dir: RunDir, state: RankState, asked: float) -> Path | None:
+def _answer(run_dir: RunDir, state: RankState, asked: float) -> tuple[Path, str] | None:
     """What rank R's faulthandler wrote when asked: its beat names its process. A rank that never beat (hung
     in its imports) is found by what was written lately; a minute's slack for a file server's clock, and an
-    earlier step's stacks are older than any step's budget."""
+    earlier step's stacks are older than any step's budget. Read before its time is looked at: opening a
+    file on NFS refreshes what its attributes say."""
     if state.beat is not None:
         candidates = [run_dir.rank_stacks(state.rank, state.beat.pid)]
     else:
-        candidates = [path for path in run_dir.every_rank_stacks(state.rank) if _modified(path) >= asked - 60]
-    written = [path for path in candidates if path.exists() and path.stat().st_size]
-    return max(written, key=_modified, default=None)
-
-
-def _modified(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+        candidates = run_dir.every_rank_stacks(state.rank)
+    written = []
+    for path in candidates:
+        try:
+            text, modified = path.read_text(errors="replace"), path.stat().st_mtime
+        except OSError:
+            continue
+        if text and (state.beat is not None or modified >= asked - 60):
+            written.append((modified, path, text))
+    return max(written)[1:] if written else None
 
 
 def _py_spy(spy: str, pid: int) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,9 @@ from typing import Any
 from asrlaunch.core.records import Event
 from asrlaunch.job.scheduler import parse_scontrol_jobs, parse_time_left, run_command
 
-PORT_BASE, PORT_SPAN = 20000, 20000
+# Below Linux's ephemeral ports (32768-60999 by default), which any outgoing connection of a busy node may
+# hold (another job's NCCL): a master port among them fails now and then with EADDRINUSE.
+PORT_BASE, PORT_SPAN = 15000, 17000
 # `--signal` may come up to 60 s before its delay (sbatch(1): SLURM's event resolution), and a stop is judged
 # after the step that noticed it: within this much more than the delay, a USR2 is the time limit's warning.
 SIGNAL_EARLY_S = 60 + 30
@@ -154,14 +155,20 @@ class SlurmTask:
         excluded = sorted({*nodes, *([known] if known not in ("(null)", "") else [])})
         if not self._scontrol("requeuehold", self.target):
             return self.requeue(), False
-        updated = self._scontrol("update", f"JobId={self.target}", f"ExcNodeList={','.join(excluded)}")
-        return self._scontrol("release", self.target), updated
+        # requeuehold ends the batch step: SIGKILL follows after KillWait (30 s by default). The update and
+        # the release must be done by then, or the job stays held (`status` says so).
+        updated = self._scontrol(
+            "update", f"JobId={self.target}", f"ExcNodeList={','.join(excluded)}", timeout_s=10
+        )
+        released = self._scontrol("release", self.target, timeout_s=8) or self._scontrol(
+            "release", self.target, timeout_s=8
+        )
+        return released, updated
 
-    def _scontrol(self, *args: str) -> bool:
+    def _scontrol(self, *args: str, timeout_s: float = 60) -> bool:
         if not self.job_id:
             return False
-        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
-        return done.returncode == 0
+        return run_command(["scontrol", *args], timeout_s=timeout_s) is not None
 
     def cancel_step(self, step: str, signal_name: str = "KILL") -> bool:
         """Send a signal to every task of one job step (`JOB.STEP`), on whatever node it runs; False when

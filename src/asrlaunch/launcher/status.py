@@ -23,6 +23,12 @@ from asrlaunch.launcher.preparation import preparation_note
 __all__ = ["TERMINAL", "RunStatus", "collect_status", "format_table", "wait_for"]
 
 
+HELD_WHY = (
+    "failover holds a job for a moment to leave a node out of its requeue; a batch script killed meanwhile "
+    "leaves it held"
+)
+
+
 @dataclass
 class RunStatus:
     run_dir: RunDir
@@ -65,6 +71,8 @@ class RunStatus:
     def notes(self) -> list[str]:
         """What the table's row cannot say, one line each."""
         lines = [self.preparation, self.error, self.failure, self.stopped, *(f"slow: {s}" for s in self.slow)]
+        if self.job.state == "REQUEUE_HOLD" or self.job.reason in ("JobHeldUser", "JobHeldAdmin"):
+            lines.insert(0, f"held: it starts only after `scontrol release {self.job_id}` ({HELD_WHY})")
         if self.goodput is not None and self.goodput.ratio is not None:
             lines.append(f"goodput: {self.goodput.summary()}")
         return [line for line in lines if line]

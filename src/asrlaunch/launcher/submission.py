@@ -189,6 +189,7 @@ OWNED_BY = {
     "nodes": "cluster.nodes",
     "ntasks-per-node": "cluster.gpus_per_node (or cluster.processes_per_node without GPUs)",
     "cpus-per-task": "cluster.cpus_per_task",
+    "gpus-per-node": "cluster.gpus_per_node",
     "mem": "cluster.mem_gb",
     "time": "cluster.time_min",
     "signal": "cluster.signal_delay_s (the checkpoint before the time limit needs USR2)",
@@ -198,20 +199,32 @@ OWNED_BY = {
 }
 
 
+# Options that would give each task one GPU, numbered 0 in it: DeepSpeed selects its device by LOCAL_RANK and
+# would fail on every task but a node's first. Every task sees its node's GPUs and takes its own.
+ONE_GPU_PER_TASK = ("gpus-per-task", "gpu-bind")
+
+
 def replaced_options(recipe: Recipe) -> list[str]:
-    """One line per `cluster.extra_sbatch` option that the launcher's own script sets already: an extra may
-    add options, not replace the job's shape, its signal, its logs or its requeue."""
+    """One line per `cluster.extra_sbatch` option that the launcher's own script sets already, or that would
+    bind one GPU to each task: an extra may add options, not replace the job's shape, its signal, its logs or
+    its requeue."""
     if not recipe.cluster.extra_sbatch:
         return []
     bare = recipe.model_copy(update={"cluster": recipe.cluster.model_copy(update={"extra_sbatch": {}})})
     script = sbatch_text(bare, Path("/preview"), [Path("/preview/a"), Path("/preview/b")])
     owned = set(re.findall(r"^#SBATCH --([\w-]+)", script, flags=re.MULTILINE))
-    return [
-        f"cluster.extra_sbatch.{key}: the launcher sets --{key} itself; "
-        + (f"use {OWNED_BY[option]}" if option in OWNED_BY else "leave it out")
-        for key in recipe.cluster.extra_sbatch
-        if (option := key.replace("_", "-")) in owned
-    ]
+    problems = []
+    for key in recipe.cluster.extra_sbatch:
+        option = key.replace("_", "-")
+        if option in owned:
+            fix = f"use {OWNED_BY[option]}" if option in OWNED_BY else "leave it out"
+            problems.append(f"cluster.extra_sbatch.{key}: the launcher sets --{key} itself; {fix}")
+        elif option in ONE_GPU_PER_TASK:
+            problems.append(
+                f"cluster.extra_sbatch.{key}: one GPU per task is not supported (DeepSpeed picks its device "
+                "by LOCAL_RANK); every task sees its node's GPUs and takes its own: set cluster.gpus_per_node"
+            )
+    return problems
 
 
 def place_problems(run_dir: RunDir, resume: bool) -> list[str]:
