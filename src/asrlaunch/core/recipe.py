@@ -222,7 +222,9 @@ class CheckpointSection(_Section):
     # the space needed, or `continue` training without it. Either way the partial folder is removed and the
     # older checkpoints stay.
     on_error: Literal["stop", "continue"] = "stop"
-    # The supervisor's budget for one checkpoint write (and the final save).
+    # The supervisor's budget for one checkpoint write (and the final save). With several ranks, at most 15 s
+    # less than train.collective_timeout_s: the other ranks wait for the write in a collective, which would
+    # fail first. A file system that needs longer needs a longer train.collective_timeout_s.
     hang_timeout_s: int = Field(900, ge=10)
 
 

@@ -266,8 +266,9 @@ class Trainer:
             with accelerator.accumulate(self.model), accelerator.autocast():
                 with clock.span():
                     loss = self.model(
-                        input_values=inputs.input_values.to(
-                            accelerator.device, self.input_dtype, non_blocking=True
+                        # copied, then cast on the device (DeepSpeed's fp16 input): not cast by the host
+                        input_values=inputs.input_values.to(accelerator.device, non_blocking=True).to(
+                            self.input_dtype
                         ),
                         labels=inputs.labels.to(accelerator.device, non_blocking=True),
                     ).loss
