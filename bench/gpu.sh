@@ -2,7 +2,7 @@
 # The one prepared GPU check (a lent machine, well inside 10 minutes): the packages its image lacks, then
 #   bench/gpu_base.py          wav2vec2-base config, fp16, global batch 32 as micro 32/16/8: samples/s, memory
 #   bench/compare_hf.py --gpu  ours beside the Trainer: wall time, samples/s, eval utterances/s, MFU
-#   bench/gpu_checks.py        fp16 batched eval = batch-1, DeepSpeed ZeRO-2 kill/resume, DDP kill/resume, compile
+#   bench/gpu_checks.py        fp16 batched eval = batch-1, DeepSpeed ZeRO-2 and one-process kill/resume, compile
 # and, as a second short call (`bash bench/gpu.sh --profile`, < 2 min), bench/gpu_profile.py: where a step goes.
 # Each part has its own time limit, so one slow part cannot take the others' figures with it.
 # Figures go to stdout and, on the device tool's machine, to $OUT/gpu.log.
@@ -65,6 +65,7 @@ fi
   # steps. The figures still open come first: the comparison (its Trainer side did not finish in 120 s at
   # 60 steps), the checks side by side, compile alone; then the micro-batch table again.
   part 140 bench/compare_hf.py --gpu --runs 1 --steps 40 --eval-every 20 --eval-samples 100 --work /tmp/compare-gpu
+  rm -rf /tmp/gpu-checks  # a rerun on a warm machine would find the last call's finished runs
   part 130 bench/gpu_checks.py --part checks --work /tmp/gpu-checks
   part 120 bench/gpu_checks.py --part compile --work /tmp/gpu-checks
   part 80 bench/gpu_base.py --steps 30

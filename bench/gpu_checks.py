@@ -28,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -112,7 +113,8 @@ def kill_after_checkpoint(command: list[str], run_dir: Path, step: int) -> None:
                 raise SystemExit("training ended before its checkpoint")
             time.sleep(0.05)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # ended by itself: its own error is the one to show
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         LIVE.discard(process)
 
@@ -209,8 +211,9 @@ def check_resume(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
 
 def schedule_of(run_dir: Path) -> list[tuple[int, float, int]]:
     """(step, learning rate, skipped fp16 steps so far) of steps 11-20."""
-    trains = records(run_dir, "train")
-    return [(r["step"], r["lr"], r.get("nonfinite_skipped", 0)) for r in trains if r["step"] > 10]
+    trains = records(run_dir, "train")  # a killed attempt's steps come again after the resume: the last wins
+    kept = {r["step"]: (r["step"], r["lr"], r.get("nonfinite_skipped", 0)) for r in trains if r["step"] > 10}
+    return [kept[step] for step in sorted(kept)]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -235,7 +238,8 @@ def check_compile(work: Path, corpus: Path, tiny: bool) -> tuple[str, str]:
     """Eager and compiled, each alone (their samples/s, steps 11-20, are the figure); a second eager run, made
     beside the other checks (or here, when they did not run), gives the run-to-run spread that the compiled
     losses are held to (as the resume check)."""
-    if not records(work / "eager-control", "train"):
+    if not RunDir(work / "eager-control").is_finished():  # not run, failed, or stopped at the last limit
+        shutil.rmtree(work / "eager-control", ignore_errors=True)
         compile_run(work, corpus, tiny, "eager-control", False)
     results = {}
     for name, compiled in (("eager", False), ("compiled", True)):
@@ -286,9 +290,12 @@ def side_by_side(work: Path, corpus: Path, tiny: bool, with_control: bool) -> li
     checks: dict[str, Check] = {"eval": check_eval, "deepspeed": check_deepspeed, "resume": check_resume}
     with ThreadPoolExecutor(max_workers=len(checks) + 1) as pool:
         futures = {pool.submit(timed, check, work, corpus, tiny): name for name, check in checks.items()}
-        if with_control:
-            pool.submit(compile_run, work, corpus, tiny, "eager-control", False)
+        control = (
+            pool.submit(compile_run, work, corpus, tiny, "eager-control", False) if with_control else None
+        )
         rows = [report(futures[future], future.result()) for future in as_completed(futures)]
+    if control is not None and control.exception() is not None:
+        print(f"compile's second eager run failed (the compile part runs it again): {control.exception()}")
     return sorted(rows, key=lambda row: list(checks).index(row[0]))
 
 

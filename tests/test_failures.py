@@ -72,9 +72,12 @@ def test_a_failure_restarts_in_the_allocation_first_then_requeues() -> None:
     assert decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=2).action == "requeue"
     down = decide(hung, 137, False, budget(2, restarts=2), restarts_in_job=0, bad_nodes=["node2"])
     assert down.action == "requeue"
-    # Too close to the time limit for a restarted step to start and still get its stop signal (60 s before).
-    late = decide(hung, 137, False, budget(2, restarts=2), time_left=150.0)
-    assert late.action == "requeue"
+    # Too close to the time limit for a restarted step to start and still get its stop signal (60 s before,
+    # up to 90 s earlier): requeued, for its time (no node left out); with no requeue left, a last restart.
+    late = decide(hung, 137, False, budget(2, restarts=2), time_left=250.0)
+    assert late.action == "requeue" and late.record is not None and late.record["late"]
+    last = decide(hung, 137, False, budget(0, restarts=2), time_left=250.0)
+    assert last.action == "restart" and last.record is not None and last.record["late"]
     assert decide(hung, 137, False, budget(2, restarts=2), time_left=600.0).action == "restart"
     restarted = [meta(0, 0), meta(0, 9, event="failure", action="restart"), meta(1, 5)]
     assert (

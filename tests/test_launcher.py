@@ -227,7 +227,8 @@ HOSTILE = [
 
 @pytest.mark.parametrize("override", HOSTILE)
 def test_hostile_strings_are_refused_and_nothing_runs(tmp_path: Path, override: str) -> None:
-    done = submit(str(RECIPES / "smoke.yaml"), override, "--executor", "local", "--dry-run", cwd=tmp_path)
+    # A real submission (no --dry-run): a string that got through would run, or write the run's folder.
+    done = submit(str(RECIPES / "smoke.yaml"), override, "--executor", "local", cwd=tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert any(words in done.stderr for words in ("may only hold", "hold only letters", "not allowed"))
     assert not (tmp_path / "PWNED").exists()

@@ -360,6 +360,8 @@ def test_every_rank_resumes_its_own_logging_window(tmp_path: Path, tones_corpus:
     run_and_kill_after_checkpoint(cmd, resumed, 6)
     keep_only_checkpoint(resumed, 6)
     run(cmd)
+    starts = [r for r in read_run_logs(resumed) if is_start(r) and r["attempt"] == 1]
+    assert [r["resumed_from"] for r in starts] == [6, 6]  # both ranks, from the checkpoint inside a window
 
     def losses(run_dir: Path) -> dict[tuple[int, int], float]:  # (rank, step): the last attempt's
         return {(r["rank"], r["step"]): r["loss"] for r in read_run_logs(run_dir) if r["kind"] == "train"}

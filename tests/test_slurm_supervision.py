@@ -153,6 +153,8 @@ def test_a_dead_rank_ends_the_step_at_once_while_its_peer_is_in_a_long_phase(
     # rank 0 never woke from its sleep (no evaluation, no collective's error): srun ended it inside it
     after = [r for r in read_run_logs(run_dir) if r["rank"] == 0 and r["time"] > stall["time"]]
     assert [r.get("event") for r in after] == ["failure"], after
+    crash = next(r for r in events(run_dir, "fault") if r["rank"] == 1)
+    assert failure["time"] - crash["time"] < 30  # within seconds: neither the sleep's 120 s nor a timeout
 
 
 @pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
@@ -184,5 +186,18 @@ def test_out_of_memory_on_one_of_two_ranks_continues_at_half_the_micro_batch(
     }
     expected = {r["step"]: r["sample_ids"] for r in read_run_logs(reference) if r["kind"] == "train"}
     assert ids == expected  # the same samples at every step, before and after the split
+    # ... and the same training: each step's loss (the mean of the ranks' equal halves) and gradient norm as
+    # one process's at micro 4 x accumulation 2, the attempt at micro 2 x 2 included (its records come last).
+    trained: dict[int, dict[int, dict]] = {}
+    for record in read_run_logs(run_dir):
+        if record["kind"] == "train":
+            trained.setdefault(record["step"], {})[record["rank"]] = record
+    single = {r["step"]: r for r in read_run_logs(reference) if r["kind"] == "train"}
+    assert sorted(trained) == sorted(single) == list(range(1, 11))
+    for step, ranks in trained.items():
+        assert (ranks[0]["loss"] + ranks[1]["loss"]) / 2 == pytest.approx(single[step]["loss"], rel=1e-4), (
+            step
+        )
+        assert ranks[0]["grad_norm"] == pytest.approx(single[step]["grad_norm"], rel=1e-3), step
     history = RunHistory.read(RunDir(run_dir))
     assert history.oom_micro_cap() == 2 and json.dumps(history.restarts) == "[3]"

@@ -222,16 +222,23 @@ def test_a_release_the_controller_does_not_answer_in_time_is_asked_again_then_st
 
     fake = FakeRun("JobId=42 JobName=smoke\n   JobState=RUNNING ExcNodeList=(null)\n")
     limits: list[float] = []
+    after_release = (
+        "JobState=PENDING Reason=JobHeldUser"  # what the controller did with a release it let time out
+    )
 
     def busy(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
         limits.append(kwargs["timeout"])
         if command[:2] == ["scontrol", "release"]:
-            raise subprocess.TimeoutExpired(command, kwargs.get("timeout") or 0)
+            fake.stdout = f"JobId=42 JobName=smoke\n   {after_release} ExcNodeList=node1\n"
+            raise subprocess.TimeoutExpired(command, kwargs["timeout"])
         return fake(command)
 
     monkeypatch.setattr(subprocess, "run", busy)
     assert SlurmTask(job_id="42").requeue_without(["node1"]) == (False, True)
-    assert sum(limits[2:]) <= 30 and limits[-2:] == [8, 8]  # after the hold: update, release, release
+    assert sum(limits[2:5]) <= 30 and limits[3:5] == [8, 8]  # after the hold: update, release, release
+    after_release = "JobState=PENDING Reason=BeginTime"  # released after all: a requeued job waits
+    fake.stdout = "JobId=42 JobName=smoke\n   JobState=RUNNING ExcNodeList=(null)\n"
+    assert SlurmTask(job_id="42").requeue_without(["node1"]) == (True, True)
     monkeypatch.setattr(subprocess, "run", FakeRun("42|PENDING||0:00|JobHeldUser\n"))
     run_dir = RunDir(tmp_path / "run")
     run_dir.path.mkdir()

@@ -177,6 +177,7 @@ def run_preflight(specs: list[RunSpec], kind: str, verbose: bool) -> list[str]:
 
 
 def refuse_failed(failed: list[str], what: str) -> None:
+    """SubmitError with one line per failed preflight check, then `what` follows from it."""
     if failed:
         raise SubmitError("\n".join(failed) + f"\n({what}; --no-preflight skips these checks)")
 

@@ -153,6 +153,11 @@ EVENT_FIELDS: dict[Event, tuple[Field, ...]] = {
         Field("stacks", "the stacks' file, for a hang"),
         Field("excluded_nodes", "nodes the requeued job may no longer run on"),
         Field("excluded_why", "why they were left out"),
+        Field(
+            "late",
+            "true when the time limit was too near for a restart to get its stop signal: requeued instead "
+            "(no node left out), or restarted as a last chance when no requeue was left",
+        ),
         ERROR,
     ),
     Event.HANG: (

@@ -7,14 +7,13 @@ the requeue budget (job/task.py); after a failed step the batch script's failove
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.signals import JobInterrupted, answer_stack_requests
-from asrlaunch.job.task import adopt_launcher_environment
+from asrlaunch.job.task import adopt_launcher_environment, task_rank
 
 
 class PrepareJob:
@@ -55,8 +54,8 @@ class TrainJob:
 
     def __call__(self, run_dir: str) -> str:
         run = RunDir(Path(run_dir))
+        answer_stack_requests(run, task_rank())  # before anything that can hang: the controller, the imports
         adopt_launcher_environment()
-        answer_stack_requests(run, int(os.environ.get("RANK", "0")))  # before the imports that can hang
 
         from asrlaunch.core.recipe import load_recipe
         from asrlaunch.engine.train import run_training

@@ -35,7 +35,7 @@ from asrlaunch.core.logs import RankLog
 from asrlaunch.core.recipe import ClusterSection, RecipeError, load_recipe
 from asrlaunch.core.records import Event, event_of
 from asrlaunch.core.rundir import RunDir, SweepDir
-from asrlaunch.job.task import SlurmTask, within_requeue_budget
+from asrlaunch.job.task import SIGNAL_EARLY_S, SlurmTask, within_requeue_budget
 from asrlaunch.job.triage import FirstFailure, first_failure, partition_room, unhealthy_nodes
 
 # Job states in which the scheduler, or the user, already decided what comes next.
@@ -124,28 +124,36 @@ def decide(
             "repeats at the same place is a bug, not bad luck; see the errors in its submitit/ logs"
         )
         return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
-    if (
-        restarts_in_job < cluster.max_restarts_in_job
-        and not bad_nodes
-        and restart_has_time(cluster, time_left)
-    ):
+    restartable = restarts_in_job < cluster.max_restarts_in_job and not bad_nodes
+    timely = restart_has_time(cluster, time_left)
+    if restartable and timely:
         return Verdict(RESTART, {**record, "action": RESTART, "requeued": False}, attempt)
+    refusal = requeue_refusal(history, cluster, task, restarts_in_job)
+    if refusal and restartable:  # too near the time limit, and no requeue left: the allocation's last chance
+        return Verdict(RESTART, {**record, "action": RESTART, "requeued": False, "late": True}, attempt)
+    if refusal:
+        return Verdict(
+            NONE, {**record, "action": NONE, "requeued": False, "retry": False, "error": refusal}, attempt
+        )
+    late = {"late": True} if restartable else {}  # requeued for its time, not its node: none is left out
+    return Verdict(REQUEUE, {**record, "action": REQUEUE, "requeued": True, **late}, attempt)
+
+
+def requeue_refusal(history: RunHistory, cluster: ClusterSection, task: SlurmTask, restarts: int) -> str:
+    """Why this failure may not be requeued (the requeue budget, the failure budget), or ""."""
     if not within_requeue_budget(task.restart_count + 1, cluster.max_requeues):
-        record["error"] = (
+        return (
             f"the job failed after {task.restart_count} requeue(s), the most cluster.max_requeues="
             f"{cluster.max_requeues} allows; look at the errors in its submitit/ logs, then resubmit with "
             "`asrlaunch submit --resume`"
         )
-        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
-    spent = len(requeued_failures(history, task.job_id))
-    if spent >= cluster.max_failures:
-        record["error"] = (
-            f"the job failed {len(failures) + 1} times, more than cluster.max_failures={cluster.max_failures}"
-            f" (after {restarts_in_job} restart(s) in its allocation); look at the errors in its submitit/ "
-            "logs, then resubmit with `asrlaunch submit --resume`"
+    if len(requeued_failures(history, task.job_id)) >= cluster.max_failures:
+        return (
+            f"the job failed {len(history.failures) + 1} times, more than cluster.max_failures="
+            f"{cluster.max_failures} (after {restarts} restart(s) in its allocation); look at the errors in "
+            "its submitit/ logs, then resubmit with `asrlaunch submit --resume`"
         )
-        return Verdict(NONE, {**record, "action": NONE, "requeued": False, "retry": False}, attempt)
-    return Verdict(REQUEUE, {**record, "action": REQUEUE, "requeued": True}, attempt)
+    return ""
 
 
 # What a restarted step needs before its stop signal could be acted on: start-up, a checkpoint to resume.
@@ -153,10 +161,10 @@ RESTART_STARTUP_S = 120.0
 
 
 def restart_has_time(cluster: ClusterSection, time_left: float | None) -> bool:
-    """SLURM sends the stop signal before the time limit once: a step restarted later than that, or too close
-    to it to start up first, would reach the limit without a checkpoint and end as TIMEOUT, which nothing
-    requeues. Such a step is requeued instead."""
-    return time_left is None or time_left > cluster.signal_delay_s + RESTART_STARTUP_S
+    """SLURM sends the stop signal before the time limit once (up to SIGNAL_EARLY_S early): a step restarted
+    later than that, or too close to it to start up first, would reach the limit without a checkpoint and end
+    as TIMEOUT, which nothing requeues. Such a step is requeued instead, while a requeue is allowed."""
+    return time_left is None or time_left > cluster.signal_delay_s + SIGNAL_EARLY_S + RESTART_STARTUP_S
 
 
 def requeue(first: FirstFailure | None, bad_nodes: Sequence[str], task: SlurmTask) -> dict[str, Any]:
@@ -194,7 +202,7 @@ def handle(
     first = first_failure(run_dir, attempt, submitit, task)
     record = {**verdict.record, "job_id": task.job_id, **(first.fields() if first else {})}
     if verdict.action == REQUEUE:
-        record.update(requeue(first, bad_nodes, task))
+        record.update(requeue(None if record.get("late") else first, bad_nodes, task))
     with RankLog(run_dir, 0, attempt=attempt.number) as log:
         plan = next((a.plan for a in reversed(history.attempts) if a.starts), {})
         epoch = attempt.last_step / max(1, plan.get("steps_per_epoch", 1))

@@ -17,6 +17,8 @@ TERMINAL = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 )
 SQUEUE_FORMAT = "%i|%T|%N|%M|%r"
+# A job that waits for `scontrol release` (failover's requeue holds one to change its excluded nodes).
+HELD_STATE, USER_HOLD, ADMIN_HOLD = "REQUEUE_HOLD", "JobHeldUser", "JobHeldAdmin"
 SACCT_FIELDS = "JobID,State,NodeList,Elapsed"
 
 

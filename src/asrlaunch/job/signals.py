@@ -12,6 +12,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
@@ -50,7 +51,7 @@ class JobInterrupted(RuntimeError):
         super().__init__(f"stopped at step {step} ({reason}); checkpoint saved; job {action}")
 
 
-_STACK_FILE: list[TextIO] = []  # open for the process's life: faulthandler writes into it from a signal
+_STACK_FILE: dict[Path, TextIO] = {}  # open for the process's life: faulthandler writes into it from a signal
 
 
 def answer_stack_requests(run_dir: RunDir, rank: int) -> None:
@@ -58,15 +59,15 @@ def answer_stack_requests(run_dir: RunDir, rank: int) -> None:
     when a rank hangs). Registered first thing in a task, before torch's imports: the supervisor signals a
     whole step, and SIGQUIT's default would end (and core-dump) a rank still importing, the very rank whose
     stacks say where a cold file system hangs. faulthandler writes from the signal handler itself, so a rank
-    stuck in C answers too. Once per process."""
-    if _STACK_FILE:
-        return
+    stuck in C answers too. Once per run and rank in a process."""
     path = run_dir.rank_stacks(rank, os.getpid())
+    if path in _STACK_FILE:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_SYNC: on NFS a write reaches the server at once, not at close (the supervisor reads elsewhere)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_SYNC, 0o644)
-        _STACK_FILE.append(os.fdopen(descriptor, "w"))
+        _STACK_FILE[path] = os.fdopen(descriptor, "w")
     except OSError:
         return
-    faulthandler.register(signal.SIGQUIT, file=_STACK_FILE[0], all_threads=True)
+    faulthandler.register(signal.SIGQUIT, file=_STACK_FILE[path], all_threads=True)

@@ -199,11 +199,11 @@ def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, n
         for step in task.running_steps():
             task.cancel_step(step, "QUIT")
             task.cancel_step(step, "CONT")
-        time.sleep(3.0)
+        settle(run_dir.stacks)
         for state in missing:
             if (answer := _answer(run_dir, state, asked)) is not None:
                 path, text = answer
-                sections[state.rank] = f"faulthandler of {path.stem.split('-')[-1]}\n{text}"
+                sections[state.rank] = f"faulthandler of pid {path.stem.split('-pid')[-1]}\n{text}"
     lines = []
     for state in states:
         head = f"== rank {state.rank}: phase {state.phase}, step {state.step}, waiting {state.waiting}, "
@@ -211,6 +211,27 @@ def dump_stacks(run_dir: RunDir, states: Sequence[RankState], task: SlurmTask, n
         lines.append(f"{head}\n{sections.get(state.rank, '(no stacks: not reachable from here)')}\n")
     target.write_text("\n".join(lines))
     return target
+
+
+def settle(folder: Path, least_s: float = 3.0, still_s: float = 1.0, most_s: float = 15.0) -> None:
+    """Wait for the ranks' answers: at least `least_s`, then until no file of `folder` has grown for `still_s`
+    (with O_SYNC, many ranks' deep stacks take a while on NFS), at most `most_s`."""
+    started = last_change = time.monotonic()
+    sizes: dict[str, int] = {}
+    while (now := time.monotonic()) - started < most_s:
+        seen = {path.name: _size(path) for path in folder.iterdir()} if folder.is_dir() else {}
+        if seen != sizes:
+            sizes, last_change = seen, now
+        elif now - started >= least_s and now - last_change >= still_s:
+            return
+        time.sleep(0.25)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def _answer(run_dir: RunDir, state: RankState, asked: float) -> tuple[Path, str] | None:

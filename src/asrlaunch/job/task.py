@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from asrlaunch.core.records import Event
-from asrlaunch.job.scheduler import parse_scontrol_jobs, parse_time_left, run_command
+from asrlaunch.job.scheduler import (
+    HELD_STATE,
+    USER_HOLD,
+    parse_scontrol_jobs,
+    parse_time_left,
+    run_command,
+)
 
 # Below Linux's ephemeral ports (32768-60999 by default), which any outgoing connection of a busy node may
 # hold (another job's NCCL): a master port among them fails now and then with EADDRINUSE.
@@ -163,7 +169,12 @@ class SlurmTask:
         released = self._scontrol("release", self.target, timeout_s=8) or self._scontrol(
             "release", self.target, timeout_s=8
         )
-        return released, updated
+        return released or not self._still_held(), updated
+
+    def _still_held(self) -> bool:
+        """After a release that timed out (which the controller may have done all the same); unknown: held."""
+        shown = self.show()
+        return not shown or shown.get("JobState") == HELD_STATE or shown.get("Reason") == USER_HOLD
 
     def _scontrol(self, *args: str, timeout_s: float = 60) -> bool:
         if not self.job_id:
@@ -233,6 +244,16 @@ def torch_env_from_submitit_local(environ: Mapping[str, str]) -> dict[str, str]:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(master_port(environ["SUBMITIT_LOCAL_JOB_ID"])),
     }
+
+
+def task_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This task's global rank from its launcher's variables alone (torchrun's, submitit's local executor's,
+    SLURM's): before `adopt_launcher_environment`, which may wait on the controller."""
+    env = os.environ if environ is None else environ
+    for key in ("RANK", "SUBMITIT_LOCAL_GLOBALID", "SLURM_PROCID"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    return 0
 
 
 def adopt_launcher_environment() -> None:

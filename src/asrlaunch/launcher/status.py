@@ -17,7 +17,15 @@ from asrlaunch.core.goodput import Goodput, goodput, stragglers
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.records import event_of
 from asrlaunch.core.rundir import RunDir, expand_run_dirs
-from asrlaunch.job.scheduler import TERMINAL, JobState, local_state, slurm_states
+from asrlaunch.job.scheduler import (
+    ADMIN_HOLD,
+    HELD_STATE,
+    TERMINAL,
+    USER_HOLD,
+    JobState,
+    local_state,
+    slurm_states,
+)
 from asrlaunch.launcher.preparation import preparation_note
 
 __all__ = ["TERMINAL", "RunStatus", "collect_status", "format_table", "wait_for"]
@@ -71,8 +79,10 @@ class RunStatus:
     def notes(self) -> list[str]:
         """What the table's row cannot say, one line each."""
         lines = [self.preparation, self.error, self.failure, self.stopped, *(f"slow: {s}" for s in self.slow)]
-        if self.job.state == "REQUEUE_HOLD" or self.job.reason in ("JobHeldUser", "JobHeldAdmin"):
+        if self.job.state == HELD_STATE or self.job.reason == USER_HOLD:
             lines.insert(0, f"held: it starts only after `scontrol release {self.job_id}` ({HELD_WHY})")
+        elif self.job.reason == ADMIN_HOLD:
+            lines.insert(0, "held by an administrator (JobHeldAdmin): only they can release it")
         if self.goodput is not None and self.goodput.ratio is not None:
             lines.append(f"goodput: {self.goodput.summary()}")
         return [line for line in lines if line]
