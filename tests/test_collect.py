@@ -135,11 +135,13 @@ def test_ranks_and_attempts_merge_into_the_hand_checked_table(tmp_path: Path) ->
 
 def test_replayed_steps_equal_an_uninterrupted_run() -> None:
     straight = [meta(0, 0, None), *(train(s, 0, 0) for s in range(1, 9)), evaluation(4, 0), evaluation(8, 0)]
+    # Attempt 0's steps 4-6 and its evaluation at 4 were trained again by attempt 1 from the checkpoint at 3:
+    # the replayed records win (attempt 0's differ here, as a non-deterministic GPU's would).
     interrupted = [
         meta(0, 0, None),
-        *(train(s, 0, 0) for s in range(1, 7)),
-        evaluation(4, 0),
-        {**train(6, 0, 0), "loss": 99.0},
+        *(train(s, 0, 0) for s in range(1, 4)),
+        *({**train(s, 0, 0), "loss": 99.0} for s in range(4, 7)),
+        {**evaluation(4, 0), "eval_loss": 99.0, "wer": 0.99},
         meta(0, 1, 3),
         *({**train(s, 1, 0), "attempt": 1, "loss": train(s, 0, 0)["loss"]} for s in range(4, 9)),
         {**evaluation(4, 0), "attempt": 1},

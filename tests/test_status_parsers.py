@@ -306,7 +306,9 @@ def test_wait_ends_on_a_preemption_that_lasts_not_on_one_passed_through(
     assert len(polls) == 8  # the preemption lasted past 5 (monotonic) seconds: the cancelled job's end
 
 
-def test_a_hang_is_ended_though_the_controller_is_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_busy_controller_is_asked_again_and_a_scancel_timeout_does_not_escape(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """squeue fails twice (a busy controller) before it lists the step; a scancel that times out is a
     refusal, not an exception that would leave the step running."""
     answers = iter([1, 1, 0])
