@@ -281,3 +281,20 @@ def test_the_first_training_window_opens_at_the_start_record(tmp_path: Path, ton
     first = next(r for r in records if r["kind"] == "train" and r["rank"] == 0)
     opened = first["time"] - first["step"] * start["plan"]["global_batch"] / first["samples_per_s"]
     assert opened >= start["time"] - 0.1
+
+
+def test_a_shard_rank_0_cannot_see_fails_the_checkpoint_instead_of_leaving_the_manifest(
+    tmp_path: Path,
+) -> None:
+    """Each rank names what it wrote; a file another node wrote that rank 0 cannot find (a shared file system
+    that lost it, or has not shown it yet) is an error, not a manifest that silently leaves it unchecked."""
+    folder = tmp_path / "partial"
+    (folder / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(64))
+    (folder / "pytorch_model_fsdp_0" / "shard.pt").write_bytes(bytes(8))
+    written = checkpoint.flush_written(folder)
+    assert written == ["model.safetensors", "pytorch_model_fsdp_0/shard.pt"]
+    manifest = checkpoint.write_manifest(folder, 5, {}, written)
+    assert sorted(manifest["files"]) == written
+    with pytest.raises(OSError, match=r"not found by rank 0: .*random_states_1\.pkl"):
+        checkpoint.write_manifest(folder, 5, {}, [*written, "random_states_1.pkl"])

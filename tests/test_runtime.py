@@ -47,13 +47,16 @@ def test_large_cpu_tensors_come_from_the_heap_once_freed_memory_is_kept() -> Non
     assert held_in_mmap("keep") < 64 * MIB  # from the heap, which keeps it for the next step
 
 
-# A training rank run through the CLI, which then says which top-level packages it had imported by its end.
+# A training rank run through the CLI, which then says which top-level packages it had imported by its end,
+# in a file of its own (two ranks' long lines on one pipe can interleave).
 IMPORTS_OF_A_RUN = """
-import json, os, sys
+import json, os, pathlib, sys
 from asrlaunch.cli.main import main
 code = main(sys.argv[1:])
 packages = sorted({name.split(".")[0] for name in sys.modules})
-print("IMPORTED", json.dumps({"rank": os.environ.get("RANK", "0"), "code": code, "packages": packages}))
+rank = os.environ.get("RANK", "0")
+report = pathlib.Path(__file__).with_name(f"imported-{rank}.json")
+report.write_text(json.dumps({"rank": rank, "code": code, "packages": packages}))
 """
 # Installed by `make venv` (extras train, deepspeed, test), never needed by a DDP run without trackers on a
 # prepared corpus.
@@ -82,9 +85,7 @@ def test_a_started_rank_imports_only_what_its_run_uses(tones_corpus: Path, tmp_p
     command[at : at + 2] = [str(probe)]
     done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    reports = [
-        json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("IMPORTED")
-    ]
+    reports = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("imported-*.json"))]
     assert sorted(r["rank"] for r in reports) == ["0", "1"] and all(r["code"] == 0 for r in reports)
     for report in reports:
         assert {"torch", "transformers", "accelerate", "pyarrow"} <= set(report["packages"])

@@ -16,6 +16,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,30 @@ def flush_tree(folder: Path) -> None:
     _fsync_dir(folder)
 
 
-def write_manifest(folder: Path, step: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file, flush it to disk, then write the manifest (itself via a temporary file)."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+def flush_written(folder: Path) -> list[str]:
+    """Every file below `folder` this process sees, flushed to disk from here (only the node that wrote a file
+    can flush what it holds of it: each rank flushes its own shards), by its name relative to `folder`."""
+    names = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         _fsync_file(path)
-        files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        names.append(str(path.relative_to(folder)))
+    return names
+
+
+def write_manifest(
+    folder: Path, step: int, extra: dict[str, Any], written: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Hash every file, flush it to disk, then write the manifest (itself via a temporary file). `written`:
+    what the other ranks wrote, which a shared file system's listing may not show this node yet; one that
+    cannot be found fails the checkpoint, rather than being left out of the manifest unchecked."""
+    listed = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    files = {}
+    for name in sorted(listed | set(written)):
+        path = folder / name
+        if not path.is_file():
+            raise OSError(errno.ENOENT, f"written by another rank but not found by rank 0: {path}")
+        _fsync_file(path)
+        files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files, **extra}
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -200,6 +219,34 @@ def _anyone(accelerator: Any, failed: bool) -> bool:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+def _write_shards(accelerator: Any, partial: Path) -> Exception | None:
+    from safetensors import SafetensorError  # how safetensors reports an I/O error (a full disk)
+
+    try:
+        accelerator.save_state(str(partial), safe_serialization=True)
+    except (OSError, RuntimeError, SafetensorError) as problem:  # torch's zip writer: RuntimeError
+        return problem
+    return None
+
+
+def _everyone_flushed(accelerator: Any, partial: Path) -> tuple[list[str], OSError | None]:
+    """Each rank flushes what it sees of the checkpoint (its node's writes); every rank's file names, and an
+    error on every rank when any could not flush (all ranks call this, after every write is done)."""
+    try:
+        mine, problem = flush_written(partial), None
+    except OSError as error:
+        mine, problem = [], error
+    if accelerator.num_processes == 1:
+        return mine, problem
+    from accelerate.utils import gather_object
+
+    with waiting():
+        reports = gather_object([(mine, problem is not None)])
+    if problem is None and any(failed for _, failed in reports):
+        problem = OSError(errno.EIO, "another rank could not flush its checkpoint files to disk")
+    return sorted({name for names, _ in reports for name in names}), problem
+
+
 def _barrier(accelerator: Any) -> None:
     with waiting():
         accelerator.wait_for_everyone()
@@ -209,8 +256,6 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
     """Every rank calls this at the same step boundary (accelerate writes per-rank RNG and shards). A write
     that fails on any rank (a full disk) fails on all of them with CheckpointWriteError; the partial folder
     is removed and nothing older is touched (pruning happens only after a checkpoint is complete)."""
-    from safetensors import SafetensorError  # how safetensors reports an I/O error (a full disk)
-
     partial, final = partial_dir(checkpoints, step), step_dir(checkpoints, step)
     error: Exception | None = None
     try:
@@ -221,17 +266,16 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
         error = problem
     # Agreed before the shards are written (and a barrier too): every rank then makes the same collectives.
     if not _anyone(accelerator, error is not None):
-        try:
-            accelerator.save_state(str(partial), safe_serialization=True)
-        except (OSError, RuntimeError, SafetensorError) as problem:  # torch's zip writer: RuntimeError
-            error = problem
-    if not _anyone(accelerator, error is not None) and accelerator.is_main_process:
-        try:
-            (partial / STATE).write_text(json.dumps(state, indent=1))
-            write_manifest(partial, step, {"world_size": accelerator.num_processes})
-            publish(partial, final)
-        except OSError as problem:
-            error = problem
+        error = _write_shards(accelerator, partial)
+    if not _anyone(accelerator, error is not None):  # every rank's write is done: what each sees is final
+        written, error = _everyone_flushed(accelerator, partial)
+        if error is None and accelerator.is_main_process:
+            try:
+                (partial / STATE).write_text(json.dumps(state, indent=1))
+                write_manifest(partial, step, {"world_size": accelerator.num_processes}, written)
+                publish(partial, final)
+            except OSError as problem:
+                error = problem
     if _anyone(accelerator, error is not None):
         need, full = checkpoint_mib(checkpoints, step), error is None or out_of_space(error, checkpoints)
         if accelerator.is_main_process:
