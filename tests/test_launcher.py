@@ -255,6 +255,10 @@ def test_torch_environment_of_a_slurm_task() -> None:
         "MASTER_ADDR": "10.0.0.7 for gpu[07-08]",
         "MASTER_PORT": str(master_port("4242")),
     }
+    # The batch script resolves the address once for all its tasks: they then ask the controller nothing.
+    exported = {**environ, "ASRLAUNCH_MASTER_ADDR": "10.0.0.9"}
+    once = torch_env_from_slurm(exported, resolve_address=lambda _: pytest.fail("asked the controller"))
+    assert once["MASTER_ADDR"] == "10.0.0.9"
     # Array elements sharing a node need their own port: each has its own SLURM_JOB_ID (4243 = 4200_3 here),
     # whatever its array's id; 1000 elements of one array, or elements of arrays 20 ids apart, never collide.
     element = {"SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "3"}

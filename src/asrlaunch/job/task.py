@@ -57,6 +57,7 @@ class SlurmTask:
     local_id: int = 0
     tasks_per_node: int = 1
     nodes: int = 1
+    master_addr: str | None = None  # MASTER_ADDR_VARIABLE: resolved once by the batch script for all tasks
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> SlurmTask:
@@ -73,6 +74,7 @@ class SlurmTask:
             local_id=int(env.get("SLURM_LOCALID", "0") or 0),
             tasks_per_node=int((env.get("SLURM_NTASKS_PER_NODE", "") or "1").split("(")[0] or 1),
             nodes=int(env.get("SLURM_JOB_NUM_NODES", "1") or 1),
+            master_addr=env.get(MASTER_ADDR_VARIABLE) or None,
         )
 
     @property
@@ -203,7 +205,8 @@ class SlurmTask:
     # -- torch.distributed from SLURM's variables ---------------------------------------------------------
     def torch_environment(self, resolve_address: Callable[[str], str] | None = None) -> dict[str, str]:
         """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this task. The master
-        address is the first node's NodeAddr, because node names need not resolve (here they do not)."""
+        address is the first node's NodeAddr, because node names need not resolve (here they do not): the
+        batch script's, when it resolved it (one scontrol call per start, not two per task)."""
         resolve = resolve_address or first_node_address
         port_key = self.job_id or "0"  # each element of a job array has a SLURM_JOB_ID of its own
         return {
@@ -211,9 +214,21 @@ class SlurmTask:
             "LOCAL_RANK": str(self.local_id),
             "WORLD_SIZE": str(self.ntasks),
             "LOCAL_WORLD_SIZE": str(self.tasks_per_node),
-            "MASTER_ADDR": resolve(self.nodelist or ""),
+            "MASTER_ADDR": self.master_addr or resolve(self.nodelist or ""),
             "MASTER_PORT": str(master_port(port_key)),
         }
+
+
+MASTER_ADDR_VARIABLE = "ASRLAUNCH_MASTER_ADDR"
+
+
+def master_address_line(python: str) -> str:
+    """The batch script's line that resolves the first node's address once, for every task of its steps."""
+    resolve = (
+        "import os; from asrlaunch.job.task import first_node_address as first; "
+        "print(first(os.environ['SLURM_JOB_NODELIST']))"
+    )
+    return f'export {MASTER_ADDR_VARIABLE}="$({python} -c "{resolve}")"'
 
 
 def hostnames(nodelist: str) -> list[str]:

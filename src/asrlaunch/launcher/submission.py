@@ -22,6 +22,7 @@ from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.plan import StepPlan, plan_run
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.core.rundir import RunDir, SweepDir
+from asrlaunch.job.task import master_address_line
 from asrlaunch.job.triage import STEP_MARKER
 from asrlaunch.launcher.preparation import submit_preparation
 from asrlaunch.launcher.sweep import RunSpec, submitit_folder
@@ -67,11 +68,13 @@ def choose_executor(requested: str) -> str:
 def batch_setup(run_dirs: Sequence[Path]) -> list[str]:
     """Before srun. Stop signals reach the batch shell too (`scancel --full`, `B:` signals, preemption's
     SIGTERM): bash's default would end it and take the step with it, so it traps them (the tasks act on them).
-    Then a loop opens (closed in `batch_teardown`): each turn marks the step's start in the job's error
-    output (triage reads srun's reports after it) and starts the supervisor beside srun."""
+    The torch master's address is resolved once, for every task. Then a loop opens (closed in
+    `batch_teardown`): each turn marks the step's start in the job's error output (triage reads srun's
+    reports after it) and starts the supervisor beside srun."""
     python, dirs = shlex.quote(sys.executable), " ".join(shlex.quote(str(p.resolve())) for p in run_dirs)
     return [
         "trap : USR2 TERM",
+        master_address_line(python),
         "asrlaunch_restarts=0",
         "while :; do",
         "asrlaunch_step_start=$(date +%s.%N)",
