@@ -298,3 +298,29 @@ def test_a_shard_rank_0_cannot_see_fails_the_checkpoint_instead_of_leaving_the_m
     assert sorted(manifest["files"]) == written
     with pytest.raises(OSError, match=r"not found by rank 0: .*random_states_1\.pkl"):
         checkpoint.write_manifest(folder, 5, {}, [*written, "random_states_1.pkl"])
+
+
+def test_a_checkpoint_that_fails_on_rank_0_for_another_reason_is_a_crash_on_every_rank(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """Not a full disk (here: the step's folder name taken by a file): every rank ends as a crash, which
+    failover may retry; before, rank 0 crashed and rank 1 raised the final checkpoint error, so the attempt
+    looked final and was never retried."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint.step_dir(run_dir / "checkpoints", 2).write_text("in the way")
+    settings = (
+        "train.global_batch_size=8",
+        "checkpoint.save_steps=2",
+        "train.max_steps=4",
+        "eval.at_start=false",
+    )
+    done = subprocess.run(
+        engine_command(run_dir, tones_corpus, 2, *settings), env=python_env(), capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    ended = [r for r in notable(read_run_logs(run_dir)) if r["event"] in ("crash", "error")]
+    assert sorted((r["rank"], r["event"], r["retry"]) for r in ended) == [
+        (0, "crash", True),
+        (1, "crash", True),
+    ]

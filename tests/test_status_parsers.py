@@ -324,3 +324,26 @@ def test_a_busy_controller_is_asked_again_and_a_scancel_timeout_does_not_escape(
     task = SlurmTask(job_id="42")
     assert task.running_steps(pause_s=0.0) == ["3"] and len(fake.commands) == 3
     assert task.cancel_step("3") is False
+
+
+def test_the_batch_scripts_master_address_is_empty_unless_scontrol_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An empty ASRLAUNCH_MASTER_ADDR makes each task ask for itself; a guess (the node list itself) would
+    send every task of every restart to an address that does not resolve."""
+    from asrlaunch.job.task import known_first_node_address
+
+    answers = {
+        "hostnames": "gpu01\ngpu02\n",
+        "node": "NodeName=gpu01 Arch=x86_64\n   NodeAddr=10.1.0.1 NodeHostName=gpu01\n",
+    }
+
+    def scontrol(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(command, 0 if answers[command[2]] else 1, answers[command[2]], "")
+
+    monkeypatch.setattr(subprocess, "run", scontrol)
+    assert known_first_node_address("gpu[01-02]") == "10.1.0.1"
+    answers["node"] = ""  # the controller did not answer for the node
+    assert known_first_node_address("gpu[01-02]") is None
+    answers["hostnames"] = ""
+    assert known_first_node_address("gpu[01-02]") is None

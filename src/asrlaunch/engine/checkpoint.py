@@ -90,6 +90,16 @@ def flush_written(folder: Path) -> list[str]:
     return names
 
 
+def _appears(path: Path, within_s: float = 5.0) -> bool:
+    """Whether `path` is a file, asked again for a few seconds (a shared file system may show it late)."""
+    deadline = time.monotonic() + within_s
+    while not path.is_file():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def write_manifest(
     folder: Path, step: int, extra: dict[str, Any], written: Iterable[str] = ()
 ) -> dict[str, Any]:
@@ -100,7 +110,7 @@ def write_manifest(
     files = {}
     for name in sorted(listed | set(written)):
         path = folder / name
-        if not path.is_file():
+        if not _appears(path):
             raise OSError(errno.ENOENT, f"written by another rank but not found by rank 0: {path}")
         _fsync_file(path)
         files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -229,22 +239,25 @@ def _write_shards(accelerator: Any, partial: Path) -> Exception | None:
     return None
 
 
-def _everyone_flushed(accelerator: Any, partial: Path) -> tuple[list[str], OSError | None]:
-    """Each rank flushes what it sees of the checkpoint (its node's writes); every rank's file names, and an
-    error on every rank when any could not flush (all ranks call this, after every write is done)."""
-    try:
-        mine, problem = flush_written(partial), None
-    except OSError as error:
-        mine, problem = [], error
+def _everyone_flushed(accelerator: Any, partial: Path) -> tuple[list[str], OSError | None, bool]:
+    """One rank per node flushes what it sees of the checkpoint (fsync: only the node that wrote a file can
+    flush what it holds of it); every such rank's file names, this rank's error, and whether another rank
+    failed (all ranks call this, after every write is done)."""
+    mine: list[str] = []
+    problem: OSError | None = None
+    if accelerator.is_local_main_process:
+        try:
+            mine = flush_written(partial)
+        except OSError as error:
+            problem = error
     if accelerator.num_processes == 1:
-        return mine, problem
+        return mine, problem, False
     from accelerate.utils import gather_object
 
     with waiting():
         reports = gather_object([(mine, problem is not None)])
-    if problem is None and any(failed for _, failed in reports):
-        problem = OSError(errno.EIO, "another rank could not flush its checkpoint files to disk")
-    return sorted({name for names, _ in reports for name in names}), problem
+    peer_failed = problem is None and any(failed for _, failed in reports)
+    return sorted({name for names, _ in reports for name in names}), problem, peer_failed
 
 
 def _barrier(accelerator: Any) -> None:
@@ -268,8 +281,8 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
     if not _anyone(accelerator, error is not None):
         error = _write_shards(accelerator, partial)
     if not _anyone(accelerator, error is not None):  # every rank's write is done: what each sees is final
-        written, error = _everyone_flushed(accelerator, partial)
-        if error is None and accelerator.is_main_process:
+        written, error, peer_failed = _everyone_flushed(accelerator, partial)
+        if error is None and not peer_failed and accelerator.is_main_process:
             try:
                 (partial / STATE).write_text(json.dumps(state, indent=1))
                 write_manifest(partial, step, {"world_size": accelerator.num_processes}, written)
@@ -277,13 +290,17 @@ def save(accelerator: Any, checkpoints: Path, step: int, state: dict[str, Any], 
             except OSError as problem:
                 error = problem
     if _anyone(accelerator, error is not None):
-        need, full = checkpoint_mib(checkpoints, step), error is None or out_of_space(error, checkpoints)
+        # One verdict for every rank: a crash (failover may retry it) unless the disk is what failed
+        crash = _anyone(accelerator, error is not None and not out_of_space(error, checkpoints))
+        need = checkpoint_mib(checkpoints, step)
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         _barrier(accelerator)
         message = write_failure(checkpoints, step, error, need)
-        if error is not None and not full:
-            raise error  # not the disk: a crash like any other (failover may retry it)
+        if crash:
+            raise error or CheckpointError(
+                f"the checkpoint of step {step} failed on another rank (see its error)"
+            )
         raise CheckpointWriteError(message)
     if accelerator.is_main_process:
         prune(checkpoints, keep_last, step)

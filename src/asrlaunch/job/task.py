@@ -206,7 +206,7 @@ class SlurmTask:
     def torch_environment(self, resolve_address: Callable[[str], str] | None = None) -> dict[str, str]:
         """RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT of this task. The master
         address is the first node's NodeAddr, because node names need not resolve (here they do not): the
-        batch script's, when it resolved it (one scontrol call per start, not two per task)."""
+        batch script's, when it resolved it (two scontrol calls per step, not two per task)."""
         resolve = resolve_address or first_node_address
         port_key = self.job_id or "0"  # each element of a job array has a SLURM_JOB_ID of its own
         return {
@@ -223,12 +223,26 @@ MASTER_ADDR_VARIABLE = "ASRLAUNCH_MASTER_ADDR"
 
 
 def master_address_line(python: str) -> str:
-    """The batch script's line that resolves the first node's address once, for every task of its steps."""
+    """The batch script's line that resolves the first node's address once per step, for all its tasks
+    (empty, so that each task asks itself, unless scontrol answered both questions)."""
     resolve = (
-        "import os; from asrlaunch.job.task import first_node_address as first; "
-        "print(first(os.environ['SLURM_JOB_NODELIST']))"
+        "import os; from asrlaunch.job.task import known_first_node_address as first; "
+        "print(first(os.environ['SLURM_JOB_NODELIST']) or '')"
     )
     return f'export {MASTER_ADDR_VARIABLE}="$({python} -c "{resolve}")"'
+
+
+def known_first_node_address(nodelist: str) -> str | None:
+    """The first node's NodeAddr, only when scontrol gave both the node and its address."""
+    nodes = (run_command(["scontrol", "show", "hostnames", nodelist]) or "").split()
+    return known_node_address(nodes[0]) if nodes else None
+
+
+def known_node_address(node: str) -> str | None:
+    for item in (run_command(["scontrol", "show", "node", node]) or "").split():
+        if item.startswith("NodeAddr="):
+            return item.removeprefix("NodeAddr=")
+    return None
 
 
 def hostnames(nodelist: str) -> list[str]:
@@ -237,16 +251,10 @@ def hostnames(nodelist: str) -> list[str]:
     return shown.split() if shown else [nodelist]
 
 
-def node_address(node: str) -> str:
-    """A node's NodeAddr (its name when scontrol does not say)."""
-    for item in (run_command(["scontrol", "show", "node", node]) or "").split():
-        if item.startswith("NodeAddr="):
-            return item.removeprefix("NodeAddr=")
-    return node
-
-
 def first_node_address(nodelist: str) -> str:
-    return node_address(hostnames(nodelist)[0])
+    """The first node's NodeAddr, or what is known of it when scontrol does not say (its name)."""
+    first = hostnames(nodelist)[0]
+    return known_node_address(first) or first
 
 
 def torch_env_from_submitit_local(environ: Mapping[str, str]) -> dict[str, str]:

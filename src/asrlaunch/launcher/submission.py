@@ -68,15 +68,15 @@ def choose_executor(requested: str) -> str:
 def batch_setup(run_dirs: Sequence[Path]) -> list[str]:
     """Before srun. Stop signals reach the batch shell too (`scancel --full`, `B:` signals, preemption's
     SIGTERM): bash's default would end it and take the step with it, so it traps them (the tasks act on them).
-    The torch master's address is resolved once, for every task. Then a loop opens (closed in
-    `batch_teardown`): each turn marks the step's start in the job's error output (triage reads srun's
-    reports after it) and starts the supervisor beside srun."""
+    Then a loop opens (closed in `batch_teardown`): each turn resolves the torch master's address for
+    every task of the step, marks the step's start in the job's error output (triage reads srun's reports
+    after it) and starts the supervisor beside srun."""
     python, dirs = shlex.quote(sys.executable), " ".join(shlex.quote(str(p.resolve())) for p in run_dirs)
     return [
         "trap : USR2 TERM",
-        master_address_line(python),
         "asrlaunch_restarts=0",
         "while :; do",
+        master_address_line(python),
         "asrlaunch_step_start=$(date +%s.%N)",
         f'echo "{STEP_MARKER} (restarts in this allocation: $asrlaunch_restarts)" >&2',
         f"{python} -m asrlaunch supervise --step-start $asrlaunch_step_start {dirs} &",
