@@ -13,8 +13,8 @@ import hashlib
 import io
 import json
 import os
-import socket
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,8 +51,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One utterance of a split: its id, its raw transcript, where its audio is (`where`, for messages), how to
-    read it (`read`: samples and rate), what identifies its content for the cache (`stamp`), its audio file
+    """One utterance of a split: its id, its raw transcript, where its audio is (`where`, for messages), how
+    to read it (`read`: samples and rate), what identifies its content for the cache (`stamp`), its audio file
     when it has one (`path`: the cheap header check), and a defect found while reading the layout (`problem`:
     no transcript, a missing file)."""
 
@@ -97,7 +97,8 @@ class Checks:
             return f"too short: {samples} samples ({samples / SAMPLE_RATE:.3f} s) give no CTC frame"
         need = ctc_min_frames(labels)
         if self.transcript_fits and need > frames:
-            return f"its transcript needs {need} CTC frames, its {samples / SAMPLE_RATE:.2f} s of audio give {frames}"
+            seconds = samples / SAMPLE_RATE
+            return f"its transcript needs {need} CTC frames, its {seconds:.2f} s of audio give {frames}"
         return None
 
 
@@ -110,12 +111,13 @@ def file_stamp(path: Path) -> str:
 
 
 def decode(data: Path | bytes, where: str) -> tuple[np.ndarray, int]:
-    """Samples (float32, mono: channels averaged) and rate of an audio file or its bytes, through soundfile."""
+    """Samples (float32, mono: channels averaged) and rate of an audio file or its bytes (soundfile)."""
     import soundfile
 
     try:
-        audio, rate = soundfile.read(io.BytesIO(data) if isinstance(data, bytes) else str(data), dtype="float32",
-                                     always_2d=True)
+        audio, rate = soundfile.read(
+            io.BytesIO(data) if isinstance(data, bytes) else str(data), dtype="float32", always_2d=True
+        )
     except Exception as error:  # soundfile raises its own LibsndfileError, RuntimeError or OSError
         raise DataError(f"{where}: unreadable audio ({error})") from None
     # Several channels are averaged, as datasets' Audio feature does (mono=True).
@@ -164,7 +166,10 @@ def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
         eos_token=EOS,
     )
     extractor = Wav2Vec2FeatureExtractor(
-        feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
+        feature_size=1,
+        sampling_rate=SAMPLE_RATE,
+        padding_value=0.0,
+        do_normalize=True,
         return_attention_mask=False,
     )
     return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
@@ -204,8 +209,13 @@ def _rows(
             yield Problem(split, source.id, source.where, reason)
             continue
         values = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE).input_values[0]
-        yield {"id": source.id, "text": text.reference, "input_values": values, "labels": labels,
-               "length": len(audio)}
+        yield {
+            "id": source.id,
+            "text": text.reference,
+            "input_values": values,
+            "labels": labels,
+            "length": len(audio),
+        }
 
 
 def save_processor(processor: Wav2Vec2Processor, folder: Path) -> None:
@@ -232,7 +242,8 @@ def prepare_split(
     on_progress: Callable[[], None] | None = None,
 ) -> tuple[Table, list[Problem], bool]:
     """Decode, normalise and tokenise once; later runs memory-map the cached Arrow file. Returns the table
-    (without the utterances that cannot be used), those utterances' problems, and whether the cache held it."""
+    (without the utterances that cannot be used), those utterances' problems, and whether the cache held
+    it."""
     from asrlaunch.data.table import Table, TableWriter
 
     final = cache_dir / key
@@ -275,7 +286,9 @@ class PreparedCorpus:
         return len(self.processor.tokenizer)
 
 
-def text_problems(split: str, sources: list[Source], texts: list[Transcript], mode: Normalization) -> list[Problem]:
+def text_problems(
+    split: str, sources: list[Source], texts: list[Transcript], mode: Normalization
+) -> list[Problem]:
     """Defects found while reading the layout, and transcripts that are empty once normalised."""
     problems = []
     for source, text in zip(sources, texts, strict=True):
@@ -290,7 +303,9 @@ def text_problems(split: str, sources: list[Source], texts: list[Transcript], mo
 def report(problems: list[Problem], cache_dir: Path, data_dir: str) -> tuple[Path, str]:
     """The file listing every bad utterance (tab-separated: split, id, file, reason), and one line about
     them: how many, the first few, where the rest are."""
-    body = "split\tid\tfile\treason\n" + "".join(f"{p.split}\t{p.id}\t{p.where}\t{p.reason}\n" for p in problems)
+    body = "split\tid\tfile\treason\n" + "".join(
+        f"{p.split}\t{p.id}\t{p.where}\t{p.reason}\n" for p in problems
+    )
     path = cache_dir / f"bad-utterances-{hashlib.sha256(body.encode()).hexdigest()[:12]}.tsv"
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(path, body)
@@ -299,6 +314,28 @@ def report(problems: list[Problem], cache_dir: Path, data_dir: str) -> tuple[Pat
     shown = "; ".join(p.line() for p in problems[:3])
     more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
     return path, f"{len(problems)} bad utterances in {data_dir}: {shown}{more}; every one is listed in {path}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A corpus as its sources and transcripts say, without its audio: what each split's cache key follows."""
+
+    texts: dict[str, list[Transcript]]
+    problems: list[Problem]  # found in the layout and the transcripts
+    usable: dict[str, list[int]]  # each split's utterances without such a problem
+    vocab: dict[str, int]  # over both splits' usable transcripts, as in the HF recipe
+    keys: dict[str, str]  # each split's cache folder
+
+
+def read_layout(splits: dict[str, list[Source]], mode: Normalization, checks: str) -> Layout:
+    """The layout of both splits (`checks`: what the checks that keep an utterance out depend on)."""
+    texts = {name: [transcript(s.text, mode) for s in splits[name]] for name in SPLITS}
+    problems = [p for name in SPLITS for p in text_problems(name, splits[name], texts[name], mode)]
+    bad = {(p.split, p.id) for p in problems}
+    usable = {name: [i for i, s in enumerate(splits[name]) if (name, s.id) not in bad] for name in SPLITS}
+    vocab = build_vocab((texts[name][i].target for name in SPLITS for i in usable[name]), mode)
+    keys = {name: f"{name}-{fingerprint(splits[name], texts[name], vocab, mode, checks)}" for name in SPLITS}
+    return Layout(texts, problems, usable, vocab, keys)
 
 
 def prepare(
@@ -314,19 +351,21 @@ def prepare(
     recipe. Bad utterances are all reported at once (DataError, one line and a file), or, with `skip_bad`,
     left out and counted."""
     cache_dir, checks = Path(cache_dir), checks or Checks()
-    texts = {name: [transcript(s.text, mode) for s in splits[name]] for name in SPLITS}
-    problems = [p for name in SPLITS for p in text_problems(name, splits[name], texts[name], mode)]
-    bad = {(p.split, p.id) for p in problems}
-    usable = {name: [i for i, s in enumerate(splits[name]) if (name, s.id) not in bad] for name in SPLITS}
-    vocab = build_vocab((texts[name][i].target for name in SPLITS for i in usable[name]), mode)
+    layout = read_layout(splits, mode, checks.key)
+    texts, problems, vocab = layout.texts, list(layout.problems), layout.vocab
     processor = make_processor(vocab, cache_dir)
     tables, hits = {}, []
     for name in SPLITS:
-        sources, kept = splits[name], usable[name]
-        key = f"{name}-{fingerprint(sources, texts[name], vocab, mode, checks.key)}"
+        sources, kept = splits[name], layout.usable[name]
         tables[name], found, hit = prepare_split(
-            name, [sources[i] for i in kept], [texts[name][i] for i in kept], processor, cache_dir, key,
-            checks, on_progress,
+            name,
+            [sources[i] for i in kept],
+            [texts[name][i] for i in kept],
+            processor,
+            cache_dir,
+            layout.keys[name],
+            checks,
+            on_progress,
         )
         problems += found
         hits.append(hit)

@@ -20,9 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
-from asrlaunch.data.corpus import SPLITS, Checks, DataError, PreparedCorpus, fingerprint, prepare
+from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout
 from asrlaunch.data.sources import corpus_sources
-from asrlaunch.data.text import build_vocab, transcript
 
 
 def default_cache_dir() -> Path:
@@ -41,17 +40,24 @@ def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
     data_dir, spec = Path(recipe.data.dir), recipe.data.generate
     if spec is not None and is_main and not data_dir.exists():
         engine = resolve_engine(spec.engine)
-        print(f"generating a {engine} corpus in {data_dir} ({spec.train} train, {spec.test} test)", flush=True)
+        print(
+            f"generating a {engine} corpus in {data_dir} ({spec.train} train, {spec.test} test)", flush=True
+        )
         generate_corpus(
-            data_dir, spec.train, spec.test, engine=engine, seed=spec.seed, layout=spec.layout,
+            data_dir,
+            spec.train,
+            spec.test,
+            engine=engine,
+            seed=spec.seed,
+            layout=spec.layout,
             sample_rate=spec.sample_rate,
         )
 
 
 def ctc_frames(model: ModelSection) -> Callable[[int], int]:
-    """The model's CTC frames for a number of 16 kHz samples (its conv stack: each layer (L - kernel) // stride
-    + 1). The conv layout comes from `model.config`, else the pretrained model's config (local, cached or the
-    hub's), else wav2vec2-base's."""
+    """The model's CTC frames for a number of 16 kHz samples (its conv stack: each layer
+    (L - kernel) // stride + 1). The conv layout comes from `model.config`, else the pretrained model's config
+    (local, cached or the hub's), else wav2vec2-base's."""
     from transformers import Wav2Vec2Config
 
     if model.config is not None:
@@ -86,10 +92,17 @@ def prepare_corpus(recipe: Recipe, on_progress: Callable[[], None] | None = None
     """The recipe's corpus from the cache, or prepared now (`on_progress` is called per utterance)."""
     data = recipe.data
     checks = Checks(
-        ctc_frames(recipe.model), transcript_fits=not recipe.model.ctc_zero_infinity, key=checks_key(recipe.model)
+        ctc_frames(recipe.model),
+        transcript_fits=not recipe.model.ctc_zero_infinity,
+        key=checks_key(recipe.model),
     )
     return prepare(
-        corpus_sources(data), cache_dir(recipe), data.text_normalization, on_progress, checks, data.skip_bad,
+        corpus_sources(data),
+        cache_dir(recipe),
+        data.text_normalization,
+        on_progress,
+        checks,
+        data.skip_bad,
         data.dir,
     )
 
@@ -127,15 +140,7 @@ def is_prepared(recipe: Recipe) -> bool:
         splits = corpus_sources(data)
     except DataError:
         return False
-    texts = {name: [transcript(s.text, data.text_normalization) for s in splits[name]] for name in SPLITS}
-    usable = [t.target for name in SPLITS for s, t in zip(splits[name], texts[name], strict=True)
-              if not s.problem and t.reference]
-    vocab = build_vocab(usable, data.text_normalization)
-    checks = checks_key(recipe.model)
-    keys = [
-        f"{name}-{fingerprint(splits[name], texts[name], vocab, data.text_normalization, checks)}"
-        for name in SPLITS
-    ]
+    keys = read_layout(splits, data.text_normalization, checks_key(recipe.model)).keys.values()
     return all((cache_dir(recipe) / key / "table.arrow").exists() for key in keys)
 
 
@@ -184,8 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped": corpus.skipped,
         "model": model,
     }
-    print(f"prepared {recipe.data.dir}: cache {summary['cache']} in {cache_dir(recipe)}, {summary['train']} "
-          f"train / {summary['test']} test utterances, {corpus.skipped} skipped; {model}", flush=True)
+    print(
+        f"prepared {recipe.data.dir}: cache {summary['cache']} in {cache_dir(recipe)}, {summary['train']} "
+        f"train / {summary['test']} test utterances, {corpus.skipped} skipped; {model}",
+        flush=True,
+    )
     if args.report:
         args.report.write_text(json.dumps(summary))
     return ExitCode.OK
