@@ -52,7 +52,9 @@ def epoch_batches(
     return shuffled
 
 
-def reference_epoch_batches(lengths: Sequence[int] | np.ndarray, global_batch: int, seed: int, epoch: int) -> list[np.ndarray]:
+def reference_epoch_batches(
+    lengths: Sequence[int] | np.ndarray, global_batch: int, seed: int, epoch: int
+) -> list[np.ndarray]:
     """The global batches of one epoch in the order of transformers' LengthGroupedSampler (4.15, one process,
     batch = the global batch), the reference card's `--group_by_length`: a permutation cut into megabatches of
     `min(n // (batch * 4), 50)` batches, each sorted longest first (stable), the first sample of the first

@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from asrlaunch.core.recipe import DataSection
 from asrlaunch.data.corpus import DataError, Problem, Source, decode, file_stamp, text_problems
 from asrlaunch.data.text import transcript
 from asrlaunch.data.timit import scan_split, timit_sources
-from asrlaunch.core.recipe import DataSection
 
 METADATA = "metadata.csv"
 SPLITS = ("train", "test")  # the roles: training, evaluation
@@ -70,7 +70,9 @@ def read_metadata(path: Path, text_column: str, needs_split: bool = False) -> li
                     )
             rows = list(reader)
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+        raise DataError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
     for number, row in enumerate(rows, start=2):
         row["_folder"], row["_where"] = str(path.parent), f"{path}:{number}"
     return rows
@@ -90,7 +92,11 @@ def audiofolder_sources(root: Path, text_column: str, names: dict[str, str]) -> 
 def _row_source(row: dict[str, str], root: Path, text_column: str) -> Source:
     path = Path(row["_folder"]) / (row["file_name"] or "")
     ident = str(path.relative_to(root).with_suffix(""))
-    problem = None if path.is_file() else f"the file does not exist ({row['_where']}, file_name {row['file_name']!r})"
+    problem = (
+        None
+        if path.is_file()
+        else f"the file does not exist ({row['_where']}, file_name {row['file_name']!r})"
+    )
     text = row[text_column]
     if text is None:  # csv leaves the missing cells of a short row None
         problem = f"no transcript: the row has fewer cells than the header ({row['_where']})"
@@ -109,7 +115,9 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
     splits = {}
     for role, split in names.items():
         if split not in loaded:
-            raise DataError(f"{root}: no {split!r} split (it has: {', '.join(loaded)}; see data.{role}_split)")
+            raise DataError(
+                f"{root}: no {split!r} split (it has: {', '.join(loaded)}; see data.{role}_split)"
+            )
         table = loaded[split]
         for column in ("audio", text_column):
             if column not in table.column_names:
@@ -125,7 +133,8 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
 
 def _disk_split(table: Any, text_column: str, name: str, stamp: str) -> list[Source]:
     """A split's sources from its columns: the audio stays in the memory-mapped table until an utterance is
-    read (every rank lists the sources at every start; holding the audio would cost the corpus's size each)."""
+    read (every rank lists the sources at every start; holding the audio would cost the corpus's size
+    each)."""
     ids = list(table["id"]) if "id" in table.column_names else []
     unique = len(set(ids)) == len(ids)  # timit_asr's ids name sentences (SA1), which many speakers read
     sources = []
@@ -148,7 +157,9 @@ def _audio_paths(table: Any) -> list[Path | None]:
     paths: list[Path | None] = []
     for chunk in column.chunks:
         bare = chunk.field("bytes").is_null().to_pylist()
-        paths += [Path(p) if p and b else None for p, b in zip(chunk.field("path").to_pylist(), bare, strict=True)]
+        paths += [
+            Path(p) if p and b else None for p, b in zip(chunk.field("path").to_pylist(), bare, strict=True)
+        ]
     return paths
 
 
@@ -168,7 +179,10 @@ def corpus_sources(data: DataSection) -> dict[str, list[Source]]:
         splits = audiofolder_sources(root, data.text_column, names)
     else:
         splits = disk_sources(root, data.text_column, names)
-    return {"train": splits["train"][: data.max_train_samples], "test": splits["test"][: data.max_eval_samples]}
+    return {
+        "train": splits["train"][: data.max_train_samples],
+        "test": splits["test"][: data.max_eval_samples],
+    }
 
 
 def cheap_problems(data: DataSection) -> list[Problem]:

@@ -26,12 +26,55 @@ import numpy as np
 SAMPLE_RATE = 16000
 ENGINES = ("auto", "espeak", "tones")
 # Words over twelve letters only: fewer, well-separated tones make the `tones` corpus learnable in minutes.
-WORDS = (
-    "the red hat sat on a tan sled her tall dear rose said the old lion hid in the dense thin trees "
-    "ten ants eat and rest near a dark lake at noon she has a sad seal tie it less late"
-).split()
+WORDS = [
+    "the",
+    "red",
+    "hat",
+    "sat",
+    "on",
+    "a",
+    "tan",
+    "sled",
+    "her",
+    "tall",
+    "dear",
+    "rose",
+    "said",
+    "the",
+    "old",
+    "lion",
+    "hid",
+    "in",
+    "the",
+    "dense",
+    "thin",
+    "trees",
+    "ten",
+    "ants",
+    "eat",
+    "and",
+    "rest",
+    "near",
+    "a",
+    "dark",
+    "lake",
+    "at",
+    "noon",
+    "she",
+    "has",
+    "a",
+    "sad",
+    "seal",
+    "tie",
+    "it",
+    "less",
+    "late",
+]
 # TIMIT's two dialect sentences, read by every speaker (the espeak engine speaks these).
-SA_SENTENCES = ("She had your dark suit in greasy wash water all year.", "Don't ask me to carry an oily rag like that.")
+SA_SENTENCES = (
+    "She had your dark suit in greasy wash water all year.",
+    "Don't ask me to carry an oily rag like that.",
+)
 # The tones engine reads two sentences of its own alphabet instead.
 SA_TONES = ("The old lion hid in the dense trees.", "She said the red hat sat on a tan sled.")
 UTTERANCES_PER_SPEAKER = ("SA1", "SA2", "SX1", "SX2", "SX3", "SX4", "SX5", "SI1", "SI2", "SI3")
@@ -76,8 +119,24 @@ def espeak_audio(text: str, voice: str, speed: int, pitch: int, out: Path, fmt: 
     ).stdout
     kind = "sph" if fmt == "sphere" else "wav"
     subprocess.run(
-        ["sox", "-q", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-e", "signed-integer"]
-        + ["-t", kind, str(out)],
+        [
+            "sox",
+            "-q",
+            "-t",
+            "wav",
+            "-",
+            "-r",
+            str(SAMPLE_RATE),
+            "-c",
+            "1",
+            "-b",
+            "16",
+            "-e",
+            "signed-integer",
+            "-t",
+            kind,
+            str(out),
+        ],
         input=speech,
         check=True,
         capture_output=True,
@@ -135,8 +194,13 @@ def write_split(
                 frames = soundfile.info(str(wav)).frames
             else:
                 audio = tones_audio(text, rng, tempo, pitch)
-                soundfile.write(str(wav), audio, SAMPLE_RATE, format="NIST" if fmt == "sphere" else "WAV",
-                                subtype="PCM_16")
+                soundfile.write(
+                    str(wav),
+                    audio,
+                    SAMPLE_RATE,
+                    format="NIST" if fmt == "sphere" else "WAV",
+                    subtype="PCM_16",
+                )
                 frames = len(audio)
             (folder / name(f"{utt}.TXT")).write_text(f"0 {frames} {text}\n")
             written += 1
@@ -147,7 +211,9 @@ def timit_utterances(root: Path) -> dict[str, list[tuple[str, Path, str]]]:
     from asrlaunch.data.timit import read_transcript, scan_split
 
     return {
-        split: [(u.id, u.audio, read_transcript(u.transcript)) for u in scan_split(root, split) if u.transcript]
+        split: [
+            (u.id, u.audio, read_transcript(u.transcript)) for u in scan_split(root, split) if u.transcript
+        ]
         for split in ("train", "test")
     }
 
@@ -193,7 +259,9 @@ def write_disk(timit: Path, out: Path, rate: int) -> None:
             rows["text"].append(sentence)
         # Stored as the Audio feature's own struct, then cast: encoding through Audio needs torchcodec.
         stored = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
-        features = datasets.Features({"id": datasets.Value("string"), "audio": stored, "text": datasets.Value("string")})
+        features = datasets.Features(
+            {"id": datasets.Value("string"), "audio": stored, "text": datasets.Value("string")}
+        )
         table = datasets.Dataset.from_dict(rows, features=features)
         splits[split] = table.cast_column("audio", datasets.Audio(sampling_rate=rate, decode=False))
     datasets.DatasetDict(splits).save_to_disk(str(out))
@@ -237,12 +305,17 @@ def generate_corpus(
 def main(argv: Sequence[str] | None = None) -> int:
     from asrlaunch.core.exits import ExitCode
 
-    parser = argparse.ArgumentParser(prog="asrlaunch synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="asrlaunch synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="corpus folder to create (must not exist)")
     parser.add_argument("--train", type=int, default=400, help="training utterances")
     parser.add_argument("--test", type=int, default=100, help="test utterances")
     parser.add_argument(
-        "--engine", choices=ENGINES, default="auto", help="auto: espeak where espeak-ng and sox exist, else tones"
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="auto: espeak where espeak-ng and sox exist, else tones",
     )
     parser.add_argument("--format", choices=["sphere", "wav"], default="sphere", dest="fmt")
     parser.add_argument("--lowercase", action="store_true", help="lower-case file and folder names")
@@ -253,7 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if Path(args.out).exists():
         parser.error(f"{args.out} exists already; choose a new folder")
     path = generate_corpus(
-        args.out, args.train, args.test, args.engine, args.fmt, args.lowercase, args.seed, args.layout,
+        args.out,
+        args.train,
+        args.test,
+        args.engine,
+        args.fmt,
+        args.lowercase,
+        args.seed,
+        args.layout,
         args.sample_rate,
     )
     engine = resolve_engine(args.engine)

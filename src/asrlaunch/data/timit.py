@@ -22,7 +22,15 @@ from asrlaunch.data.corpus import (
 )
 from asrlaunch.data.text import Normalization
 
-__all__ = ["DataError", "PreparedCorpus", "Utterance", "load_corpus", "read_audio", "scan_split", "timit_sources"]
+__all__ = [
+    "DataError",
+    "PreparedCorpus",
+    "Utterance",
+    "load_corpus",
+    "read_audio",
+    "scan_split",
+    "timit_sources",
+]
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,13 @@ def scan_split(root: str | Path, split: str) -> list[Utterance]:
     return utterances
 
 
-
-
 def timit_sources(root: str | Path, split: str) -> list[Source]:
     return [_source(u) for u in scan_split(root, split)]
 
 
 def _source(utterance: Utterance) -> Source:
-    """An utterance as a Source; a missing or malformed transcript is its problem, reported with the others."""
+    """An utterance as a Source; a missing or malformed transcript is its problem, reported with the
+    others."""
     audio, text, problem = utterance.audio, "", None
     if utterance.transcript is None:
         problem = f"no transcript {audio.stem.upper()}.TXT beside it"
