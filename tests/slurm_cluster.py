@@ -36,18 +36,22 @@ SLURM_MARKS = [
 def launch(
     tmp_path: Path, corpus: Path, *args: str, env: dict[str, str] | None = None
 ) -> list[tuple[str, Path]]:
+    defaults = [
+        f"data.dir={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "train.max_steps=4",
+        "eval.steps=4",
+        "eval.at_start=false",
+        "logging.steps=2",
+        "cluster.cpus_per_task=1",
+    ]
+    given = {arg.split("=", 1)[0] for arg in args}
     done = subprocess.run(
         [
             PYTHON,
             SUBMIT,
             str(RECIPES / "smoke.yaml"),
-            f"data.dir={corpus}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "train.max_steps=4",
-            "eval.steps=4",
-            "eval.at_start=false",
-            "logging.steps=2",
-            "cluster.cpus_per_task=1",
+            *(default for default in defaults if default.split("=", 1)[0] not in given),
             "--executor",
             "slurm",
             *args,

@@ -4,6 +4,7 @@ loader resamples) and a dataset saved to disk prepare alike and train alike; bad
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from asrlaunch.core.logs import read_run_logs
-from asrlaunch.core.recipe import DataSection
+from asrlaunch.core.recipe import DataSection, load_recipe
 from asrlaunch.data.corpus import DataError, prepare
+from asrlaunch.data.prepare import CorpusPeers, cache_dir, is_prepared, unset_variables
 from asrlaunch.data.sources import cheap_problems, corpus_sources, count_utterances
 from asrlaunch.data.synth import generate_corpus
 
@@ -305,3 +307,28 @@ def test_listing_a_disk_corpus_leaves_its_audio_on_disk(tmp_path: Path) -> None:
     assert peak < 2_000_000, peak
     samples, rate = sources["train"][42].read()
     assert rate == 16000 and samples.shape == (16000,) and samples[0] == pytest.approx(0.42)
+
+
+def test_a_cache_dir_expands_home_and_variables_where_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`data.cache_dir: $SLURM_TMPDIR/asr` is each node's own disk, read on the node; a variable unset there
+    is an error that names it, not a folder called `$SLURM_TMPDIR`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NODE_DISK", "/scratch/node7")
+    recipe = load_recipe(RECIPES / "smoke.yaml", ["data.cache_dir=~/${NODE_DISK}x/$JOB_TMP/asr"])
+    assert unset_variables(recipe) == ["JOB_TMP"] and not is_prepared(recipe)
+    with pytest.raises(DataError, match=r"data.cache_dir: \$JOB_TMP is not set on "):
+        cache_dir(recipe)
+    monkeypatch.setenv("JOB_TMP", "42")
+    assert cache_dir(recipe) == tmp_path / "scratch/node7x/42/asr" and unset_variables(recipe) == []
+
+
+def test_each_node_has_one_first_rank_whatever_the_placement_and_a_wait_has_an_end() -> None:
+    """SLURM's cyclic distribution puts rank 1 on the second node: a node's first rank is its lowest."""
+    cyclic = ("gpu07", "gpu08", "gpu07", "gpu08")
+    firsts = [CorpusPeers(rank, cyclic).is_node_main for rank in range(4)]
+    assert firsts == [True, True, False, False] and CorpusPeers(3, cyclic).nodes == ["gpu07", "gpu08"]
+    late = CorpusPeers(1, cyclic, deadline=time.time() - 1)
+    with pytest.raises(TimeoutError, match="gave up waiting for rank 0's corpus"):
+        late.wait_for(lambda: False, "rank 0's corpus", on_progress=lambda: None)

@@ -24,6 +24,9 @@ SUBMIT = str(ROOT / "launch" / "submit.py")
 GOLDEN = Path(__file__).parent / "golden"
 
 
+SMOKE = str(RECIPES / "smoke.yaml")
+
+
 def submit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PYTHON, SUBMIT, *args], capture_output=True, text=True, cwd=cwd, env=python_env(), timeout=60
@@ -206,6 +209,19 @@ def test_the_dry_run_shows_the_preparation_job_and_the_dependency(tmp_path: Path
     assert "#SBATCH --dependency=afterok:PREPARATION_JOB_ID" in shown["sbatch"]
 
 
+def test_a_cache_dir_that_names_a_variable_unset_here_is_prepared_by_the_job_on_each_node(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """`$SLURM_TMPDIR` is set only in a job, on each node's own disk: no preparation job can fill it."""
+    node_local = ("data.cache_dir=$ASRLAUNCH_TEST_UNSET/asr", "cluster.prepare_partition=debug")
+    dry = ("--dry-run", "--executor=local")
+    done = submit(SMOKE, f"data.dir={tones_corpus}", *node_local, *dry, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    told = "data.cache_dir names $ASRLAUNCH_TEST_UNSET, unset here: the job prepares the corpus on each node"
+    assert told in done.stdout
+    assert "asrlaunch prepare" not in done.stdout  # a corpus not in a cache here would have one (test_cli.py)
+
+
 HOSTILE = [
     "run.name=x;touch PWNED",
     "run.name=$(touch PWNED)",
@@ -259,6 +275,8 @@ def test_torch_environment_of_a_slurm_task() -> None:
     exported = {**environ, "ASRLAUNCH_MASTER_ADDR": "10.0.0.9"}
     once = torch_env_from_slurm(exported, resolve_address=lambda _: pytest.fail("asked the controller"))
     assert once["MASTER_ADDR"] == "10.0.0.9"
+    # Which node a task is on (the ranks of a node share a node-local corpus cache).
+    assert SlurmTask.from_environ({**environ, "SLURMD_NODENAME": "gpu08"}).node_name() == "gpu08"
     # Array elements sharing a node need their own port: each has its own SLURM_JOB_ID (4243 = 4200_3 here),
     # whatever its array's id; 1000 elements of one array, or elements of arrays 20 ids apart, never collide.
     element = {"SLURM_ARRAY_JOB_ID": "4200", "SLURM_ARRAY_TASK_ID": "3"}

@@ -186,6 +186,34 @@ def test_a_gpu_shaped_job_runs_one_task_per_gpu(tmp_path: Path, tones_corpus: Pa
     assert {m["device"].split(":")[0] for m in metas} == {"cpu"}
 
 
+def test_nodes_that_do_not_share_the_corpus_cache_prepare_it_once_each(
+    tmp_path: Path, tones_corpus: Path
+) -> None:
+    """A node-local `data.cache_dir` (`$SLURM_TMPDIR/asr` on a real cluster; here, where the nodes share one
+    disk, a folder per node): rank 0 prepares the corpus in node1's cache; node2's first rank prepares it once
+    more in node2's (45 s longer here: a big corpus) while node2's other rank waits for it; and every rank
+    waits for node2 in files, not in its first collective, which would time out after 30 s."""
+    env = python_env(ASRLAUNCH_FAULT="stall@step=0,rank=2,phase=prepare,seconds=45")
+    node_local = f"data.cache_dir={tmp_path / 'cache'}-$SLURMD_NODENAME"
+    job = ["cluster.nodes=2", "cluster.processes_per_node=2", "cluster.max_restarts_in_job=0"]
+    ((_, run_dir),) = launch(
+        tmp_path, tones_corpus, node_local, *job, "train.collective_timeout_s=30", env=env
+    )
+    assert wait_until_done([run_dir])[run_dir] == "COMPLETED"
+    starts = {r["rank"]: r for r in read_run_logs(run_dir) if is_start(r)}
+    assert {rank: (r["node"], r["cache"]) for rank, r in starts.items()} == {
+        0: ("node1", "built"),
+        1: ("node1", "hit"),
+        2: ("node2", "built"),
+        3: ("node2", "hit"),
+    }
+    assert {r["attempt"] for r in starts.values()} == {0}
+    for node in ("node1", "node2"):
+        assert len(list((tmp_path / f"cache-{node}").glob("*/table.arrow"))) == 2
+    told = "".join(path.read_text() for path in (run_dir / "submitit").glob("*.out"))
+    assert "corpus: node node2 does not see the cache rank 0 prepared" in told
+
+
 def test_a_corpus_prepared_off_the_gpus_first_then_only_when_needed(
     tmp_path: Path, tones_corpus: Path
 ) -> None:

@@ -99,7 +99,8 @@ class DataSection(_Section):
     # train/ and test/ or with a `split` column; disk: a DatasetDict saved with save_to_disk (see sources.py).
     format: Literal["timit", "audiofolder", "disk"] = "timit"
     text_column: str = "text"
-    # Where the prepared table is cached; default ~/.cache/asrlaunch/prepared
+    # Where the prepared table is cached; default ~/.cache/asrlaunch/prepared. `~` and `$VARIABLE`s are
+    # expanded where the corpus is read: `$SLURM_TMPDIR/asr` is each node's own disk (data/prepare.py).
     cache_dir: str | None = None
     # Training-set size assumed by the launcher's plan before the data is read (TIMIT: 4620).
     expected_train_size: int | None = Field(None, ge=1)

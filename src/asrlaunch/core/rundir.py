@@ -107,9 +107,9 @@ class RunDir:
         """What rank R is doing now, rewritten every few seconds (job/heartbeat.py)."""
         return self.heartbeats_dir / f"rank{rank}.json"
 
-    def corpus_ready(self, attempt: int) -> Path:
-        """Rank 0 has the corpus of this attempt prepared: the other ranks, waiting for it, load it too."""
-        return self.heartbeats_dir / f"corpus-attempt{attempt}.ready"
+    def corpus_ready(self, attempt: int, start: str) -> Path:
+        """Rank 0 has the corpus of this start prepared: the other ranks, waiting for it, load it too."""
+        return self.heartbeats_dir / f"corpus-attempt{attempt}-{start}.ready"
 
     def heartbeats(self) -> dict[int, Path]:
         if not self.heartbeats_dir.is_dir():

@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -278,6 +278,7 @@ class PreparedCorpus:
     vocab: dict[str, int]
     skipped: int = 0  # bad utterances left out (`data.skip_bad`)
     cache_hit: bool = False  # both tables came from the cache
+    keys: dict[str, str] = field(default_factory=dict)  # each split's table in the cache
 
     @property
     def vocab_size(self) -> int:
@@ -376,4 +377,6 @@ def prepare(
         empty = [name for name in SPLITS if len(tables[name]) == 0]
         if empty:
             raise DataError(f"{line}; no usable utterance is left in the {' and '.join(empty)} split")
-    return PreparedCorpus(tables["train"], tables["test"], processor, vocab, len(problems), all(hits))
+    return PreparedCorpus(
+        tables["train"], tables["test"], processor, vocab, len(problems), all(hits), layout.keys
+    )

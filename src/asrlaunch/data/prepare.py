@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
-from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout
+from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout, write_atomic
 from asrlaunch.data.sources import corpus_sources
 
 
@@ -29,8 +31,25 @@ def default_cache_dir() -> Path:
     return Path(base) / "asrlaunch" / "prepared"
 
 
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def unset_variables(recipe: Recipe) -> list[str]:
+    """The variables `data.cache_dir` names that are not set here (`$SLURM_TMPDIR` on a login node)."""
+    named = [a or b for a, b in VARIABLE.findall(recipe.data.cache_dir or "")]
+    return [name for name in dict.fromkeys(named) if name not in os.environ]
+
+
 def cache_dir(recipe: Recipe) -> Path:
-    return Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_dir()
+    """`data.cache_dir`, its `~` and `$VARIABLE`s expanded where the corpus is read (`$SLURM_TMPDIR/asr`: each
+    node's own disk), else ~/.cache/asrlaunch/prepared."""
+    if not recipe.data.cache_dir:
+        return default_cache_dir()
+    if unset := unset_variables(recipe):
+        names = ", ".join(f"${name}" for name in unset)
+        raise DataError(f"data.cache_dir: {names} is not set on {os.uname().nodename}")
+    expanded = VARIABLE.sub(lambda m: os.environ[m.group(1) or m.group(2)], recipe.data.cache_dir)
+    return Path(expanded).expanduser()
 
 
 def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
@@ -107,33 +126,110 @@ def prepare_corpus(recipe: Recipe, on_progress: Callable[[], None] | None = None
     )
 
 
+@dataclass(frozen=True)
+class CorpusPeers:
+    """Where a rank stands among those that load the corpus (every rank's node, gathered at the start, so
+    that no launcher's variables have to be trusted). Rank 0 prepares the corpus; a node that does not see
+    rank 0's cache (a node-local `data.cache_dir`) prepares it once more, by its first rank."""
+
+    rank: int
+    node_of_rank: tuple[str, ...]  # every rank's node, in rank order
+    deadline: float = float("inf")  # time.time() at which waiting for a peer is given up
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def node(self) -> str:
+        return self.node_of_rank[self.rank]
+
+    @property
+    def is_node_main(self) -> bool:
+        return self.node_of_rank.index(self.node) == self.rank
+
+    @property
+    def nodes(self) -> list[str]:
+        return sorted(set(self.node_of_rank))
+
+    def wait_for(self, condition: Callable[[], bool], what: str, on_progress: Callable[[], None]) -> None:
+        """Until `condition` holds, beating the heartbeat; TimeoutError at the deadline (the start-up budget:
+        a beating rank never looks hung to the supervisor)."""
+        while not condition():
+            if time.time() > self.deadline:
+                raise TimeoutError(f"corpus: gave up waiting for {what} (train.startup_timeout_s)")
+            on_progress()
+            time.sleep(0.1)
+
+
 def corpus_for_rank(
     recipe: Recipe,
-    is_main: bool,
+    peers: CorpusPeers,
     ready: Path,
     on_progress: Callable[[], None],
     before_prepare: Callable[[], None],
 ) -> PreparedCorpus:
     """Rank 0 prepares the corpus (up to train.startup_timeout_s) and then writes `ready`; the others wait for
-    that file, not for a collective, which would time out after train.collective_timeout_s."""
-    while not is_main and not ready.exists():
-        on_progress()
-        time.sleep(0.2)
-    before_prepare()
-    ensure_corpus(recipe, is_main)
-    corpus = prepare_corpus(recipe, on_progress=on_progress)
-    if is_main:
+    files, not for a collective, which would time out after train.collective_timeout_s. For the same reason
+    every rank then waits until every node has the corpus before its first collective."""
+    if peers.is_main:
+        before_prepare()
+        ensure_corpus(recipe, is_main=True)
+        corpus = prepare_corpus(recipe, on_progress=on_progress)
         ready.parent.mkdir(parents=True, exist_ok=True)
-        ready.touch()
+        write_atomic(ready, json.dumps(corpus.keys))
         how = "cache hit" if corpus.cache_hit else "prepared now (cached for the next start)"
         skipped = f", {corpus.skipped} bad utterance(s) left out" if corpus.skipped else ""
         print(f"corpus: {how}: {len(corpus.train)} train / {len(corpus.test)} test{skipped}", flush=True)
+    else:
+        peers.wait_for(ready.exists, "rank 0's corpus", on_progress)
+        corpus = corpus_on_node(recipe, peers, ready, on_progress, before_prepare)
+    if peers.is_node_main:
+        node_file(ready, peers).touch()
+    every_node = [node_file(ready, peers, node) for node in peers.nodes]
+    what = f"the corpus on every node ({', '.join(peers.nodes)})"
+    peers.wait_for(lambda: all(file.exists() for file in every_node), what, on_progress)
     return corpus
+
+
+def corpus_on_node(
+    recipe: Recipe,
+    peers: CorpusPeers,
+    ready: Path,
+    on_progress: Callable[[], None],
+    before_prepare: Callable[[], None],
+) -> PreparedCorpus:
+    """A rank other than 0: the corpus from its own cache, prepared once for its node when that cache lacks
+    the tables rank 0 prepared (their keys are in `ready`)."""
+    node_ready = node_file(ready, peers)
+    if not peers.is_node_main:
+        what = f"the first rank of node {peers.node}"
+        peers.wait_for(lambda: node_ready.exists() or sees_cache(recipe, ready), what, on_progress)
+    elif not sees_cache(recipe, ready):
+        print(
+            f"corpus: node {peers.node} does not see the cache rank 0 prepared ({cache_dir(recipe)} here): "
+            "preparing it again on this node; a data.cache_dir that every node shares prepares it once",
+            flush=True,
+        )
+    if not sees_cache(recipe, ready):
+        before_prepare()
+    return prepare_corpus(recipe, on_progress=on_progress)
+
+
+def sees_cache(recipe: Recipe, ready: Path) -> bool:
+    """This rank finds the tables rank 0 prepared (their keys are in `ready`) in its own cache."""
+    keys = json.loads(ready.read_text())
+    return all((cache_dir(recipe) / key / "table.arrow").exists() for key in keys.values())
+
+
+def node_file(ready: Path, peers: CorpusPeers, node: str | None = None) -> Path:
+    """A node's first rank has the corpus (named by the node's place among the ranks' nodes)."""
+    return ready.with_name(f"{ready.stem}.node{peers.nodes.index(node or peers.node)}")
 
 
 def is_prepared(recipe: Recipe) -> bool:
     """Both tables of the recipe's corpus are in its cache (reads transcripts and file stamps, no audio)."""
-    if not Path(recipe.data.dir).exists():
+    if not Path(recipe.data.dir).exists() or unset_variables(recipe):
         return False
     data = recipe.data
     try:

@@ -3,7 +3,8 @@ checkpoint carries."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import uuid
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from asrlaunch.core.history import RunHistory
@@ -16,11 +17,13 @@ from asrlaunch.engine import checkpoint
 class ResumeDecision:
     """What rank 0 decides at a start and broadcasts, so that every rank resumes from the same checkpoint:
     the attempt number and the newest checkpoint that passes verification (with the world size that saved it:
-    ZeRO shards of another world size need DeepSpeed's universal loader, chosen before `prepare`)."""
+    ZeRO shards of another world size need DeepSpeed's universal loader, chosen before `prepare`). `start`
+    names this start alone: an attempt that died before it was logged is numbered again by the next."""
 
     attempt: int
     checkpoint: str | None = None
     saved_world_size: int | None = None
+    start: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @classmethod
     def decide(cls, run_dir: RunDir, history: RunHistory, restart_count: int) -> ResumeDecision:
@@ -68,5 +71,5 @@ class TrainCounters:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for field in fields(self):
-            setattr(self, field.name, int(state.get(field.name, 0)))
+        for counter in fields(self):
+            setattr(self, counter.name, int(state.get(counter.name, 0)))

@@ -22,7 +22,7 @@ from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.core.records import Event
 from asrlaunch.core.rundir import RunDir
-from asrlaunch.data.prepare import corpus_for_rank
+from asrlaunch.data.prepare import CorpusPeers, corpus_for_rank
 from asrlaunch.engine import checkpoint, runtime
 from asrlaunch.engine.batches import Prefetcher, TrainData
 from asrlaunch.engine.evaluate import evaluate
@@ -109,10 +109,13 @@ class Trainer:
         return decision
 
     def _load_data(self) -> TrainData:
+        with waiting():
+            node_of_rank = tuple(gather_object([self.task.node_name()]))
+        deadline = self.heartbeat.started + self.recipe.train.startup_timeout_s
         self.corpus = corpus_for_rank(
             self.recipe,
-            self.accelerator.is_main_process,
-            self.run_dir.corpus_ready(self.decision.attempt),
+            CorpusPeers(self.rank, node_of_rank, deadline),
+            self.run_dir.corpus_ready(self.decision.attempt, self.decision.start),
             on_progress=self.heartbeat.progress,
             before_prepare=lambda: self.faults.at_phase("prepare", 0),
         )

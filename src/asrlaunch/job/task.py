@@ -105,6 +105,11 @@ class SlurmTask:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
+    def node_name(self) -> str:
+        """This task's node: SLURM's name for it, torchrun's node rank, or the host's name."""
+        group = os.environ.get("GROUP_RANK")
+        return self.node or (f"group{group}" if group else os.uname().nodename)
+
     def within_requeue_budget(self, max_requeues: int, another: bool = False) -> bool:
         """Requeues so far (and `another`, about to be asked for) within `cluster.max_requeues`."""
         return within_requeue_budget(self.restart_count + int(another), max_requeues)
