@@ -14,7 +14,13 @@ import pytest
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.recipe import DataSection, load_recipe
 from asrlaunch.data.corpus import DataError, prepare
-from asrlaunch.data.prepare import CorpusPeers, cache_dir, is_prepared, unset_variables
+from asrlaunch.data.prepare import (
+    CorpusPeers,
+    cache_dir,
+    is_prepared,
+    job_local_variables,
+    unset_variables,
+)
 from asrlaunch.data.sources import cheap_problems, corpus_sources, count_utterances
 from asrlaunch.data.synth import generate_corpus
 
@@ -322,6 +328,11 @@ def test_a_cache_dir_expands_home_and_variables_where_it_is_read(
         cache_dir(recipe)
     monkeypatch.setenv("JOB_TMP", "42")
     assert cache_dir(recipe) == tmp_path / "scratch/node7x/42/asr" and unset_variables(recipe) == []
+    # set at submission and no job's own: a preparation job can fill it
+    assert job_local_variables(recipe) == []
+    monkeypatch.setenv("SLURM_TMPDIR", "/tmp/job7")  # set where an salloc submits, but each job's own
+    in_job = load_recipe(RECIPES / "smoke.yaml", ["data.cache_dir=$SLURM_TMPDIR/asr"])
+    assert job_local_variables(in_job) == ["SLURM_TMPDIR"] and cache_dir(in_job) == Path("/tmp/job7/asr")
 
 
 def test_each_node_has_one_first_rank_whatever_the_placement_and_a_wait_has_an_end() -> None:

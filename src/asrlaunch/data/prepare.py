@@ -34,10 +34,22 @@ def default_cache_dir() -> Path:
 VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
+JOB_OWN = re.compile(r"SLURM_\w+|TMPDIR")  # each job's own, even where set at submission (inside an salloc)
+
+
+def named_variables(recipe: Recipe) -> list[str]:
+    return list(dict.fromkeys(a or b for a, b in VARIABLE.findall(recipe.data.cache_dir or "")))
+
+
 def unset_variables(recipe: Recipe) -> list[str]:
     """The variables `data.cache_dir` names that are not set here (`$SLURM_TMPDIR` on a login node)."""
-    named = [a or b for a, b in VARIABLE.findall(recipe.data.cache_dir or "")]
-    return [name for name in dict.fromkeys(named) if name not in os.environ]
+    return [name for name in named_variables(recipe) if name not in os.environ]
+
+
+def job_local_variables(recipe: Recipe) -> list[str]:
+    """The variables `data.cache_dir` names that make it no other job's: unset here, or a job's own
+    (`$SLURM_TMPDIR`, `$TMPDIR`). No preparation job can fill such a cache; the training job's nodes do."""
+    return [name for name in named_variables(recipe) if name not in os.environ or JOB_OWN.fullmatch(name)]
 
 
 def cache_dir(recipe: Recipe) -> Path:

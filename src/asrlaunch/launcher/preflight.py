@@ -72,7 +72,7 @@ def check_engine(recipe: Recipe) -> Check:
 
 
 def check_data(recipe: Recipe) -> Check:
-    from asrlaunch.data.prepare import unset_variables
+    from asrlaunch.data.prepare import job_local_variables
     from asrlaunch.data.sources import DataError, cheap_problems, count_utterances
 
     data = recipe.data
@@ -101,9 +101,10 @@ def check_data(recipe: Recipe) -> Check:
                 "data.skip_bad=true to leave them out (the job lists every one)",
             )
         note += f"; {len(problems)} bad utterance(s) will be left out (data.skip_bad)"
-    if unset := unset_variables(recipe):
-        names = ", ".join(f"${name}" for name in unset)
-        note += f"; data.cache_dir names {names}, unset here: the job prepares the corpus on each node"
+    if job_own := job_local_variables(recipe):
+        names = ", ".join(f"${name}" for name in job_own)
+        note += f"; data.cache_dir names {names} (a job's own, or unset here): the job prepares the corpus"
+        note += " on each node"
     return Check(
         "data", True, f"{root} ({data.format}): {counts['train']} train / {counts['test']} test{note}"
     )

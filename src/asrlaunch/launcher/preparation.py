@@ -13,19 +13,19 @@ from typing import Any
 
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.core.rundir import RunDir, SweepDir
-from asrlaunch.data.prepare import is_prepared, unset_variables
+from asrlaunch.data.prepare import is_prepared, job_local_variables
 from asrlaunch.launcher.sweep import RunSpec, submitit_folder
 
 
 def to_prepare(specs: Sequence[RunSpec]) -> list[RunSpec]:
     """The runs whose corpus is not in the cache yet, when the recipe asks for a preparation job (the job
-    prepares each distinct corpus once, and tells every run of it). A `data.cache_dir` that names a variable
-    unset here (`$SLURM_TMPDIR`) is a node's own: the training job's nodes prepare it, not another job."""
+    prepares each distinct corpus once, and tells every run of it). A `data.cache_dir` named by a job's own
+    variable (`$SLURM_TMPDIR`) is no other job's: the training job's nodes prepare it."""
     return [
         spec
         for spec in specs
         if spec.recipe.cluster.prepare_partition is not None
-        and not unset_variables(spec.recipe)
+        and not job_local_variables(spec.recipe)
         and not is_prepared(spec.recipe)
     ]
 
