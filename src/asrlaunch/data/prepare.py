@@ -184,18 +184,19 @@ def corpus_for_rank(
     """Rank 0 prepares the corpus (up to train.startup_timeout_s) and then writes `ready`; the others wait for
     files, not for a collective, which would time out after train.collective_timeout_s. For the same reason
     every rank then waits until every node has the corpus before its first collective."""
-    if peers.is_main:
+    if not peers.is_main:
+        peers.wait_for(ready.exists, "rank 0's corpus", on_progress)
+        wait_for_node(recipe, peers, ready, on_progress)
+    if peers.is_main or not sees_cache(recipe, ready):
         before_prepare()
-        ensure_corpus(recipe, is_main=True)
-        corpus = prepare_corpus(recipe, on_progress=on_progress)
+    ensure_corpus(recipe, peers.is_main)
+    corpus = prepare_corpus(recipe, on_progress=on_progress)
+    if peers.is_main:
         ready.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(ready, json.dumps(corpus.keys))
         how = "cache hit" if corpus.cache_hit else "prepared now (cached for the next start)"
         skipped = f", {corpus.skipped} bad utterance(s) left out" if corpus.skipped else ""
         print(f"corpus: {how}: {len(corpus.train)} train / {len(corpus.test)} test{skipped}", flush=True)
-    else:
-        peers.wait_for(ready.exists, "rank 0's corpus", on_progress)
-        corpus = corpus_on_node(recipe, peers, ready, on_progress, before_prepare)
     if peers.is_node_main:
         node_file(ready, peers).touch()
     every_node = [node_file(ready, peers, node) for node in peers.nodes]
@@ -204,17 +205,11 @@ def corpus_for_rank(
     return corpus
 
 
-def corpus_on_node(
-    recipe: Recipe,
-    peers: CorpusPeers,
-    ready: Path,
-    on_progress: Callable[[], None],
-    before_prepare: Callable[[], None],
-) -> PreparedCorpus:
-    """A rank other than 0: the corpus from its own cache, prepared once for its node when that cache lacks
-    the tables rank 0 prepared (their keys are in `ready`)."""
-    node_ready = node_file(ready, peers)
+def wait_for_node(recipe: Recipe, peers: CorpusPeers, ready: Path, on_progress: Callable[[], None]) -> None:
+    """A rank other than 0 whose cache lacks the tables rank 0 prepared (their keys are in `ready`): its
+    node's first rank says it prepares them once for the node; the node's other ranks wait for that."""
     if not peers.is_node_main:
+        node_ready = node_file(ready, peers)
         what = f"the first rank of node {peers.node}"
         peers.wait_for(lambda: node_ready.exists() or sees_cache(recipe, ready), what, on_progress)
     elif not sees_cache(recipe, ready):
@@ -223,9 +218,6 @@ def corpus_on_node(
             "preparing it again on this node; a data.cache_dir that every node shares prepares it once",
             flush=True,
         )
-    if not sees_cache(recipe, ready):
-        before_prepare()
-    return prepare_corpus(recipe, on_progress=on_progress)
 
 
 def sees_cache(recipe: Recipe, ready: Path) -> bool:
