@@ -98,16 +98,18 @@ def test_dry_run_text_shows_recipe_plan_script_and_run_dir(tmp_path: Path) -> No
     assert "#!/bin/bash" in text and "runs/timit32" in text
 
 
-@pytest.mark.parametrize("script", ["submit", "status", "collect"])
+@pytest.mark.parametrize("script", ["submit", "preflight", "status", "collect"])
 def test_launcher_side_never_imports_torch(tmp_path: Path, script: str) -> None:
-    """`--dry-run`, `status` and `collect` import no torch, transformers, deepspeed, datasets, accelerate."""
+    """`--dry-run` (its preflight too), `status` and `collect` import no torch, transformers, deepspeed,
+    datasets, accelerate."""
     synthetic_run(tmp_path / "run")
     argv = {
         "submit": [str(RECIPES / "timit32.yaml"), "--dry-run", "--json"],
+        "preflight": [SMOKE, "model.overrides.mask_time_prb=0.05", "--dry-run"],
         "status": [str(tmp_path / "run"), "--json"],
         "collect": [str(tmp_path / "run")],
     }[script]
-    path = ROOT / "launch" / f"{script}.py"
+    path = ROOT / "launch" / f"{'submit' if script == 'preflight' else script}.py"
     probe = (
         "import sys, runpy\n"
         f"sys.argv = [{str(path)!r}, *{argv!r}]\n"
@@ -123,6 +125,9 @@ def test_launcher_side_never_imports_torch(tmp_path: Path, script: str) -> None:
         [PYTHON, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=python_env(), timeout=120
     )
     assert "HEAVY []" in done.stderr, done.stderr
+    if script == "preflight":
+        assert "EXIT 2" in done.stderr and "model keys: model.overrides.mask_time_prb" in done.stdout
+        return
     assert "EXIT 0" in done.stderr or "EXIT" not in done.stderr, done.stderr
     if script == "submit":
         assert json.loads(done.stdout)["world_size"] == 1

@@ -92,3 +92,62 @@ def test_a_key_the_config_does_not_have_is_refused_not_kept(tmp_path: Path) -> N
     Wav2Vec2Config(**config).save_pretrained(tmp_path)
     with pytest.raises(RecipeError, match=r"model\.overrides\.layer_drop"):
         build_model(ModelSection(name_or_path=str(tmp_path), overrides={"layer_drop": 0.0}), 12, 0)
+
+
+# transformers 4.x's form of the config (abridged from its configuration_wav2vec2.py): every setting an
+# argument of __init__, some attributes derived there.
+CONFIG_4X = """
+class Wav2Vec2Config(PretrainedConfig):
+    model_type = "wav2vec2"
+
+    def __init__(
+        self,
+        vocab_size=32,
+        hidden_size=768,
+        mask_time_prob=0.05,
+        conv_dim=(512, 512, 512, 512, 512, 512, 512),
+        pad_token_id=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs, pad_token_id=pad_token_id)
+        self.hidden_size = hidden_size
+        self.conv_dim = list(conv_dim)
+        self.num_feat_extract_layers = len(self.conv_dim)
+        self.mask_time_prob = mask_time_prob
+
+    @property
+    def inputs_to_logits_ratio(self):
+        return functools.reduce(operator.mul, self.conv_stride, 1)
+"""
+
+
+def test_the_dry_run_reads_the_same_keys_from_transformers_source() -> None:
+    """The launcher's check (no torch) accepts every key of the installed config and refuses a typo in the
+    job's own words; it reads the 4.x form of the class too, and finds none in a source without it."""
+    import pytest
+    import transformers
+
+    from asrlaunch.core.model_keys import class_names, keys_in_source
+    from asrlaunch.core.recipe import RecipeError, load_recipe
+    from asrlaunch.launcher.preflight import check_model_keys
+
+    from .conftest import RECIPES
+
+    keys = keys_in_source()
+    assert keys is not None
+    assert {key for key in Wav2Vec2Config().to_dict() if not key.startswith("_")} <= keys
+    assert "mask_time_prb" not in keys and "layer_drop" not in keys
+    typos = {"mask_time_prb": 0.05, "layer_drop": 0.1}
+    check = check_model_keys(
+        load_recipe(RECIPES / "timit32.yaml", [f"model.overrides.{k}={v}" for k, v in typos.items()])
+    )
+    with pytest.raises(RecipeError) as refused:
+        build_model(ModelSection(config=GROUP_NORM, overrides=typos), 12, 0)
+    assert not check.ok and check.message == str(refused.value).replace("\n", "; ")
+    clean = check_model_keys(load_recipe(RECIPES / "timit32.yaml")).line()
+    assert clean == f"  ok  model keys: 10 key(s) of Wav2Vec2Config (transformers {transformers.__version__})"
+    old = class_names(CONFIG_4X, "Wav2Vec2Config")
+    assert old is not None
+    assert {"vocab_size", "mask_time_prob", "num_feat_extract_layers", "model_type"} <= old
+    assert not {"self", "kwargs"} & old
+    assert class_names("class Other:\n    x: int = 1\n", "Wav2Vec2Config") is None

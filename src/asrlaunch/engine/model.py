@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, get_constant_schedule_with_warmup
 from transformers import get_linear_schedule_with_warmup as linear_schedule
 
+from asrlaunch.core.model_keys import unknown_key_lines
 from asrlaunch.core.recipe import ModelSection, RecipeError, TrainSection
 from asrlaunch.data.text import ctc_min_frames
 
@@ -51,15 +51,9 @@ def build_model(section: ModelSection, vocab_size: int, pad_id: int) -> Wav2Vec2
 
 
 def refuse_unknown_keys(config: Wav2Vec2Config, sections: dict[str, dict[str, Any]]) -> None:
-    """RecipeError for keys the config does not have: transformers would keep a typo (`mask_time_prb`) as an
-    attribute nothing reads, and the run would train without the setting."""
+    """RecipeError for keys the config does not have (core/model_keys.py: why, and the dry run's check)."""
     known = [key for key in config.to_dict() if not key.startswith("_")]
-    problems = []
-    for name, values in sections.items():
-        for key in (key for key in values if not hasattr(config, key)):
-            close = difflib.get_close_matches(key, known, 3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            problems.append(f"{name}.{key}: not a Wav2Vec2Config key{hint}")
+    problems = unknown_key_lines(sections, lambda key: hasattr(config, key), known)
     if problems:
         raise RecipeError("\n".join(problems))
 

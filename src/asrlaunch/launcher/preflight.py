@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from asrlaunch.core.model_keys import CONFIG_CLASS, keys_in_source, transformers_version, unknown_key_lines
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.job.scheduler import run_command
 
@@ -144,6 +145,21 @@ def check_model(recipe: Recipe) -> Check:
     return Check("model", True, f"{model.name_or_path} is not cached: the job downloads it from the hub")
 
 
+def check_model_keys(recipe: Recipe) -> Check:
+    """`model.config` and `model.overrides` against Wav2Vec2Config's keys, read from transformers' source."""
+    model = recipe.model
+    sections = {"model.config": model.config or {}, "model.overrides": model.overrides}
+    count = sum(len(values) for values in sections.values())
+    version = transformers_version()
+    if (known := keys_in_source()) is None:
+        return Check(
+            "model keys", True, f"not checked, no {CONFIG_CLASS} in transformers {version} here", False
+        )
+    problems = unknown_key_lines(sections, known.__contains__, sorted(known))
+    verdict = "; ".join(problems) or f"{count} key(s) of {CONFIG_CLASS} (transformers {version})"
+    return Check("model keys", not problems, verdict)
+
+
 def missing_packages(recipe: Recipe) -> list[str]:
     """One line per tracker whose package is not installed, naming the extra to install."""
     lines = []
@@ -251,7 +267,8 @@ def check_shape(recipe: Recipe, nodes: list[Node]) -> Check:
 
 
 def preflight(recipe: Recipe, executor: str) -> list[Check]:
-    checks = [check_engine(recipe), check_data(recipe), check_model(recipe), check_trackers(recipe)]
+    checks = [check_engine(recipe), check_data(recipe), check_model(recipe), check_model_keys(recipe)]
+    checks.append(check_trackers(recipe))
     if executor == "slurm":
         nodes = parse_sinfo_nodes(run_command(["sinfo", "-h", "-N", "-o", SINFO_FORMAT]) or "")
         checks.append(check_shape(recipe, nodes) if nodes else Check("shape", False, "sinfo listed no nodes"))
