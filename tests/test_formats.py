@@ -343,3 +343,50 @@ def test_each_node_has_one_first_rank_whatever_the_placement_and_a_wait_has_an_e
     late = CorpusPeers(1, cyclic, deadline=time.time() - 1)
     with pytest.raises(TimeoutError, match="gave up waiting for rank 0's corpus"):
         late.wait_for(lambda: False, "rank 0's corpus", on_progress=lambda: None)
+
+
+def stop_mid_build(process: subprocess.Popen[bytes], cache: Path) -> Path:
+    """SIGSTOP `process` while one of its tables is a partial folder (the build of either split); the one
+    it was writing."""
+    import os
+    import signal
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if list(cache.glob("*.partial-*")):
+            os.kill(process.pid, signal.SIGSTOP)
+            building = list(cache.glob("*.partial-*"))
+            if building:
+                return building[0]
+            os.kill(process.pid, signal.SIGCONT)  # it renamed that one as we looked: the next split's
+        time.sleep(0.002)
+    raise AssertionError(f"no partial table seen in {cache} before the preparation ended")
+
+
+def test_a_build_killed_midway_is_removed_by_the_next_preparation_on_its_host(
+    tones_corpus: Path, tmp_path: Path
+) -> None:
+    """kill -9 during a preparation leaves a corpus-sized partial table; the next preparation on the same
+    host removes it (its process is gone) and keeps a live build's and another host's partials."""
+    import os
+    import signal
+    import socket
+
+    cache = tmp_path / "cache"
+    command = [PYTHON, "-m", "asrlaunch", "prepare", str(RECIPES / "smoke.yaml")]
+    command += [f"data.dir={tones_corpus}", f"data.cache_dir={cache}"]
+    killed = subprocess.Popen(command, env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    abandoned = stop_mid_build(killed, cache)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert abandoned.exists()
+    with subprocess.Popen(["sleep", "300"]) as builder:
+        live = cache / f"train-0.partial-{socket.gethostname()}-{builder.pid}"
+        elsewhere = cache / f"train-0.partial-another-{killed.pid}"
+        live.mkdir()
+        elsewhere.mkdir()
+        done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
+        builder.kill()
+    assert done.returncode == 0, done.stderr
+    assert not abandoned.exists() and live.exists() and elsewhere.exists()
+    assert len([table for table in cache.glob("*-*/table.arrow")]) == 2  # both splits prepared

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from asrlaunch.core.processes import process_alive
 from asrlaunch.data.text import (
     BOS,
     EOS,
@@ -231,6 +232,22 @@ def save_processor(processor: Wav2Vec2Processor, folder: Path) -> None:
 PROBLEMS = "problems.json"  # beside a prepared table: the utterances left out of it, and why
 
 
+PARTIAL = ".partial-"  # a table being built: <key>.partial-<host>-<pid>, renamed to <key> when complete
+
+
+def remove_abandoned_builds(cache_dir: Path) -> list[Path]:
+    """The partial tables of this host's builds whose process is gone (a preparation killed, a node's job
+    ended mid-build): each is as large as its corpus, and nothing else would ever remove it. Another host's
+    partials stay: only that host can tell whether their builder still runs (a suspended job's does)."""
+    removed = []
+    for partial in cache_dir.glob(f"*{PARTIAL}{socket.gethostname()}-*"):
+        pid = partial.name.rpartition("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+            removed.append(partial)
+    return removed
+
+
 def prepare_split(
     split: str,
     sources: list[Source],
@@ -251,8 +268,9 @@ def prepare_split(
     if arrow.exists():
         stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
         return Table(arrow), [Problem(**p) for p in stored], True
-    partial = cache_dir / f"{key}.partial-{socket.gethostname()}-{os.getpid()}"  # nodes share the cache
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_abandoned_builds(cache_dir)
+    partial = cache_dir / f"{key}{PARTIAL}{socket.gethostname()}-{os.getpid()}"  # nodes share the cache
+    shutil.rmtree(partial, ignore_errors=True)  # a process of ours that had this id before
     partial.mkdir(parents=True)
     writer = TableWriter(partial / "table.arrow")
     problems = []
