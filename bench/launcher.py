@@ -56,6 +56,16 @@ def main() -> None:
         status = timed([sys.executable, STATUS, f"{work}/runs/bench"], work)
         print(f"status over 100 run directories:        {status:6.2f} s   (target < 2 s)")
         subprocess.run(["scancel", "--name", "bench"], check=False)
+        wait_until_gone("bench")  # a cancelled element still writes its run directory as it ends
+
+
+def wait_until_gone(name: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = subprocess.run(["squeue", "-h", "--name", name], capture_output=True, text=True).stdout
+        if not listed.strip():
+            return
+        time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable, Collection, Mapping
@@ -37,6 +38,7 @@ def unknown_key_lines(
     return lines
 
 
+@functools.cache  # a sweep's runs share it: read the source once
 def keys_in_source() -> frozenset[str] | None:
     """Every name the config's class and its base bind (fields, class attributes, properties, `self.x`
     assigned in a method): what `hasattr` on a config finds, without importing transformers. None when
