@@ -383,10 +383,11 @@ def test_a_build_killed_midway_is_removed_by_the_next_preparation_on_its_host(
     with subprocess.Popen(["sleep", "300"]) as builder:
         live = cache / f"train-0.partial-{socket.gethostname()}-{builder.pid}"
         elsewhere = cache / f"train-0.partial-another-{killed.pid}"
-        live.mkdir()
-        elsewhere.mkdir()
+        longer_name = cache / f"train-0.partial-{socket.gethostname()}-2-{killed.pid}"  # host `<ours>-2`
+        for folder in (live, elsewhere, longer_name):
+            folder.mkdir()
         done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
         builder.kill()
     assert done.returncode == 0, done.stderr
-    assert not abandoned.exists() and live.exists() and elsewhere.exists()
+    assert not abandoned.exists() and live.exists() and elsewhere.exists() and longer_name.exists()
     assert len([table for table in cache.glob("*-*/table.arrow")]) == 2  # both splits prepared

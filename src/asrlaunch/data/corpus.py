@@ -240,9 +240,9 @@ def remove_abandoned_builds(cache_dir: Path) -> list[Path]:
     ended mid-build): each is as large as its corpus, and nothing else would ever remove it. Another host's
     partials stay: only that host can tell whether their builder still runs (a suspended job's does)."""
     removed = []
-    for partial in cache_dir.glob(f"*{PARTIAL}{socket.gethostname()}-*"):
-        pid = partial.name.rpartition("-")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
+    for partial in cache_dir.glob(f"*{PARTIAL}*"):
+        host, _, pid = partial.name.rpartition(PARTIAL)[2].rpartition("-")
+        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
             removed.append(partial)
     return removed
