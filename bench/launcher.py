@@ -62,10 +62,11 @@ def main() -> None:
 def wait_until_gone(name: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        listed = subprocess.run(["squeue", "-h", "--name", name], capture_output=True, text=True).stdout
-        if not listed.strip():
+        listed = subprocess.run(["squeue", "--me", "-h", "--name", name], capture_output=True, text=True)
+        if listed.returncode == 0 and not listed.stdout.strip():
             return
         time.sleep(1)
+    print(f"warning: jobs named {name} still listed after {timeout_s:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -346,48 +346,81 @@ def test_each_node_has_one_first_rank_whatever_the_placement_and_a_wait_has_an_e
 
 
 def stop_mid_build(process: subprocess.Popen[bytes], cache: Path) -> Path:
-    """SIGSTOP `process` while one of its tables is a partial folder (the build of either split); the one
-    it was writing."""
+    """Stop `process` (SIGSTOP, waited for) while it holds a partial folder's lock, the build of either split;
+    that folder."""
     import os
     import signal
 
+    from asrlaunch.data.building import LOCK, PARTIAL
+
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if list(cache.glob("*.partial-*")):
+        if any(cache.glob(f"*{PARTIAL}*/{LOCK}")):
             os.kill(process.pid, signal.SIGSTOP)
-            building = list(cache.glob("*.partial-*"))
+            os.waitpid(process.pid, os.WUNTRACED)
+            building = [lock.parent for lock in cache.glob(f"*{PARTIAL}*/{LOCK}")]
             if building:
                 return building[0]
             os.kill(process.pid, signal.SIGCONT)  # it renamed that one as we looked: the next split's
         time.sleep(0.002)
+    process.kill()
     raise AssertionError(f"no partial table seen in {cache} before the preparation ended")
 
 
 def test_a_build_killed_midway_is_removed_by_the_next_preparation_on_its_host(
     tones_corpus: Path, tmp_path: Path
 ) -> None:
-    """kill -9 during a preparation leaves a corpus-sized partial table; the next preparation on the same
-    host removes it (its process is gone) and keeps a live build's and another host's partials."""
+    """kill -9 during a preparation leaves a corpus-sized partial folder; the next preparation on the same
+    host removes it (the lock its builder held died with it) and keeps a live build's (its lock held), a
+    folder younger than a minute (maybe not locked yet), another host's, and a host `<ours>-2`'s."""
+    import fcntl
     import os
     import signal
     import socket
 
+    from asrlaunch.data.building import LOCK, MIN_ABANDONED_AGE_S, PARTIAL
+
     cache = tmp_path / "cache"
     command = [PYTHON, "-m", "asrlaunch", "prepare", str(RECIPES / "smoke.yaml")]
     command += [f"data.dir={tones_corpus}", f"data.cache_dir={cache}"]
-    killed = subprocess.Popen(command, env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = python_env(OMP_NUM_THREADS="2")
+    killed = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     abandoned = stop_mid_build(killed, cache)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
-    assert abandoned.exists()
-    with subprocess.Popen(["sleep", "300"]) as builder:
-        live = cache / f"train-0.partial-{socket.gethostname()}-{builder.pid}"
-        elsewhere = cache / f"train-0.partial-another-{killed.pid}"
-        longer_name = cache / f"train-0.partial-{socket.gethostname()}-2-{killed.pid}"  # host `<ours>-2`
-        for folder in (live, elsewhere, longer_name):
-            folder.mkdir()
-        done = subprocess.run(command, env=python_env(), capture_output=True, text=True, timeout=300)
-        builder.kill()
+    assert (abandoned / LOCK).exists()
+    ours = f"{PARTIAL}{socket.gethostname()}"
+    kept = {
+        "live": cache / f"train-0{ours}-1",
+        "young": cache / f"train-1{ours}-2",
+        "another host": cache / f"train-2{PARTIAL}another-3",
+        "host <ours>-2": cache / f"train-3{ours}-2-4",
+    }
+    for folder in kept.values():
+        folder.mkdir()
+        (folder / LOCK).touch()
+    past = time.time() - MIN_ABANDONED_AGE_S - 1
+    for folder in [abandoned, *(kept[name] for name in ("live", "another host", "host <ours>-2"))]:
+        os.utime(folder, (past, past))
+    with open(kept["live"] / LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a builder that still runs
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert not abandoned.exists() and live.exists() and elsewhere.exists() and longer_name.exists()
-    assert len([table for table in cache.glob("*-*/table.arrow")]) == 2  # both splits prepared
+    assert f"corpus: removed {abandoned}, a build on this host whose process ended first" in done.stdout
+    assert not abandoned.exists()
+    assert [name for name, folder in kept.items() if not folder.exists()] == []
+    assert len(list(cache.glob("*-*/table.arrow"))) == 2  # both splits prepared
+
+
+def test_a_build_that_raises_leaves_nothing_and_one_that_ends_leaves_only_its_table(tmp_path: Path) -> None:
+    from asrlaunch.data.building import building
+
+    entry = tmp_path / "train-0123"
+    with pytest.raises(KeyboardInterrupt), building(entry) as partial:
+        (partial / "table.arrow").write_text("half a table")
+        raise KeyboardInterrupt  # Ctrl-C, or a crash in the decoder
+    assert list(tmp_path.iterdir()) == []
+    with building(entry) as partial:
+        (partial / "table.arrow").write_text("a table")
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]
+    assert [p.name for p in entry.iterdir()] == ["table.arrow"]

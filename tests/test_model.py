@@ -88,10 +88,13 @@ def test_a_key_the_config_does_not_have_is_refused_not_kept(tmp_path: Path) -> N
     assert lines[0].startswith("model.config.hiden_size: not a Wav2Vec2Config key (did you mean hidden_size")
     assert lines[1].startswith("model.overrides.mask_time_prb: not a Wav2Vec2Config key (did you mean ")
     assert "mask_time_prob" in lines[1]
-    config: dict[str, Any] = GROUP_NORM
+    # A checkpoint whose config.json carries a key transformers no longer reads (older hub configs do):
+    # transformers keeps it as an attribute, but an override of it would still change nothing.
+    config: dict[str, Any] = {**GROUP_NORM, "mask_channel_prob": 0.0}
     Wav2Vec2Config(**config).save_pretrained(tmp_path)
-    with pytest.raises(RecipeError, match=r"model\.overrides\.layer_drop"):
-        build_model(ModelSection(name_or_path=str(tmp_path), overrides={"layer_drop": 0.0}), 12, 0)
+    for key in ("layer_drop", "mask_channel_prob"):
+        with pytest.raises(RecipeError, match=rf"model\.overrides\.{key}: not a Wav2Vec2Config key"):
+            build_model(ModelSection(name_or_path=str(tmp_path), overrides={key: 0.1}), 12, 0)
 
 
 # transformers 4.x's form of the config (abridged from its configuration_wav2vec2.py): every setting an

@@ -11,7 +11,7 @@ import difflib
 import functools
 import importlib.metadata
 import importlib.util
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,13 @@ CONFIG_SOURCES = (
 )
 
 
-def unknown_key_lines(
-    sections: Mapping[str, Mapping[str, Any]], is_key: Callable[[str], bool], known: Collection[str]
-) -> list[str]:
-    """One line per key that `is_key` refuses, named by its section, with the closest of `known`."""
+def unknown_key_lines(sections: Mapping[str, Mapping[str, Any]], is_key: Callable[[str], bool]) -> list[str]:
+    """One line per key that `is_key` refuses, named by its section, with the closest keys the installed
+    transformers' source names (the same hints for the job and the dry run)."""
     lines = []
     for name, values in sections.items():
         for key in (key for key in values if not is_key(key)):
-            close = difflib.get_close_matches(key, list(known), 3)
+            close = difflib.get_close_matches(key, sorted(keys_in_source() or ()), 3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             lines.append(f"{name}.{key}: not a {CONFIG_CLASS} key{hint}")
     return lines
@@ -40,9 +39,11 @@ def unknown_key_lines(
 
 @functools.cache  # a sweep's runs share it: read the source once
 def keys_in_source() -> frozenset[str] | None:
-    """Every name the config's class and its base bind (fields, class attributes, properties, `self.x`
-    assigned in a method): what `hasattr` on a config finds, without importing transformers. None when
-    transformers is not installed here or its source no longer defines the config class where it did."""
+    """The names the config's class and its base bind (fields, class attributes, properties, `self.x`
+    assigned in a method), without importing transformers: every key a config has (a test holds them to the
+    installed config's), and a few that only some configs set (`rope_parameters`), which the job's check on a
+    real config still refuses. None when transformers is not installed here, or its source no longer defines
+    the config class where it did."""
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -70,11 +71,19 @@ def class_names(source: str, class_name: str) -> set[str] | None:
             targets = item.targets if isinstance(item, ast.Assign) else [item.target]
             names |= {target.id for target in targets if isinstance(target, ast.Name)}
         elif isinstance(item, ast.FunctionDef):
-            names.add(item.name)
+            if any(settable(decorator) for decorator in item.decorator_list):
+                names.add(item.name)  # a property: `config.num_labels = 3` sets it, a method is no key
             names |= self_attributes(item)
             if item.name == "__init__":  # the older style: every setting an argument
                 names |= {arg.arg for arg in [*item.args.args, *item.args.kwonlyargs][1:]}
     return {name for name in names if not name.startswith("_")}
+
+
+def settable(decorator: ast.expr) -> bool:
+    """`@property` or `@<name>.setter`."""
+    if isinstance(decorator, ast.Name):
+        return decorator.id == "property"
+    return isinstance(decorator, ast.Attribute) and decorator.attr == "setter"
 
 
 def self_attributes(function: ast.FunctionDef) -> set[str]:
@@ -88,8 +97,8 @@ def self_attributes(function: ast.FunctionDef) -> set[str]:
     }
 
 
-def transformers_version() -> str:
+def transformers_version() -> str | None:
     try:
         return importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
-        return "?"
+        return None

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from asrlaunch.core.processes import process_alive
+from asrlaunch.data.building import building, remove_abandoned_builds
 from asrlaunch.data.text import (
     BOS,
     EOS,
@@ -232,22 +231,6 @@ def save_processor(processor: Wav2Vec2Processor, folder: Path) -> None:
 PROBLEMS = "problems.json"  # beside a prepared table: the utterances left out of it, and why
 
 
-PARTIAL = ".partial-"  # a table being built: <key>.partial-<host>-<pid>, renamed to <key> when complete
-
-
-def remove_abandoned_builds(cache_dir: Path) -> list[Path]:
-    """The partial tables of this host's builds whose process is gone (a preparation killed, a node's job
-    ended mid-build): each is as large as its corpus, and nothing else would ever remove it. Another host's
-    partials stay: only that host can tell whether their builder still runs (a suspended job's does)."""
-    removed = []
-    for partial in cache_dir.glob(f"*{PARTIAL}*"):
-        host, _, pid = partial.name.rpartition(PARTIAL)[2].rpartition("-")
-        if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-            removed.append(partial)
-    return removed
-
-
 def prepare_split(
     split: str,
     sources: list[Source],
@@ -268,23 +251,16 @@ def prepare_split(
     if arrow.exists():
         stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
         return Table(arrow), [Problem(**p) for p in stored], True
-    remove_abandoned_builds(cache_dir)
-    partial = cache_dir / f"{key}{PARTIAL}{socket.gethostname()}-{os.getpid()}"  # nodes share the cache
-    shutil.rmtree(partial, ignore_errors=True)  # a process of ours that had this id before
-    partial.mkdir(parents=True)
-    writer = TableWriter(partial / "table.arrow")
-    problems = []
-    for row in _rows(split, sources, texts, processor, checks, on_progress):
-        if isinstance(row, Problem):
-            problems.append(row)
-        else:
-            writer.write(row)
-    writer.close()
-    (partial / PROBLEMS).write_text(json.dumps([asdict(p) for p in problems]))
-    try:
-        partial.rename(final)
-    except OSError:  # another rank finished first: its table is as good as ours
-        shutil.rmtree(partial, ignore_errors=True)
+    with building(final) as partial:
+        writer = TableWriter(partial / "table.arrow")
+        problems = []
+        for row in _rows(split, sources, texts, processor, checks, on_progress):
+            if isinstance(row, Problem):
+                problems.append(row)
+            else:
+                writer.write(row)
+        writer.close()
+        (partial / PROBLEMS).write_text(json.dumps([asdict(p) for p in problems]))
     return Table(arrow), problems, False
 
 
@@ -370,6 +346,8 @@ def prepare(
     recipe. Bad utterances are all reported at once (DataError, one line and a file), or, with `skip_bad`,
     left out and counted."""
     cache_dir, checks = Path(cache_dir), checks or Checks()
+    for removed in remove_abandoned_builds(cache_dir):
+        print(f"corpus: removed {removed}, a build on this host whose process ended first", flush=True)
     layout = read_layout(splits, mode, checks.key)
     texts, problems, vocab = layout.texts, list(layout.problems), layout.vocab
     processor = make_processor(vocab, cache_dir)

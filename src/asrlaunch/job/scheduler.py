@@ -10,7 +10,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from asrlaunch.core.processes import process_alive, process_command
 from asrlaunch.core.rundir import RunDir
 
 # PREEMPTED is not final: a requeued job passes through it on its way back to PENDING.
@@ -138,7 +137,12 @@ LOCAL_CONTROLLER = "submitit.local._local"  # the module submitit's local execut
 def local_job_alive(pid: int, proc: Path = Path("/proc")) -> bool:
     """The local job's controller still runs. A zombie (ended, not yet reaped by the launcher that started it)
     counts as ended, and so does a pid that now belongs to another program (reused after the job ended)."""
-    return process_alive(pid, proc) and LOCAL_CONTROLLER.encode() in process_command(pid, proc)
+    try:
+        state = (proc / str(pid) / "stat").read_text().split(")")[-1].split()[0]
+        command = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return state != "Z" and LOCAL_CONTROLLER.encode() in command
 
 
 def local_state(job_id: str, run_dir: RunDir) -> JobState:
