@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "evaluate": ("asrlaunch.engine.evaluate", "a saved model on its recipe's test split"),
     "prepare": ("asrlaunch.data.prepare", "a recipe's corpus into the cache and its model into the HF cache"),
+    "cache": ("asrlaunch.cli.cache", "what a corpus cache holds; remove what runs no longer read"),
     "synth": ("asrlaunch.data.synth", "generate a corpus (TIMIT, audiofolder or save_to_disk layout)"),
     "cluster": ("asrlaunch.cli.cluster", "the local SLURM cluster: install, start, stop, wipe, status"),
     "supervise": ("asrlaunch.job.supervisor", "(the batch script, beside srun) end a step whose ranks hang"),

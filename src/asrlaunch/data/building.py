@@ -57,12 +57,17 @@ def remove_abandoned_builds(cache_dir: Path) -> list[Path]:
     a live or suspended build, a file system without locks, or a folder from before the lock."""
     removed = []
     for partial in cache_dir.glob(f"*{PARTIAL}*"):
-        host = partial.name.rpartition(PARTIAL)[2].rpartition("-")[0]
-        if host == socket.gethostname() and old_enough(partial) and builder_gone(partial / LOCK):
+        if is_abandoned(partial):
             shutil.rmtree(partial, ignore_errors=True)
             if not partial.exists():
                 removed.append(partial)
     return removed
+
+
+def is_abandoned(partial: Path) -> bool:
+    """A partial folder of this host, old enough to hold its lock, whose lock can be taken."""
+    host = partial.name.rpartition(PARTIAL)[2].rpartition("-")[0]
+    return host == socket.gethostname() and old_enough(partial) and builder_gone(partial / LOCK)
 
 
 def old_enough(partial: Path) -> bool:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asrlaunch.data.building import building, remove_abandoned_builds
+from asrlaunch.data.cache import mark_used
 from asrlaunch.data.text import (
     BOS,
     EOS,
@@ -250,6 +251,7 @@ def prepare_split(
     arrow = final / "table.arrow"
     if arrow.exists():
         stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
+        mark_used(final)
         return Table(arrow), [Problem(**p) for p in stored], True
     with building(final) as partial:
         writer = TableWriter(partial / "table.arrow")
