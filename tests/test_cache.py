@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from asrlaunch.data.building import LOCK, MIN_ABANDONED_AGE_S, PARTIAL, building
+from asrlaunch.data.building import LOCK, MIN_ABANDONED_AGE_S, PARTIAL, REMOVING, building
+from asrlaunch.data.cache import TABLE_FILE
 
 from .conftest import PYTHON, RECIPES, python_env
 
@@ -97,46 +98,96 @@ def asrlaunch(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, env=python_env(), timeout=300)
 
 
-def test_the_cache_command_lists_each_entry_and_removes_only_what_no_run_reads(
+def age(days: float, *paths: Path) -> None:
+    then = time.time() - days * 86400
+    for path in paths:
+        os.utime(path, (then, then))
+
+
+def test_the_cache_command_lists_each_entry_and_removes_only_what_no_run_uses(
     tones_corpus: Path, tmp_path: Path
 ) -> None:
-    """`asrlaunch cache` lists tables, the processor and builds with sizes and last use, without torch; a
-    run that reads a table marks it used; `--remove-idle-days` removes the tables idle that long and an
-    abandoned build, and keeps the tables a run read since, a running build and the processor."""
+    """`asrlaunch cache` lists tables, the processor, reports and builds with sizes and last use, without
+    torch; a run that reads the cache marks what it uses; `--remove-idle-days` (1 or more) removes the
+    entries idle that long, abandoned builds (with or without a lock file) and a removal stopped midway, and
+    keeps what a run used since and a running build; `--dry-run` only says what it would take."""
     cache = tmp_path / "cache"
     prepare = ["prepare", str(RECIPES / "smoke.yaml"), f"data.dir={tones_corpus}", f"data.cache_dir={cache}"]
     assert asrlaunch(*prepare).returncode == 0
-    used = sorted(folder.parent for folder in cache.glob("*/table.arrow"))
+    used = sorted(folder.parent for folder in cache.glob(f"*/{TABLE_FILE}"))
     assert [folder.name.split("-")[0] for folder in used] == ["test", "train"]
-    forty_days_ago = time.time() - 40 * 86400
+    (processor,) = cache.glob("processor-*")
     stale = cache / "train-00000000stale"  # a corpus since changed: no run reads this table any more
     stale.mkdir()
-    (stale / "table.arrow").write_bytes(b"\0" * 4096)
-    for folder in [*used, stale]:
-        os.utime(folder, (forty_days_ago, forty_days_ago))
-    assert asrlaunch(*prepare).returncode == 0  # a run reads both tables from the cache
+    (stale / TABLE_FILE).write_bytes(b"\0" * 4096)
+    report = cache / "bad-utterances-0123456789ab.tsv"
+    report.write_text("split\tid\tfile\treason\n")
+    age(40, *used, processor, stale, report)
+    assert asrlaunch(*prepare).returncode == 0  # a run reads the tables and the processor from the cache
     host = socket.gethostname()
     abandoned, running = cache / f"train-1{PARTIAL}{host}-1", cache / f"train-2{PARTIAL}{host}-2"
-    for folder in (abandoned, running):
+    before_the_lock = cache / f"train-3{PARTIAL}{host}-3"  # a build killed before it held a lock
+    stopped = cache / f"train-4{REMOVING}{host}-4"  # a removal killed midway
+    for folder in (abandoned, running, before_the_lock, stopped):
         folder.mkdir()
+        (folder / "table.arrow").write_bytes(b"\0" * 1024)
+    for folder in (abandoned, running):
         (folder / LOCK).touch()
-        past = time.time() - MIN_ABANDONED_AGE_S - 1
-        os.utime(folder, (past, past))
+    age(MIN_ABANDONED_AGE_S / 86400 + 0.001, abandoned, running, before_the_lock, stopped)
+    doomed = {stale, report, abandoned, before_the_lock, stopped}
     with open(running / LOCK, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # its builder runs
         listed = asrlaunch("cache", str(cache), "--json")
         text = asrlaunch("cache", str(cache))
+        preview = asrlaunch("cache", str(cache), "--remove-idle-days", "30", "--dry-run")
+        kept_by_the_preview = [path.name for path in doomed if path.exists()]
+        zero = asrlaunch("cache", str(cache), "--remove-idle-days", "0")
         removal = asrlaunch("cache", str(cache), "--remove-idle-days", "30")
     assert "HEAVY []" in listed.stderr and listed.returncode == 0, listed.stderr
     entries = {Path(e["path"]).name: e for e in map(json.loads, listed.stdout.splitlines())}
-    kinds = {name: entry["kind"] for name, entry in entries.items()}
-    assert sorted(kinds.values()) == ["build", "build", "processor", "table", "table", "table"]
-    assert entries[abandoned.name]["abandoned"] and not entries[running.name]["abandoned"]
-    assert all(time.time() - entries[folder.name]["last_used"] < 600 for folder in used)
+    kinds = sorted(entry["kind"] for entry in entries.values())
+    assert kinds == ["build", "build", "build", "processor", "removing", "report", "table", "table", "table"]
+    assert {name for name, entry in entries.items() if entry["abandoned"]} == {
+        abandoned.name,
+        before_the_lock.name,
+    }
+    assert all(time.time() - entries[folder.name]["last_used"] < 600 for folder in [*used, processor])
     assert entries[stale.name]["size_bytes"] == 4096
-    assert text.stdout.startswith(f"{cache}: 3 table(s), 1 processor(s), 2 build(s), ")
-    assert f"{abandoned.name}" in text.stdout and "abandoned: its builder is gone" in text.stdout
+    assert text.stdout.startswith(f"{cache}: 3 table(s), 1 processor(s), 1 report(s), 3 build(s), 1 ")
+    assert "abandoned: its builder is gone" in text.stdout and "a removal stopped midway" in text.stdout
+    assert sorted(line.split()[2] for line in preview.stdout.splitlines()[:-1]) == sorted(
+        p.name for p in doomed
+    )
+    assert sorted(kept_by_the_preview) == sorted(path.name for path in doomed)
+    assert zero.returncode == 2 and "a number of days, 1 or more" in zero.stderr
     assert removal.returncode == 0, removal.stderr
-    assert f"removed {stale.name} (4.0 KiB, 40 d idle)" in removal.stdout
-    assert not stale.exists() and not abandoned.exists()
-    assert all(folder.exists() for folder in [*used, running, *cache.glob("processor-*")])
+    assert f"removed {stale.name} (table, 4.0 KiB, 40 d idle)" in removal.stdout
+    assert [path.name for path in doomed if path.exists()] == []
+    assert [path.name for path in [*used, processor, running] if not path.exists()] == []
+    assert not list(cache.glob(f"*{REMOVING}*"))  # each renamed out of the way, then deleted
+
+
+def test_a_long_run_marks_its_tables_used_at_each_checkpoint(tones_corpus: Path, tmp_path: Path) -> None:
+    """A run that outlasts the idle limit keeps its tables: it marks them at every checkpoint too."""
+    from asrlaunch.core.logs import read_run_logs
+
+    from .conftest import engine_command
+
+    run_dir = tmp_path / "run"
+    overrides = ["train.max_steps=4", "checkpoint.save_steps=2", "eval.at_start=false", "eval.steps=100"]
+    stall = "stall@step=2,rank=0,phase=checkpoint,seconds=6"  # time to age the tables meanwhile
+    run = subprocess.Popen(
+        engine_command(run_dir, tones_corpus, 1, *overrides),
+        env=python_env(ASRLAUNCH_FAULT=stall),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not any(r.get("event") == "fault" for r in read_run_logs(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    tables = [folder.parent for folder in (tmp_path / "cache").glob(f"*/{TABLE_FILE}")]
+    age(40, *tables)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 0, stderr[-3000:]
+    assert len(tables) == 2 and all(time.time() - t.stat().st_mtime < 600 for t in tables)

@@ -1,6 +1,6 @@
 """The keys `model.config` and `model.overrides` may name: Wav2Vec2Config's. transformers keeps any other key
 as an attribute nothing reads, so a typo (`mask_time_prb`) would train without its setting. The job checks
-the keys on the real config; the launcher, which must not import torch (transformers' config module does,
+the keys on the class itself; the launcher, which must not import torch (transformers' config module does,
 ~5 s), reads the same classes from the installed transformers' source instead, so that a dry run names a
 typo before the job waits in a queue to find it."""
 
@@ -71,18 +71,18 @@ def class_names(source: str, class_name: str) -> set[str] | None:
             targets = item.targets if isinstance(item, ast.Assign) else [item.target]
             names |= {target.id for target in targets if isinstance(target, ast.Name)}
         elif isinstance(item, ast.FunctionDef):
-            if any(settable(decorator) for decorator in item.decorator_list):
-                names.add(item.name)  # a property: `config.num_labels = 3` sets it, a method is no key
+            if any(is_setter(decorator) for decorator in item.decorator_list):
+                names.add(
+                    item.name
+                )  # a property with a setter (`num_labels`); a method, or a getter alone, is no key
             names |= self_attributes(item)
             if item.name == "__init__":  # the older style: every setting an argument
                 names |= {arg.arg for arg in [*item.args.args, *item.args.kwonlyargs][1:]}
     return {name for name in names if not name.startswith("_")}
 
 
-def settable(decorator: ast.expr) -> bool:
-    """`@property` or `@<name>.setter`."""
-    if isinstance(decorator, ast.Name):
-        return decorator.id == "property"
+def is_setter(decorator: ast.expr) -> bool:
+    """`@<name>.setter`."""
     return isinstance(decorator, ast.Attribute) and decorator.attr == "setter"
 
 

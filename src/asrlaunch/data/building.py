@@ -15,6 +15,9 @@ from pathlib import Path
 
 PARTIAL = ".partial-"  # <entry>.partial-<host>-<pid>: nodes share the cache
 LOCK = ".building"  # inside a partial folder: locked (flock) by its builder until the folder is renamed
+REMOVING = (
+    ".removing-"  # <name>.removing-<host>-<pid>: an entry renamed out of the cache's way, being deleted
+)
 # A folder younger than this may be between its creation and its builder's lock: never taken for abandoned.
 MIN_ABANDONED_AGE_S = 60.0
 
@@ -53,14 +56,17 @@ def try_lock(descriptor: int) -> bool:
 def remove_abandoned_builds(cache_dir: Path) -> list[Path]:
     """Remove this host's partial folders whose builder is gone (a killed preparation, a node's job that
     ended mid-build): the lock a builder holds dies with its process, whatever its pid namespace. Another
-    host's folders stay (a node-local lock says nothing there), and so does one whose lock cannot be taken:
-    a live or suspended build, a file system without locks, or a folder from before the lock."""
+    host's folders stay (a node-local lock says nothing there), and so does one whose lock is held: a live
+    or suspended build. Removals that were stopped midway are finished."""
     removed = []
-    for partial in cache_dir.glob(f"*{PARTIAL}*"):
-        if is_abandoned(partial):
-            shutil.rmtree(partial, ignore_errors=True)
-            if not partial.exists():
-                removed.append(partial)
+    for path in sorted({*cache_dir.glob(f"*{PARTIAL}*"), *cache_dir.glob(f"*{REMOVING}*")}):
+        if REMOVING in path.name:
+            doomed = path if old_enough(path) else None
+        else:
+            doomed = take_over(path) if is_abandoned(path) else None
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(path)
     return removed
 
 
@@ -68,6 +74,28 @@ def is_abandoned(partial: Path) -> bool:
     """A partial folder of this host, old enough to hold its lock, whose lock can be taken."""
     host = partial.name.rpartition(PARTIAL)[2].rpartition("-")[0]
     return host == socket.gethostname() and old_enough(partial) and builder_gone(partial / LOCK)
+
+
+def take_over(partial: Path) -> Path | None:
+    """Rename an abandoned build out of the way while holding its lock, so that no builder comes back to it
+    in between; the new path, or None where its lock is held or the rename fails."""
+    try:
+        descriptor: int | None = os.open(partial / LOCK, os.O_RDWR)
+    except FileNotFoundError:  # a build from before the lock, or one whose removal deleted it first
+        descriptor = None
+    except OSError:
+        return None
+    try:
+        if descriptor is not None and not try_lock(descriptor):
+            return None
+        doomed = partial.with_name(f"{partial.name}{REMOVING}{socket.gethostname()}-{os.getpid()}")
+        partial.rename(doomed)
+        return doomed
+    except OSError:
+        return None
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)
 
 
 def old_enough(partial: Path) -> bool:
@@ -80,6 +108,8 @@ def old_enough(partial: Path) -> bool:
 def builder_gone(lock: Path) -> bool:
     try:
         descriptor = os.open(lock, os.O_RDWR)  # writable: NFS's emulated flock is a write lock
+    except FileNotFoundError:  # a build from before the lock, or one whose removal deleted it first
+        return True
     except OSError:
         return False
     try:

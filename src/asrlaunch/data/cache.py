@@ -1,27 +1,47 @@
-"""What a corpus cache holds, and the removal of what has not been used for a while: every change to a corpus,
-its transcripts or the checks is a new table beside the old ones, so a shared cache only grows. A table's last
-use is its folder's modification time, which every run that reads it sets (`mark_used`). No torch."""
+"""A corpus cache's layout (every name in it is made here), what it holds, and the removal of what no run has
+used for a while: every change to a corpus, its transcripts or the checks is a new table beside the old
+ones, so a shared cache only grows. An entry's last use is its folder's modification time, which every run
+that reads it sets at its start and at each checkpoint (`mark_used`). No torch."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from asrlaunch.data.building import PARTIAL, is_abandoned
+from asrlaunch.data.building import PARTIAL, REMOVING, is_abandoned, take_over
 
 DAY_S = 86400.0
+TABLE_FILE = "table.arrow"  # inside <split>-<key>/: the prepared split, memory-mapped by every run using it
+PROCESSOR_PREFIX = "processor-"  # processor-<vocabulary hash>/: the tokenizer and the feature extractor
+REPORT_PREFIX, REPORT_SUFFIX = "bad-utterances-", ".tsv"  # the list of a corpus's bad utterances
+
+
+def table_file(cache_dir: Path, key: str) -> Path:
+    return cache_dir / key / TABLE_FILE
+
+
+def processor_dir(cache_dir: Path, vocab: dict[str, int]) -> Path:
+    return cache_dir / f"{PROCESSOR_PREFIX}{hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]}"
+
+
+def report_file(cache_dir: Path, body: str) -> Path:
+    return cache_dir / f"{REPORT_PREFIX}{hashlib.sha256(body.encode()).hexdigest()[:12]}{REPORT_SUFFIX}"
 
 
 class EntryKind(StrEnum):
-    TABLE = "table"  # <split>-<key>/: a prepared split, memory-mapped by every run that uses it
-    PROCESSOR = "processor"  # processor-<vocabulary hash>/: the tokenizer and feature extractor
-    BUILD = "build"  # <split>-<key>.partial-<host>-<pid>/: a table being built, or a killed build's remains
-    REPORT = "report"  # bad-utterances-<hash>.tsv: the list of a corpus's bad utterances
+    TABLE = "table"
+    PROCESSOR = "processor"
+    REPORT = "report"
+    BUILD = "build"  # <entry>.partial-<host>-<pid>/: a table being built, or a killed build's remains
+    REMOVING = "removing"  # <entry>.removing-<host>-<pid>/: a removal that was stopped before its end
 
 
 @dataclass(frozen=True)
@@ -40,8 +60,9 @@ class CacheEntry:
 
 
 def mark_used(entry: Path) -> None:
-    """Record a read of a table (its folder's time), for `asrlaunch cache --remove-idle-days`."""
-    with contextlib.suppress(OSError):  # a cache this user may read but not write: its owner keeps it
+    """Record a use of a table or processor (its folder's time), for `asrlaunch cache --remove-idle-days`.
+    A user who may read the cache but not write it leaves no mark: its owner's removal sees the entry idle."""
+    with contextlib.suppress(OSError):
         os.utime(entry)
 
 
@@ -50,63 +71,78 @@ def scan_cache(cache_dir: Path) -> list[CacheEntry]:
     entries = []
     for path in cache_dir.iterdir() if cache_dir.is_dir() else []:
         kind = entry_kind(path)
-        if kind is None:
-            continue
         try:
             last_used = path.stat().st_mtime
         except OSError:  # renamed or removed as we looked
             continue
-        abandoned = kind is EntryKind.BUILD and is_abandoned(path)
-        entries.append(CacheEntry(path, kind, size_of(path), last_used, abandoned))
+        if kind is not None:
+            abandoned = kind is EntryKind.BUILD and is_abandoned(path)
+            entries.append(CacheEntry(path, kind, size_of(path), last_used, abandoned))
     return sorted(entries, key=lambda entry: (-entry.size_bytes, entry.path.name))
 
 
 def entry_kind(path: Path) -> EntryKind | None:
     name = path.name
-    if PARTIAL in name and path.is_dir():
+    if not path.is_dir():
+        is_report = name.startswith(REPORT_PREFIX) and name.endswith(REPORT_SUFFIX)
+        return EntryKind.REPORT if is_report else None
+    if REMOVING in name:
+        return EntryKind.REMOVING
+    if PARTIAL in name:
         return EntryKind.BUILD
-    if name.startswith("processor-") and path.is_dir():
+    if name.startswith(PROCESSOR_PREFIX):
         return EntryKind.PROCESSOR
-    if name.startswith("bad-utterances-") and name.endswith(".tsv"):
-        return EntryKind.REPORT
-    if (path / "table.arrow").exists():
-        return EntryKind.TABLE
-    return None  # not ours (a temporary file being renamed, something a user put there)
+    return EntryKind.TABLE if (path / TABLE_FILE).exists() else None  # else not ours: left alone
 
 
 def size_of(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
     total = 0
-    for folder, _, files in os.walk(path):
+    for folder, _, files in os.walk(path) if path.is_dir() else [(str(path.parent), [], [path.name])]:
         for name in files:
-            try:
+            with contextlib.suppress(OSError):  # removed as we looked
                 total += os.stat(os.path.join(folder, name)).st_size
-            except OSError:
-                continue
     return total
 
 
 def removable(entry: CacheEntry, idle_days: float, now: float) -> bool:
-    """Idle for longer than `idle_days` (a build only when abandoned: a running one is never idle)."""
+    """Idle for longer than `idle_days`; a build only when abandoned (a running one is never idle), and a
+    stopped removal always."""
     if entry.kind is EntryKind.BUILD:
         return entry.abandoned
-    return entry.idle_days(now) > idle_days
+    return entry.kind is EntryKind.REMOVING or entry.idle_days(now) > idle_days
 
 
-def remove(entry: CacheEntry) -> bool:
-    """Remove the entry; whether it is gone."""
-    if entry.path.is_dir():
-        shutil.rmtree(entry.path, ignore_errors=True)
-    else:
-        entry.path.unlink(missing_ok=True)
-    return not entry.path.exists()
+def remove(entry: CacheEntry) -> str | None:
+    """Rename the entry out of the cache's way first (a run never sees half an entry, and a removal stopped
+    midway is finished by the next one), then delete it; what went wrong, if anything."""
+    try:
+        if not entry.path.is_dir():
+            entry.path.unlink(missing_ok=True)
+            return None
+        doomed = out_of_the_way(entry)
+    except OSError as problem:
+        return str(problem)
+    if doomed is None:
+        return f"{entry.path}: its builder runs again"
+    errors: list[str] = []
+    shutil.rmtree(doomed, onerror=lambda _, path, info: errors.append(f"{path}: {info[1]}"))
+    return errors[0] if errors else None
+
+
+def out_of_the_way(entry: CacheEntry) -> Path | None:
+    if entry.kind is EntryKind.BUILD:
+        return take_over(entry.path)  # with the builder's lock: it cannot have come back
+    if entry.kind is EntryKind.REMOVING:
+        return entry.path
+    doomed = entry.path.with_name(f"{entry.path.name}{REMOVING}{socket.gethostname()}-{os.getpid()}")
+    entry.path.rename(doomed)
+    return doomed
 
 
 def human_size(size_bytes: float) -> str:
     size = float(size_bytes)
-    for unit in ("B", "KiB", "MiB"):
+    for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024:
             return f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size:.1f} GiB"
+    return f"{size:.1f} TiB"

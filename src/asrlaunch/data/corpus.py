@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asrlaunch.data.building import building, remove_abandoned_builds
-from asrlaunch.data.cache import mark_used
+from asrlaunch.data.cache import mark_used, processor_dir, report_file, table_file
 from asrlaunch.data.text import (
     BOS,
     EOS,
@@ -153,8 +153,9 @@ def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
     # One folder per vocabulary: runs sharing a cache may build different ones at the same time.
-    folder = folder / f"processor-{hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]}"
+    folder = processor_dir(folder, vocab)
     folder.mkdir(parents=True, exist_ok=True)
+    mark_used(folder)
     vocab_file = folder / "vocab.json"
     write_atomic(vocab_file, json.dumps(vocab, indent=1))
     # bos and eos named explicitly: added after [UNK] and [PAD], as the reference card's tokenizer did
@@ -247,14 +248,14 @@ def prepare_split(
     it."""
     from asrlaunch.data.table import Table, TableWriter
 
-    final = cache_dir / key
-    arrow = final / "table.arrow"
+    arrow = table_file(cache_dir, key)
+    final = arrow.parent
     if arrow.exists():
         stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
         mark_used(final)
         return Table(arrow), [Problem(**p) for p in stored], True
     with building(final) as partial:
-        writer = TableWriter(partial / "table.arrow")
+        writer = TableWriter(partial / arrow.name)
         problems = []
         for row in _rows(split, sources, texts, processor, checks, on_progress):
             if isinstance(row, Problem):
@@ -275,6 +276,12 @@ class PreparedCorpus:
     skipped: int = 0  # bad utterances left out (`data.skip_bad`)
     cache_hit: bool = False  # both tables came from the cache
     keys: dict[str, str] = field(default_factory=dict)  # each split's table in the cache
+    folders: tuple[Path, ...] = ()  # its tables' and processor's in the cache
+
+    def mark_used(self) -> None:
+        """A long run keeps its tables from looking idle to `asrlaunch cache --remove-idle-days`."""
+        for folder in self.folders:
+            mark_used(folder)
 
     @property
     def vocab_size(self) -> int:
@@ -303,7 +310,7 @@ def report(problems: list[Problem], cache_dir: Path, data_dir: str) -> tuple[Pat
     body = "split\tid\tfile\treason\n" + "".join(
         f"{p.split}\t{p.id}\t{p.where}\t{p.reason}\n" for p in problems
     )
-    path = cache_dir / f"bad-utterances-{hashlib.sha256(body.encode()).hexdigest()[:12]}.tsv"
+    path = report_file(cache_dir, body)
     cache_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(path, body)
     if len(problems) == 1:
@@ -375,6 +382,7 @@ def prepare(
         empty = [name for name in SPLITS if len(tables[name]) == 0]
         if empty:
             raise DataError(f"{line}; no usable utterance is left in the {' and '.join(empty)} split")
+    folders = (*(tables[name].path.parent for name in SPLITS), processor_dir(cache_dir, vocab))
     return PreparedCorpus(
-        tables["train"], tables["test"], processor, vocab, len(problems), all(hits), layout.keys
+        tables["train"], tables["test"], processor, vocab, len(problems), all(hits), layout.keys, folders
     )

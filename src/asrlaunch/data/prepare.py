@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
+from asrlaunch.data.cache import table_file
 from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout, write_atomic
 from asrlaunch.data.sources import corpus_sources
 
@@ -223,7 +224,7 @@ def wait_for_node(recipe: Recipe, peers: CorpusPeers, ready: Path, on_progress: 
 def sees_cache(recipe: Recipe, ready: Path) -> bool:
     """This rank finds the tables rank 0 prepared (their keys are in `ready`) in its own cache."""
     keys = json.loads(ready.read_text())
-    return all((cache_dir(recipe) / key / "table.arrow").exists() for key in keys.values())
+    return all(table_file(cache_dir(recipe), key).exists() for key in keys.values())
 
 
 def node_file(ready: Path, peers: CorpusPeers, node: str | None = None) -> Path:
@@ -241,7 +242,7 @@ def is_prepared(recipe: Recipe) -> bool:
     except DataError:
         return False
     keys = read_layout(splits, data.text_normalization, checks_key(recipe.model)).keys.values()
-    return all((cache_dir(recipe) / key / "table.arrow").exists() for key in keys)
+    return all(table_file(cache_dir(recipe), key).exists() for key in keys)
 
 
 def fetch_model(model: ModelSection) -> str:

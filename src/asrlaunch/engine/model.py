@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -52,9 +53,17 @@ def refuse_unknown_keys(sections: dict[str, dict[str, Any]]) -> None:
     The class's own keys, not a checkpoint's: transformers keeps every key of a `config.json` as an attribute,
     ones that nothing reads any more included, so a checkpoint's config would let those through."""
     config = Wav2Vec2Config()
-    problems = unknown_key_lines(sections, lambda key: hasattr(config, key))
+    problems = unknown_key_lines(sections, lambda key: is_setting(config, key))
     if problems:
         raise RecipeError("\n".join(problems))
+
+
+def is_setting(config: Wav2Vec2Config, key: str) -> bool:
+    """A value the config holds, or a property it can set: not a method, not a getter alone."""
+    attribute = inspect.getattr_static(type(config), key, None)
+    if isinstance(attribute, property):
+        return attribute.fset is not None
+    return hasattr(config, key) and not callable(getattr(config, key))
 
 
 def skip_audio_gradient(model: Wav2Vec2ForCTC) -> None:

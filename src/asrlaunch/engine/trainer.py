@@ -203,6 +203,7 @@ class Trainer:
                     print(f"warning: {problem}; training goes on without it", flush=True)
                 return None
         self.sink.event(Event.CHECKPOINT, step, epoch, seconds=round(time.perf_counter() - started, 3))
+        self.corpus.mark_used()
         self.heartbeat.enter("step", step)
         return saved
 
