@@ -71,10 +71,9 @@ def class_names(source: str, class_name: str) -> set[str] | None:
             targets = item.targets if isinstance(item, ast.Assign) else [item.target]
             names |= {target.id for target in targets if isinstance(target, ast.Name)}
         elif isinstance(item, ast.FunctionDef):
+            # A property with a setter (`num_labels`) is a key; a method, or a getter alone, is not.
             if any(is_setter(decorator) for decorator in item.decorator_list):
-                names.add(
-                    item.name
-                )  # a property with a setter (`num_labels`); a method, or a getter alone, is no key
+                names.add(item.name)
             names |= self_attributes(item)
             if item.name == "__init__":  # the older style: every setting an argument
                 names |= {arg.arg for arg in [*item.args.args, *item.args.kwonlyargs][1:]}

@@ -15,9 +15,8 @@ from pathlib import Path
 
 PARTIAL = ".partial-"  # <entry>.partial-<host>-<pid>: nodes share the cache
 LOCK = ".building"  # inside a partial folder: locked (flock) by its builder until the folder is renamed
-REMOVING = (
-    ".removing-"  # <name>.removing-<host>-<pid>: an entry renamed out of the cache's way, being deleted
-)
+# <name>.removing-<host>-<pid>: an entry renamed out of the cache's way, being deleted
+REMOVING = ".removing-"
 # A folder younger than this may be between its creation and its builder's lock: never taken for abandoned.
 MIN_ABANDONED_AGE_S = 60.0
 

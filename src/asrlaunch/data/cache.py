@@ -125,7 +125,12 @@ def remove(entry: CacheEntry) -> str | None:
     if doomed is None:
         return f"{entry.path}: its builder runs again"
     errors: list[str] = []
-    shutil.rmtree(doomed, onerror=lambda _, path, info: errors.append(f"{path}: {info[1]}"))
+
+    def note(_: object, path: str, info: tuple[type, BaseException, object]) -> None:
+        if not isinstance(info[1], FileNotFoundError):  # another removal of the same took it first
+            errors.append(f"{path}: {info[1]}")
+
+    shutil.rmtree(doomed, onerror=note)
     return errors[0] if errors else None
 
 
