@@ -140,6 +140,9 @@ def test_the_dry_run_reads_the_same_keys_from_transformers_source() -> None:
     assert keys is not None
     assert {key for key in Wav2Vec2Config().to_dict() if not key.startswith("_")} <= keys
     assert "mask_time_prb" not in keys and "layer_drop" not in keys
+    assert "num_labels" in keys and not {"to_dict", "use_return_dict"} & keys  # a method, a getter alone
+    with pytest.raises(RecipeError, match=r"overrides\.to_dict: .*\n.*overrides\.use_return_dict: "):
+        build_model(ModelSection(config=GROUP_NORM, overrides={"to_dict": 1, "use_return_dict": 0}), 12, 0)
     typos = {"mask_time_prb": 0.05, "layer_drop": 0.1}
     check = check_model_keys(
         load_recipe(RECIPES / "timit32.yaml", [f"model.overrides.{k}={v}" for k, v in typos.items()])
@@ -152,5 +155,5 @@ def test_the_dry_run_reads_the_same_keys_from_transformers_source() -> None:
     old = class_names(CONFIG_4X, "Wav2Vec2Config")
     assert old is not None
     assert {"vocab_size", "mask_time_prob", "num_feat_extract_layers", "model_type"} <= old
-    assert not {"self", "kwargs"} & old
+    assert not {"self", "kwargs", "inputs_to_logits_ratio"} & old  # its only property has no setter
     assert class_names("class Other:\n    x: int = 1\n", "Wav2Vec2Config") is None
