@@ -35,20 +35,22 @@ def days(text: str) -> float:
     return value
 
 
-NOTES = {EntryKind.REMOVING: "  a removal stopped midway: the next one finishes it"}
-
-
 def describe(entry: CacheEntry, now: float, width: int) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used))
     size, idle = human_size(entry.size_bytes), f"{entry.idle_days(now):.0f} d"
-    note = NOTES.get(entry.kind, "")
+    return f"{entry.path.name:<{width}}  {entry.kind:<9} {size:>10}  {when} ({idle}){note(entry)}"
+
+
+def note(entry: CacheEntry) -> str:
+    if entry.kind is EntryKind.REMOVING:
+        return "  a removal stopped midway: the next one finishes it"
     if entry.kind is EntryKind.BUILD:
-        note = (
+        return (
             "  abandoned: its builder is gone"
             if entry.abandoned
             else "  a build (running, or another host's)"
         )
-    return f"{entry.path.name:<{width}}  {entry.kind:<9} {size:>10}  {when} ({idle}){note}"
+    return ""
 
 
 def summary(cache_dir: Path, entries: list[CacheEntry]) -> str:

@@ -87,7 +87,7 @@ def take_over(partial: Path) -> Path | None:
     try:
         if descriptor is not None and not try_lock(descriptor):
             return None
-        doomed = partial.with_name(f"{partial.name}{REMOVING}{socket.gethostname()}-{os.getpid()}")
+        doomed = being_removed(partial)
         partial.rename(doomed)
         return doomed
     except OSError:
@@ -95,6 +95,11 @@ def take_over(partial: Path) -> Path | None:
     finally:
         if descriptor is not None:
             os.close(descriptor)
+
+
+def being_removed(path: Path) -> Path:
+    """Where a removal renames an entry before it deletes it."""
+    return path.with_name(f"{path.name}{REMOVING}{socket.gethostname()}-{os.getpid()}")
 
 
 def old_enough(partial: Path) -> bool:

@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from asrlaunch.data.building import PARTIAL, REMOVING, is_abandoned, take_over
+from asrlaunch.data.building import PARTIAL, REMOVING, being_removed, is_abandoned, take_over
 
 DAY_S = 86400.0
 TABLE_FILE = "table.arrow"  # inside <split>-<key>/: the prepared split, memory-mapped by every run using it
@@ -139,7 +138,7 @@ def out_of_the_way(entry: CacheEntry) -> Path | None:
         return take_over(entry.path)  # with the builder's lock: it cannot have come back
     if entry.kind is EntryKind.REMOVING:
         return entry.path
-    doomed = entry.path.with_name(f"{entry.path.name}{REMOVING}{socket.gethostname()}-{os.getpid()}")
+    doomed = being_removed(entry.path)
     entry.path.rename(doomed)
     return doomed
 
