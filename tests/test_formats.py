@@ -3,6 +3,7 @@ loader resamples) and a dataset saved to disk prepare alike and train alike; bad
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -61,6 +62,22 @@ def test_three_layouts_prepare_to_the_same_tables(corpora: dict[str, Path], tmp_
 
 
 @pytest.mark.slow
+def test_a_copy_of_each_layout_in_another_folder_is_the_prepared_corpus(
+    corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    """The cache follows the corpus, not its folder: a copy elsewhere (file times kept) is a hit."""
+    for layout in LAYOUTS:
+        staged = shutil.copytree(corpora[layout], tmp_path / "scratch" / layout)
+        first = prepare(
+            corpus_sources(DataSection(dir=str(corpora[layout]), format=layout)), tmp_path / "cache", "clean"
+        )
+        again = prepare(
+            corpus_sources(DataSection(dir=str(staged), format=layout)), tmp_path / "cache", "clean"
+        )
+        assert (layout, first.cache_hit, again.cache_hit) == (layout, False, True)
+        assert again.train.column("id") == first.train.column("id")
+
+
 def test_audiofolder_and_disk_corpora_train_like_the_timit_layout(
     corpora: dict[str, Path], tmp_path: Path, trained_smoke: Path
 ) -> None:

@@ -120,6 +120,35 @@ def test_prepared_table_is_cached_and_not_decoded_again(
         load_corpus(root, tmp_path / "cache")
 
 
+def test_a_copy_that_keeps_the_file_times_is_the_same_corpus_wherever_it_lies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corpus moved or copied with its file times (rsync -a, cp -a, an unpacked tar) is not decoded again,
+    and its bad utterances are named where they now are; a copy with new file times is prepared."""
+    root = generate_corpus(tmp_path / "corpus", train=12, test=4)
+    bad = _one_wav(root)
+    bad.write_bytes(b"not audio")
+    with pytest.raises(DataError, match=str(bad)):
+        load_corpus(root, tmp_path / "cache")
+
+    staged = Path(shutil.copytree(root, tmp_path / "scratch" / "timit"))  # copy2 keeps times
+    decoded: list[Path] = []
+
+    def recording_decode(path: Path, where: str) -> tuple[np.ndarray, int]:
+        decoded.append(path)
+        return decode(path, where)
+
+    monkeypatch.setattr(timit, "decode", recording_decode)  # how TIMIT's sources read audio
+    with pytest.raises(DataError, match=str(staged / bad.relative_to(root))) as raised:
+        load_corpus(staged, tmp_path / "cache")
+    assert decoded == [] and str(root) not in str(raised.value)
+
+    fresh = Path(shutil.copytree(root, tmp_path / "fresh", copy_function=shutil.copyfile))  # new times
+    with pytest.raises(DataError):
+        load_corpus(fresh, tmp_path / "cache")
+    assert len(decoded) == 16
+
+
 def _one_wav(root: Path) -> Path:
     return sorted((root / "TRAIN").rglob("*.WAV"))[0]
 

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -104,11 +104,14 @@ class Checks:
 
 
 def file_stamp(path: Path) -> str:
+    """A file's content as the cache key follows it: its name, size and modification time. Not where the
+    corpus lies: a corpus moved, or copied with its times (`rsync -a`, `cp -a`, an unpacked tar: to scratch
+    storage, each user's own copy), is the same corpus and is not prepared again."""
     try:
         stat = path.stat()
     except OSError:
-        return f"{path}\0missing"
-    return f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}"
+        return f"{path.name}\0missing"
+    return f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}"
 
 
 def decode(data: Path | bytes, where: str) -> tuple[np.ndarray, int]:
@@ -233,6 +236,20 @@ def save_processor(processor: Wav2Vec2Processor, folder: Path) -> None:
 PROBLEMS = "problems.json"  # beside a prepared table: the utterances left out of it, and why
 
 
+def stored_problems(path: Path, sources: list[Source]) -> list[Problem]:
+    """The problems a table's build found, each named where its utterance is now (in its reason too, which
+    may quote the file): the table may have been built from a copy of the corpus in another folder."""
+    if not path.exists():
+        return []
+    now = {source.id: source.where for source in sources}
+    problems = [Problem(**stored) for stored in json.loads(path.read_text())]
+    return [_moved(p, now.get(p.id, p.where)) for p in problems]
+
+
+def _moved(problem: Problem, where: str) -> Problem:
+    return replace(problem, where=where, reason=problem.reason.replace(problem.where, where))
+
+
 def prepare_split(
     split: str,
     sources: list[Source],
@@ -251,9 +268,8 @@ def prepare_split(
     arrow = table_file(cache_dir, key)
     final = arrow.parent
     if arrow.exists():
-        stored = json.loads((final / PROBLEMS).read_text()) if (final / PROBLEMS).exists() else []
         mark_used(final)
-        return Table(arrow), [Problem(**p) for p in stored], True
+        return Table(arrow), stored_problems(final / PROBLEMS, sources), True
     with building(final) as partial:
         writer = TableWriter(partial / arrow.name)
         problems = []

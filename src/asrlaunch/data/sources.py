@@ -126,7 +126,8 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
                 )
         if isinstance(table.features["audio"], datasets.Audio):
             table = table.cast_column("audio", datasets.Audio(decode=False))
-        stamp = f"{root}\0{split}\0{table._fingerprint}"
+        # datasets' fingerprint follows the content, not the folder: a copied dataset is the same corpus
+        stamp = f"{split}\0{table._fingerprint}"
         splits[role] = _disk_split(table, text_column, f"{root} [{split}]", stamp)
     return splits
 
