@@ -47,14 +47,54 @@ def test_the_launch_scripts_are_the_same_commands(script: str) -> None:
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
-def test_every_recipe_dry_runs(tmp_path: Path, recipe: str) -> None:
+def test_every_recipe_dry_runs(tmp_path: Path, recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
     done = run(ASRLAUNCH, "submit", str(RECIPES / recipe), "--dry-run", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
+    monkeypatch.chdir(tmp_path)  # relative paths are read from where the recipe is resolved
     loaded = load_recipe(RECIPES / recipe)
     assert shown["recipe"] == loaded.to_dict()
     assert shown["total_steps"] == plan_run(loaded, loaded.cluster.world_size).total_steps
     assert "srun --unbuffered" in shown["sbatch"] and not (tmp_path / "runs").exists()
+
+
+def test_a_run_reads_the_folders_its_submission_named_wherever_it_is_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative data.dir and a `~` output root are resolved at submission: the dry run's script names the
+    folders, and the run's recipe the corpus that a resume from another directory then finds."""
+    from asrlaunch.data.synth import generate_corpus
+
+    home, here, elsewhere = (tmp_path / name for name in ("home", "here", "elsewhere"))
+    generate_corpus(here / "corpus", train=8, test=4)
+    elsewhere.mkdir()
+    overrides = (
+        "data.dir=corpus",
+        "data.generate=null",
+        "data.expected_train_size=8",
+        "run.output_root=~/runs",
+    )
+    env = python_env(HOME=str(home))
+    dry = subprocess.run(
+        [ASRLAUNCH, "submit", str(RECIPES / "smoke.yaml"), *overrides, "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=here,
+        env=env,
+        timeout=120,
+    )
+    assert dry.returncode == 0, dry.stderr
+    shown = json.loads(dry.stdout)
+    assert shown["recipe"]["data"]["dir"] == str(here / "corpus")
+    assert str(home / "runs" / "smoke") in shown["sbatch"] and "~" not in shown["sbatch"]
+
+    monkeypatch.chdir(here)  # the submission: its recipe.yaml
+    recipe = load_recipe(RECIPES / "smoke.yaml", overrides[:3])
+    run_dir = RunDir(tmp_path / "runs" / "smoke")
+    run_dir.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
+    resumed = run(ASRLAUNCH, "submit", "--resume", str(run_dir), "--dry-run", cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "ok  data" in resumed.stdout, resumed.stdout
 
 
 def test_a_resume_may_not_change_what_makes_the_run(tmp_path: Path) -> None:

@@ -145,6 +145,36 @@ def test_file_and_override_mistakes(tmp_path: Path) -> None:
         load_recipe(RECIPES / "smoke.yaml", ["train.max_steps=0"])
 
 
+def test_paths_are_read_where_the_recipe_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`~`, `$VARIABLE`s and relative folders in data.dir, run.output_root and a local model.name_or_path are
+    the submitting shell's, so the run's recipe.yaml names what every job reads; a hub name stays as it is;
+    variables not set here are named with the recipe's other problems."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    recipe = load_recipe(RECIPES / "timit32.yaml", ["data.dir=${SCRATCH}/timit", "run.output_root=~/runs"])
+    assert recipe.data.dir == f"{tmp_path}/scratch/timit"
+    assert recipe.run.output_root == f"{tmp_path}/home/runs"
+    assert recipe.model.name_or_path == "facebook/wav2vec2-base"
+    relative = load_recipe(
+        RECIPES / "timit32.yaml", ["data.dir=corpus/../timit", "model.name_or_path=models/mine"]
+    )
+    assert (relative.data.dir, relative.model.name_or_path) == (
+        f"{tmp_path}/timit",
+        f"{tmp_path}/models/mine",
+    )
+    monkeypatch.chdir("/")
+    assert Recipe.model_validate(relative.to_dict()) == relative  # a run's recipe, read again elsewhere
+
+    unset = ["data.dir=$NOT_SET_HERE/timit", "run.output_root=~/$NOR_THIS", "train.lr=-1"]
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(RECIPES / "timit32.yaml", unset)
+    problems = sorted(raised.value.problems)
+    assert len(problems) == 3 and problems[0].startswith("data.dir: $NOT_SET_HERE is not set on ")
+    assert problems[1].startswith("run.output_root: $NOR_THIS is not set on ")
+
+
 def test_micro_batch_limit_above_global_batch_is_refused() -> None:
     with pytest.raises(RecipeError, match="max_micro_batch_size must not exceed"):
         load_recipe(RECIPES / "smoke.yaml", ["train.max_micro_batch_size=64"])

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from asrlaunch.core.paths import checkpoint, expand, resolved
 from asrlaunch.core.validation import describe, fields_at
 
 # Strings that end up in sbatch scripts or on command lines: no quotes, no `;`, no `$()`, no newlines.
@@ -60,6 +61,7 @@ class RunSection(_Section):
     @field_validator("output_root")
     @classmethod
     def _safe_root(cls, value: str) -> str:
+        value = expand(value)  # where the recipe is resolved (core/paths.py); read at submission only
         if not re.match(r"^[A-Za-z0-9_./+~-]+$", value):
             raise ValueError(
                 f"output root {value!r} may only hold letters, digits and _ . / + ~ - "
@@ -80,6 +82,8 @@ class ModelSection(_Section):
     # zeroes it (it adds nothing), false keeps it (the step's gradients are then not finite and the step is
     # skipped). The reference card's run had it off.
     ctc_zero_infinity: bool = True
+
+    _local_checkpoint = field_validator("name_or_path")(checkpoint)  # resolved; a hub name as it is
 
 
 class SynthSection(_Section):
@@ -120,6 +124,8 @@ class DataSection(_Section):
     # run with all of them listed; true leaves them out instead, counted in the logs and the model card.
     skip_bad: bool = False
     generate: SynthSection | None = None
+
+    _dir_resolved = field_validator("dir")(resolved)  # where submitted, so every job reads that folder
 
 
 class TrainSection(_Section):

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from asrlaunch.core.paths import expand, variables
 from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
 from asrlaunch.data.cache import table_file
 from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout, write_atomic
@@ -32,14 +33,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "asrlaunch" / "prepared"
 
 
-VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
-
-
 JOB_OWN = re.compile(r"SLURM_\w+|TMPDIR")  # each job's own, even where set at submission (inside an salloc)
 
 
 def named_variables(recipe: Recipe) -> list[str]:
-    return list(dict.fromkeys(a or b for a, b in VARIABLE.findall(recipe.data.cache_dir or "")))
+    return variables(recipe.data.cache_dir or "")
 
 
 def unset_variables(recipe: Recipe) -> list[str]:
@@ -58,11 +56,10 @@ def cache_dir(recipe: Recipe) -> Path:
     node's own disk), else ~/.cache/asrlaunch/prepared."""
     if not recipe.data.cache_dir:
         return default_cache_dir()
-    if unset := unset_variables(recipe):
-        names = ", ".join(f"${name}" for name in unset)
-        raise DataError(f"data.cache_dir: {names} is not set on {os.uname().nodename}")
-    expanded = VARIABLE.sub(lambda m: os.environ[m.group(1) or m.group(2)], recipe.data.cache_dir)
-    return Path(expanded).expanduser()
+    try:
+        return Path(expand(recipe.data.cache_dir))
+    except ValueError as error:
+        raise DataError(f"data.cache_dir: {error}") from None
 
 
 def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
