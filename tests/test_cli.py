@@ -62,7 +62,8 @@ def test_a_run_reads_the_folders_its_submission_named_wherever_it_is_resumed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A relative data.dir and a `~` output root are resolved at submission: the dry run's script names the
-    folders, and the run's recipe the corpus that a resume from another directory then finds."""
+    folders, and the run's recipe the corpus that a resume from another directory then finds; an older run's
+    relative data.dir is still read from where it was submitted, and nowhere else."""
     from asrlaunch.data.synth import generate_corpus
 
     home, here, elsewhere = (tmp_path / name for name in ("home", "here", "elsewhere"))
@@ -94,7 +95,14 @@ def test_a_run_reads_the_folders_its_submission_named_wherever_it_is_resumed(
     run_dir.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
     resumed = run(ASRLAUNCH, "submit", "--resume", str(run_dir), "--dry-run", cwd=elsewhere)
     assert resumed.returncode == 0, resumed.stderr
-    assert "ok  data" in resumed.stdout, resumed.stdout
+    assert f"ok  data: {here / 'corpus'}" in resumed.stdout, resumed.stdout
+    # A run from before paths were resolved keeps its relative data.dir: never read from another directory.
+    recorded = json.loads(json.dumps(recipe.to_dict()))
+    recorded["data"]["dir"] = "corpus"
+    run_dir.recipe.write_text(json.dumps(recorded))
+    refused = run(ASRLAUNCH, "submit", "--resume", str(run_dir), "--dry-run", cwd=elsewhere)
+    assert refused.returncode == 2 and "data.dir: corpus: " in refused.stdout, refused.stdout
+    assert run(ASRLAUNCH, "submit", "--resume", str(run_dir), "--dry-run", cwd=here).returncode == 0
 
 
 def test_a_resume_may_not_change_what_makes_the_run(tmp_path: Path) -> None:

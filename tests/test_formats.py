@@ -61,7 +61,6 @@ def test_three_layouts_prepare_to_the_same_tables(corpora: dict[str, Path], tmp_
                 assert np.corrcoef(a["input_values"], b["input_values"])[0, 1] > 0.99
 
 
-@pytest.mark.slow
 def test_a_copy_of_each_layout_in_another_folder_is_the_prepared_corpus(
     corpora: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -76,8 +75,16 @@ def test_a_copy_of_each_layout_in_another_folder_is_the_prepared_corpus(
         )
         assert (layout, first.cache_hit, again.cache_hit) == (layout, False, True)
         assert again.train.column("id") == first.train.column("id")
+    # Another saved dataset with the same transcripts and datasets fingerprint (one that follows transforms,
+    # not data) but other audio is not that corpus.
+    other = generate_corpus(tmp_path / "other", train=64, test=16, seed=1, layout="disk", sample_rate=22050)
+    for split in ("train", "test"):
+        shutil.copy(corpora["disk"] / split / "state.json", other / split / "state.json")
+    other_data = DataSection(dir=str(other), format="disk")
+    assert prepare(corpus_sources(other_data), tmp_path / "cache", "clean").cache_hit is False
 
 
+@pytest.mark.slow
 def test_audiofolder_and_disk_corpora_train_like_the_timit_layout(
     corpora: dict[str, Path], tmp_path: Path, trained_smoke: Path
 ) -> None:

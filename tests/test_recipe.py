@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe, parse_overrides
+from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe, load_run_recipe, parse_overrides
 
 from .conftest import RECIPES, ROOT
 
@@ -148,10 +148,11 @@ def test_file_and_override_mistakes(tmp_path: Path) -> None:
 def test_paths_are_read_where_the_recipe_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`~`, `$VARIABLE`s and relative folders in data.dir, run.output_root and a local model.name_or_path are
     the submitting shell's, so the run's recipe.yaml names what every job reads; a hub name stays as it is;
-    variables not set here are named with the recipe's other problems."""
+    variables not set here, or each job's own, are named with the recipe's other problems."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("SCRATCH", str(tmp_path / "scratch"))
     monkeypatch.chdir(tmp_path)
+    here = Path.cwd()  # the real path, as the process sees it
     (tmp_path / "models" / "mine").mkdir(parents=True)
     recipe = load_recipe(RECIPES / "timit32.yaml", ["data.dir=${SCRATCH}/timit", "run.output_root=~/runs"])
     assert recipe.data.dir == f"{tmp_path}/scratch/timit"
@@ -160,12 +161,8 @@ def test_paths_are_read_where_the_recipe_is_resolved(tmp_path: Path, monkeypatch
     relative = load_recipe(
         RECIPES / "timit32.yaml", ["data.dir=corpus/../timit", "model.name_or_path=models/mine"]
     )
-    assert (relative.data.dir, relative.model.name_or_path) == (
-        f"{tmp_path}/timit",
-        f"{tmp_path}/models/mine",
-    )
-    monkeypatch.chdir("/")
-    assert Recipe.model_validate(relative.to_dict()) == relative  # a run's recipe, read again elsewhere
+    assert relative.data.dir == f"{here}/corpus/../timit"  # `..` is the file system's to resolve (symlinks)
+    assert relative.model.name_or_path == f"{here}/models/mine"
 
     unset = ["data.dir=$NOT_SET_HERE/timit", "run.output_root=~/$NOR_THIS", "train.lr=-1"]
     with pytest.raises(RecipeError) as raised:
@@ -173,6 +170,27 @@ def test_paths_are_read_where_the_recipe_is_resolved(tmp_path: Path, monkeypatch
     problems = sorted(raised.value.problems)
     assert len(problems) == 3 and problems[0].startswith("data.dir: $NOT_SET_HERE is not set on ")
     assert problems[1].startswith("run.output_root: $NOR_THIS is not set on ")
+    with pytest.raises(RecipeError, match=r"data.dir: \$SLURM_TMPDIR is each job's own"):
+        load_recipe(RECIPES / "timit32.yaml", ["data.dir=$SLURM_TMPDIR/timit"])
+
+
+def test_a_runs_own_recipe_is_read_as_it_was_resolved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's recipe.yaml, read again by its jobs, requeues and resumes elsewhere, is not resolved again: a
+    folder whose name holds a `$` stays, and a run from before paths were resolved keeps its relative one."""
+    monkeypatch.setenv("SCRATCH", str(tmp_path / "a$b"))
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(RECIPES / "timit32.yaml", ["data.dir=$SCRATCH/timit"])
+    assert recipe.data.dir == f"{tmp_path}/a$b/timit"
+    stored = tmp_path / "recipe.yaml"
+    stored.write_text(recipe.to_yaml())
+    monkeypatch.chdir("/")
+    assert load_run_recipe(stored) == recipe
+    old = yaml.safe_load(stored.read_text())
+    old["data"]["dir"] = "data/timit"
+    stored.write_text(yaml.safe_dump(old))
+    assert load_run_recipe(stored).data.dir == "data/timit"
 
 
 def test_micro_batch_limit_above_global_batch_is_refused() -> None:

@@ -21,7 +21,7 @@ from asrlaunch.core.console import clean_warnings, error
 from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.plan import BatchPlanError, plan_run, scheduled_lr
-from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe, read_recipe_file
+from asrlaunch.core.recipe import Recipe, RecipeError, load_run_recipe, read_recipe_file
 from asrlaunch.core.resume import check_resume
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.launcher.preflight import preflight
@@ -130,8 +130,10 @@ def load_specs(args: argparse.Namespace) -> list[RunSpec]:
             raise SubmitError(f"{run_dir} is not a run directory (no {run_dir.recipe.name})")
         if args.sweep:
             raise SubmitError("--resume continues one run; it takes no --sweep")
-        specs = resolve_runs(read_recipe_file(run_dir.recipe), str(run_dir.recipe), args.overrides, [])
-        stored = load_recipe(run_dir.recipe)
+        # the run's own recipe, its paths as they were resolved at its submission
+        raw = read_recipe_file(run_dir.recipe)
+        specs = resolve_runs(raw, str(run_dir.recipe), args.overrides, [], new_run=False)
+        stored = load_run_recipe(run_dir.recipe)
         check_resume(stored, specs[0].recipe)
         ensure_stopped(run_dir, args.force)
         note = schedule_change(run_dir, stored, specs[0].recipe)

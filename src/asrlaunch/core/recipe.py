@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from asrlaunch.core.paths import checkpoint, expand, resolved
+from asrlaunch.core.paths import NEW_RUN, at_submission, checkpoint, expand_at_submission, resolved
 from asrlaunch.core.validation import describe, fields_at
 
 # Strings that end up in sbatch scripts or on command lines: no quotes, no `;`, no `$()`, no newlines.
@@ -58,10 +58,11 @@ class RunSection(_Section):
         _check_safe(value, "run name")
         return value
 
+    _expanded_root = field_validator("output_root")(at_submission(expand_at_submission))
+
     @field_validator("output_root")
     @classmethod
     def _safe_root(cls, value: str) -> str:
-        value = expand(value)  # where the recipe is resolved (core/paths.py); read at submission only
         if not re.match(r"^[A-Za-z0-9_./+~-]+$", value):
             raise ValueError(
                 f"output root {value!r} may only hold letters, digits and _ . / + ~ - "
@@ -83,7 +84,7 @@ class ModelSection(_Section):
     # skipped). The reference card's run had it off.
     ctc_zero_infinity: bool = True
 
-    _local_checkpoint = field_validator("name_or_path")(checkpoint)  # resolved; a hub name as it is
+    _local_checkpoint = field_validator("name_or_path")(at_submission(checkpoint))  # a hub name stays
 
 
 class SynthSection(_Section):
@@ -125,7 +126,7 @@ class DataSection(_Section):
     skip_bad: bool = False
     generate: SynthSection | None = None
 
-    _dir_resolved = field_validator("dir")(resolved)  # where submitted, so every job reads that folder
+    _dir_resolved = field_validator("dir")(at_submission(resolved))  # every job reads the folder submitted
 
 
 class TrainSection(_Section):
@@ -372,9 +373,10 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
+def recipe_from_dict(raw: Mapping[str, Any], source: str = "<recipe>", new_run: bool = True) -> Recipe:
+    """A recipe validated; for a new run its paths are read here (core/paths.py)."""
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={NEW_RUN: new_run})
     except ValidationError as error:
         problems = [describe(Recipe, e) for e in error.errors()]
         lines = "\n".join(f"  {line}" for line in problems)
@@ -400,3 +402,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     """Read a recipe file, apply `key=value` overrides and validate everything, reporting all problems."""
     return recipe_from_dict(merge(read_recipe_file(path), parse_overrides(overrides)), str(path))
+
+
+def load_run_recipe(path: str | Path) -> Recipe:
+    """A run's own recipe.yaml as it was resolved at submission: its paths are not read again here (a run
+    from before paths were resolved keeps its relative data.dir, as its earlier jobs read it)."""
+    return recipe_from_dict(read_recipe_file(path), str(path), new_run=False)

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -241,13 +242,11 @@ def stored_problems(path: Path, sources: list[Source]) -> list[Problem]:
     may quote the file): the table may have been built from a copy of the corpus in another folder."""
     if not path.exists():
         return []
-    now = {source.id: source.where for source in sources}
+    ids = Counter(source.id for source in sources)  # a.wav beside a.flac: one id, two files
+    now = {source.id: source.where for source in sources if ids[source.id] == 1}
     problems = [Problem(**stored) for stored in json.loads(path.read_text())]
-    return [_moved(p, now.get(p.id, p.where)) for p in problems]
-
-
-def _moved(problem: Problem, where: str) -> Problem:
-    return replace(problem, where=where, reason=problem.reason.replace(problem.where, where))
+    moved = [(p, now.get(p.id, p.where)) for p in problems]
+    return [replace(p, where=where, reason=p.reason.replace(p.where, where)) for p, where in moved]
 
 
 def prepare_split(

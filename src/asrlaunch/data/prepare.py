@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from asrlaunch.core.paths import expand, variables
+from asrlaunch.core.paths import JOB_OWN, expand, variables
 from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
 from asrlaunch.data.cache import table_file
 from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout, write_atomic
@@ -31,9 +30,6 @@ from asrlaunch.data.sources import corpus_sources
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "asrlaunch" / "prepared"
-
-
-JOB_OWN = re.compile(r"SLURM_\w+|TMPDIR")  # each job's own, even where set at submission (inside an salloc)
 
 
 def named_variables(recipe: Recipe) -> list[str]:

@@ -124,10 +124,12 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
                 raise DataError(
                     f"{root} [{split}]: no column {column!r} (columns: {', '.join(table.column_names)})"
                 )
+        # Not the folder: a copied dataset is the same corpus. datasets' fingerprint follows the transforms
+        # (two map()s of one function with other settings share it), so its Arrow files' stamps join it.
+        files = [file_stamp(Path(cached["filename"])) for cached in table.cache_files]
+        stamp = "\0".join([split, table._fingerprint, *files])
         if isinstance(table.features["audio"], datasets.Audio):
             table = table.cast_column("audio", datasets.Audio(decode=False))
-        # datasets' fingerprint follows the content, not the folder: a copied dataset is the same corpus
-        stamp = f"{split}\0{table._fingerprint}"
         splits[role] = _disk_split(table, text_column, f"{root} [{split}]", stamp)
     return splits
 

@@ -92,6 +92,8 @@ def adopt_run_dir(recipe: Recipe, run_dir: RunDir) -> None:
     """A new run directory gets its recipe and plan; an existing run is continued only with its own recipe
     (up to what a resume may change)."""
     if run_dir.is_run():
+        # read as the new recipe is (its paths from this directory): a run that recorded a relative data.dir,
+        # before paths were resolved at submission, is the same run here
         stored = load_recipe(run_dir.recipe)
         check_resume(stored, recipe)
         if stored == recipe:

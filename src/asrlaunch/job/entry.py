@@ -21,7 +21,7 @@ class PrepareJob:
     training job waits for); what happened is written to each run's prepare.json."""
 
     def __call__(self, run_dirs: list[str]) -> list[str]:
-        from asrlaunch.core.recipe import load_recipe
+        from asrlaunch.core.recipe import load_run_recipe
         from asrlaunch.data.prepare import ensure_corpus, fetch_model, prepare_corpus
 
         runs = [RunDir(Path(path)) for path in run_dirs]
@@ -29,7 +29,7 @@ class PrepareJob:
         told: list[RunDir] = []
         try:
             for run_dir in runs:
-                recipe = load_recipe(run_dir.recipe)
+                recipe = load_run_recipe(run_dir.recipe)
                 key = repr((recipe.data, recipe.model))
                 if key not in done:
                     ensure_corpus(recipe, is_main=True)
@@ -57,11 +57,11 @@ class TrainJob:
         answer_stack_requests(run, task_rank())  # before anything that can hang: the controller, the imports
         adopt_launcher_environment()
 
-        from asrlaunch.core.recipe import load_recipe
+        from asrlaunch.core.recipe import load_run_recipe
         from asrlaunch.engine.train import run_training
 
         try:
-            run_training(load_recipe(run.recipe), run)
+            run_training(load_run_recipe(run.recipe), run)
         except JobInterrupted as stopped:
             print(str(stopped), file=sys.stderr, flush=True)
             if not stopped.requeued:

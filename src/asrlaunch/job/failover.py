@@ -32,7 +32,7 @@ from typing import Any
 from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.history import Attempt, RunHistory
 from asrlaunch.core.logs import RankLog
-from asrlaunch.core.recipe import ClusterSection, RecipeError, load_recipe
+from asrlaunch.core.recipe import ClusterSection, RecipeError, load_run_recipe
 from asrlaunch.core.records import Event, event_of
 from asrlaunch.core.rundir import RunDir, SweepDir
 from asrlaunch.job.task import SIGNAL_EARLY_S, SlurmTask, within_requeue_budget
@@ -186,7 +186,7 @@ def handle(
     run_dir: RunDir, submitit: Path, exit_status: int, restarts: int, task: SlurmTask, step_start: float = 0.0
 ) -> Verdict:
     try:
-        cluster = load_recipe(run_dir.recipe).cluster
+        cluster = load_run_recipe(run_dir.recipe).cluster
     except RecipeError:
         cluster = ClusterSection(max_failures=0, max_restarts_in_job=0)
     history = RunHistory.read(run_dir)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.logs import RankLog
-from asrlaunch.core.recipe import Recipe, RecipeError, load_recipe
+from asrlaunch.core.recipe import Recipe, RecipeError, load_run_recipe
 from asrlaunch.core.records import Event
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.heartbeat import Beat, read_beats
@@ -317,7 +317,7 @@ def supervise(
     (our own imports may take longer than the ranks' start on a cold file system)."""
     started = step_start or time.time()
     try:
-        recipe = load_recipe(run_dir.recipe)
+        recipe = load_run_recipe(run_dir.recipe)
     except RecipeError:
         return None
     world, watch = recipe.cluster.world_size, Watch()

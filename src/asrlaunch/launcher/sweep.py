@@ -100,9 +100,10 @@ def element_name(overrides: Sequence[str]) -> str:
 
 
 def resolve_runs(
-    base: dict[str, Any], source: str, overrides: Sequence[str], sweeps: Sequence[str]
+    base: dict[str, Any], source: str, overrides: Sequence[str], sweeps: Sequence[str], new_run: bool = True
 ) -> list[RunSpec]:
-    """Every run of a submission, validated before anything is written or submitted."""
+    """Every run of a submission, validated before anything is written or submitted (`new_run`: its paths
+    are read here; false for a resumed run's own recipe)."""
     common, problems = dict(base), []
     elements: list[tuple[str, ...]] = [()]
     try:
@@ -118,7 +119,7 @@ def resolve_runs(
     specs = []
     for element in elements:
         try:
-            recipe = recipe_from_dict(merge(common, parse_overrides(element)), source)
+            recipe = recipe_from_dict(merge(common, parse_overrides(element)), source, new_run)
         except RecipeError as problem:
             problems += [line for line in problem.problems if line not in problems]
             continue
