@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from asrlaunch.core.logs import read_run_logs
-from asrlaunch.core.recipe import DataSection, load_recipe
+from asrlaunch.core.recipe import DataSection, Recipe, load_recipe
 from asrlaunch.data.corpus import DataError, prepare
 from asrlaunch.data.prepare import (
     CorpusPeers,
     cache_dir,
     is_prepared,
     job_local_variables,
+    prepare_corpus,
     unset_variables,
 )
 from asrlaunch.data.sources import cheap_problems, corpus_sources, count_utterances
@@ -82,6 +83,31 @@ def test_a_copy_of_each_layout_in_another_folder_is_the_prepared_corpus(
         shutil.copy(corpora["disk"] / split / "state.json", other / split / "state.json")
     other_data = DataSection(dir=str(other), format="disk")
     assert prepare(corpus_sources(other_data), tmp_path / "cache", "clean").cache_hit is False
+
+
+def test_a_checkpoint_moved_elsewhere_finds_the_corpus_it_prepared(
+    corpora: dict[str, Path], tmp_path: Path
+) -> None:
+    """A table's checks follow the conv stack, not the checkpoint's folder: a local checkpoint copied
+    elsewhere (or built from the same layout in `model.config`) is a hit; one with another stride is not."""
+    from transformers import Wav2Vec2Config
+
+    config = load_recipe(RECIPES / "smoke.yaml").model.config or {}
+    Wav2Vec2Config(**config).save_pretrained(tmp_path / "checkpoint")
+    Wav2Vec2Config(**{**config, "conv_stride": [5, 8, 4]}).save_pretrained(tmp_path / "strided")
+
+    def recipe_from(*model: str) -> Recipe:
+        where = [f"data.dir={corpora['timit']}", f"data.cache_dir={tmp_path / 'cache'}"]
+        return load_recipe(RECIPES / "smoke.yaml", [*where, "data.generate=null", *model])
+
+    def from_folder(folder: Path) -> Recipe:
+        return recipe_from("model.config=null", f"model.name_or_path={folder}")
+
+    assert prepare_corpus(from_folder(tmp_path / "checkpoint")).cache_hit is False
+    moved = Path(shutil.copytree(tmp_path / "checkpoint", tmp_path / "elsewhere" / "checkpoint"))
+    assert is_prepared(from_folder(moved)) and prepare_corpus(from_folder(moved)).cache_hit
+    assert is_prepared(recipe_from())
+    assert not is_prepared(from_folder(tmp_path / "strided"))
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from asrlaunch.core.paths import JOB_OWN, expand, variables
 from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
@@ -79,6 +80,9 @@ def ensure_corpus(recipe: Recipe, is_main: bool) -> None:
         )
 
 
+CONV_LAYOUT = ("conv_kernel", "conv_stride")  # all of a config that sets its CTC frames
+
+
 def ctc_frames(model: ModelSection) -> Callable[[int], int]:
     """The model's CTC frames for a number of 16 kHz samples (its conv stack: each layer
     (L - kernel) // stride + 1). The conv layout comes from `model.config`, else the pretrained model's config
@@ -105,12 +109,24 @@ def ctc_frames(model: ModelSection) -> Callable[[int], int]:
 
 
 def checks_key(model: ModelSection) -> str:
-    """What the checks of a prepared table depend on, from the recipe alone (no transformers, no torch): the
-    conv stack's source and whether a transcript must fit its frames."""
-    given = {**(model.config or {}), **model.overrides}
-    conv = {key: given[key] for key in ("conv_kernel", "conv_stride") if key in given}
-    source = "config" if model.config is not None else model.name_or_path
+    """What the checks of a prepared table depend on, without transformers or torch: the conv stack (from
+    `model.config`, a local checkpoint's config.json, else the hub name that fixes it) and whether a
+    transcript must fit its frames. A local checkpoint is keyed by its layout, not its folder, so a moved or
+    copied checkpoint finds the corpus it prepared."""
+    stored = model.config if model.config is not None else local_checkpoint_config(model.name_or_path)
+    given = {**(stored or {}), **model.overrides}
+    conv = {key: given[key] for key in CONV_LAYOUT if key in given}
+    source = "config" if stored is not None else model.name_or_path
     return json.dumps([source, conv, not model.ctc_zero_infinity])
+
+
+def local_checkpoint_config(name_or_path: str) -> dict[str, Any] | None:
+    """A local checkpoint's config.json; None for a hub name, or a file the model's own load will report."""
+    try:
+        stored = json.loads(Path(name_or_path, "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
 
 
 def prepare_corpus(recipe: Recipe, on_progress: Callable[[], None] | None = None) -> PreparedCorpus:
