@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,12 @@ def variables(text: str) -> list[str]:
     return list(dict.fromkeys(a or b for a, b in VARIABLE.findall(text)))
 
 
-def expand(text: str, environ: Mapping[str, str] | None = None) -> str:
+def expand(text: str) -> str:
     """`~` and every `$VARIABLE` expanded; a variable that is not set raises ValueError naming it."""
-    environ = os.environ if environ is None else environ
-    if unset := [name for name in variables(text) if name not in environ]:
+    if unset := [name for name in variables(text) if name not in os.environ]:
         names = ", ".join(f"${name}" for name in unset)
         raise ValueError(f"{names} is not set on {os.uname().nodename}")
-    return os.path.expanduser(VARIABLE.sub(lambda m: environ[m.group(1) or m.group(2)], text))
+    return os.path.expanduser(VARIABLE.sub(lambda m: os.environ[m.group(1) or m.group(2)], text))
 
 
 def expand_at_submission(text: str) -> str:
