@@ -3,7 +3,7 @@ queued, by every trainer start, and by the collector before it merges attempts."
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from asrlaunch.core.recipe import Recipe, RecipeError
@@ -33,23 +33,26 @@ def may_change_on_resume(key: str) -> bool:
     return any(key == name or key.startswith(f"{name}.") for name in MAY_CHANGE_ON_RESUME)
 
 
-def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """A recipe as dotted keys -> values, without what a resume may change."""
-    flat: dict[str, str] = {}
+def kept_on_resume(
+    values: Mapping[str, Any], leaf: Callable[[Any], Any] = repr, prefix: str = ""
+) -> dict[str, Any]:
+    """A recipe as dotted keys -> `leaf(value)`, without what a resume may change: what a resume compares,
+    and what trackers record as hyperparameters."""
+    flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if may_change_on_resume(name):
             continue
         if isinstance(value, Mapping):
-            flat.update(_flat(value, f"{name}."))
+            flat.update(kept_on_resume(value, leaf, f"{name}."))
         else:
-            flat[name] = repr(value)
+            flat[name] = leaf(value)
     return flat
 
 
 def resume_conflicts(*recipes: Mapping[str, Any]) -> list[str]:
     """The keys, outside MAY_CHANGE_ON_RESUME, in which these resolved recipes (as dicts) disagree."""
-    flats = [_flat(recipe) for recipe in recipes]
+    flats = [kept_on_resume(recipe) for recipe in recipes]
     keys = sorted({key for flat in flats for key in flat})
     return [key for key in keys if len({flat.get(key) for flat in flats}) > 1]
 

@@ -21,23 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from asrlaunch.core.recipe import Recipe
-from asrlaunch.core.resume import may_change_on_resume
+from asrlaunch.core.resume import kept_on_resume
 from asrlaunch.core.rundir import RunDir
 
 
-def hyperparameters(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def hyperparameters(values: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe as dotted keys with scalar values (what every tracker's hyperparameter table accepts),
     without what a resume may change."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if may_change_on_resume(name):
-            continue
-        if isinstance(value, Mapping):
-            flat.update(hyperparameters(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, bool | int | float | str) else str(value)
-    return flat
+    return kept_on_resume(values, tracker_value)
+
+
+def tracker_value(value: Any) -> Any:
+    return value if isinstance(value, bool | int | float | str) else str(value)
 
 
 def init_kwargs(recipe: Recipe, run_dir: RunDir, start_step: int) -> dict[str, dict[str, Any]]:
