@@ -58,8 +58,11 @@ def test_eval_batches_cover_every_utterance_once_within_the_budget() -> None:
     for world in (1, 2, 3, 8):
         shares = shard_batches(batches, lengths, world)
         assert sorted(i for share in shares for batch in share for i in batch) == list(range(203))
+        cost = [int(lengths[b[0]]) * len(b) for b in batches]
         loads = [sum(int(lengths[b[0]]) * len(b) for b in share) for share in shares]
-        assert max(loads) - min(loads) <= max(int(lengths[b[0]]) * len(b) for b in batches)
+        assert max(loads) - min(loads) <= max(cost)
+        firsts = sorted(int(lengths[share[0][0]]) * len(share[0]) for share in shares)
+        assert firsts == sorted(cost)[-world:]  # dealt largest first: each rank opens with one of the largest
 
 
 def evaluate_in_process(config: dict, corpus_dir: Path, cache: Path, mode: str) -> tuple[list, int]:

@@ -350,17 +350,20 @@ def test_listing_a_disk_corpus_leaves_its_audio_on_disk(tmp_path: Path) -> None:
     import tracemalloc
 
     import datasets
+    import pyarrow as pa
 
     rows = [{"array": np.full(16000, i / 100, dtype=np.float32), "sampling_rate": 16000} for i in range(100)]
     split = datasets.Dataset.from_dict({"audio": rows, "text": ["a b"] * 100})
     datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "disk"))
     data = DataSection(dir=str(tmp_path / "disk"), format="disk")
     corpus_sources(data)  # datasets' own first-use imports and caches, outside the measure
+    arrow_before = pa.total_allocated_bytes()
     tracemalloc.start()
     sources = corpus_sources(data)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert peak < 2_000_000, peak
+    assert peak < 2_000_000, peak  # Python objects: no decoded audio
+    assert pa.total_allocated_bytes() - arrow_before < 2_000_000  # Arrow buffers: nothing read into memory
     samples, rate = sources["train"][42].read()
     assert rate == 16000 and samples.shape == (16000,) and samples[0] == pytest.approx(0.42)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.plan import plan_run
 from asrlaunch.core.recipe import RecipeError, load_recipe
 from asrlaunch.core.rundir import RunDir
@@ -296,17 +297,27 @@ def test_torch_environment_of_a_slurm_task() -> None:
 
 
 def test_dry_run_works_off_the_cluster(tmp_path: Path) -> None:
-    """No srun, no sinfo on PATH (a laptop): the plan and the sbatch script still show."""
-    done = subprocess.run(
-        [PYTHON, SUBMIT, str(RECIPES / "timit32.yaml"), "--dry-run", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=60,
-        env=python_env(PATH=str(Path(PYTHON).parent)),
-    )
-    assert done.returncode == 0, done.stderr
-    assert "srun --unbuffered" in json.loads(done.stdout)["sbatch"]
+    """No srun, no sinfo on PATH (a laptop): the plan and the sbatch script still show, in both forms; the
+    plain one also runs the preflight (which asks SLURM nothing it cannot find) and refuses only for the
+    missing TIMIT."""
+
+    def dry_run(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PYTHON, SUBMIT, str(RECIPES / "timit32.yaml"), "--dry-run", *flags],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+            env=python_env(PATH=str(Path(PYTHON).parent)),
+        )
+
+    as_json = dry_run("--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert "srun --unbuffered" in json.loads(as_json.stdout)["sbatch"]
+    plain = dry_run()
+    assert plain.returncode == ExitCode.USAGE and "Traceback" not in plain.stderr, plain.stderr
+    assert "the TIMIT folder does not exist" in plain.stderr
+    assert "# preflight   ok  engine" in plain.stdout and "srun --unbuffered" in plain.stdout
 
 
 def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from asrlaunch.core.plan import plan_batch
 from asrlaunch.data.sampler import (
+    ORDERS,
     GlobalOrder,
     epoch_batches,
     padding_efficiency,
@@ -56,17 +57,24 @@ def test_ranks_and_micro_steps_partition_the_global_batch(world: int, max_micro:
     assert sorted(np.concatenate(pieces).tolist()) == batch.tolist()
 
 
-def test_global_step_samples_are_the_same_for_every_world_size() -> None:
+@pytest.mark.parametrize("kind", ["grouped", "reference"])
+def test_global_step_is_its_epochs_batch_whatever_the_world_size(kind: str) -> None:
+    """Step k is batch k mod E of epoch k // E, each epoch shuffled anew; the world size only cuts it."""
     lengths = timit_like_lengths(700)
-    order = GlobalOrder(lengths, 32, seed=42)
-    for step in [0, 1, 21, 22, 23, 60]:  # crosses epoch boundaries (22 steps per epoch)
-        seen = []
+    order = GlobalOrder(lengths, 32, seed=42, kind=kind)
+    assert order.steps_per_epoch == 22
+    for step in [0, 1, 21, 22, 23, 60]:  # crosses epoch boundaries, and back (a resume reads any step)
+        epoch, index = divmod(step, 22)
+        expected = ORDERS[kind](lengths, 32, 42, epoch)[index]
+        np.testing.assert_array_equal(order.batch(step), expected)
+        assert order.pad_length(step) == lengths[expected].max()
         for world in (1, 2, 4, 8):
             plan = plan_batch(32, world, 4)
-            parts = [m for r in range(world) for m in rank_micro_batches(order.batch(step), plan, r)]
-            seen.append(sorted(np.concatenate(parts).tolist()))
-        assert all(s == seen[0] for s in seen)
-        assert order.pad_length(step) == lengths[order.batch(step)].max()
+            per_rank = [rank_micro_batches(expected, plan, r) for r in range(world)]
+            in_order = [per_rank[r][k] for k in range(plan.grad_accum) for r in range(world)]
+            np.testing.assert_array_equal(np.concatenate(in_order), expected)
+    first, second = (np.concatenate([order.batch(s) for s in range(e * 22, e * 22 + 3)]) for e in (0, 1))
+    assert not np.array_equal(np.sort(first), np.sort(second))  # epoch 1 is not epoch 0 again
 
 
 def test_padding_efficiency_beats_random_batches() -> None:

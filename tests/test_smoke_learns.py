@@ -7,13 +7,12 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from asrlaunch.core.records import is_start
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
+from .slurm_cluster import SLURM_MARKS
 
-pytestmark = pytest.mark.slow
+pytestmark = SLURM_MARKS  # through the local SLURM cluster, as the README's first command runs it
 
 
 def test_smoke_recipe_as_the_readme_runs_it_learns(tmp_path: Path) -> None:
