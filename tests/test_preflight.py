@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from asrlaunch.core.recipe import load_recipe
-from asrlaunch.launcher.preflight import check_shape, limit_minutes, parse_sinfo_nodes
+from asrlaunch.launcher.preflight import check_shape, check_stop_signal, limit_minutes, parse_sinfo_nodes
 
 from .conftest import PYTHON, RECIPES, ROOT, python_env
 from .slurm_cluster import cluster_up
@@ -54,6 +54,24 @@ def test_the_job_shape_must_fit_a_node_of_its_partition(overrides: list[str], ok
     check = check_shape(recipe, parse_sinfo_nodes(SINFO))
     assert check.ok is ok, check.message
     assert names in check.message
+
+
+@pytest.mark.parametrize(
+    ("executor", "time_min", "delay_s", "ok"),
+    [("slurm", 3, 60, True), ("slurm", 2, 60, False), ("slurm", 1, 30, False), ("local", 1, 35, True)],
+)
+def test_the_stop_signal_must_not_come_as_the_job_starts(
+    executor: str, time_min: int, delay_s: int, ok: bool
+) -> None:
+    """SLURM may send USR2 up to a minute before cluster.signal_delay_s; the local executor, on time."""
+    overrides = [f"cluster.time_min={time_min}", f"cluster.signal_delay_s={delay_s}"]
+    check = check_stop_signal(load_recipe(RECIPES / "smoke.yaml", overrides), executor)
+    assert check.ok is ok, check.message
+    if not ok:
+        assert (
+            f"cluster.time_min={time_min} is too short for cluster.signal_delay_s={delay_s}" in check.message
+        )
+        assert f"set cluster.time_min above {(delay_s + 60) // 60}" in check.message
 
 
 @pytest.mark.skipif(not cluster_up(), reason="no local SLURM cluster")

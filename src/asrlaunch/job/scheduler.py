@@ -20,6 +20,8 @@ SQUEUE_FORMAT = "%i|%T|%N|%M|%r"
 # A job that waits for `scontrol release` (failover's requeue holds one to change its excluded nodes).
 HELD_STATE, USER_HOLD, ADMIN_HOLD = "REQUEUE_HOLD", "JobHeldUser", "JobHeldAdmin"
 SACCT_FIELDS = "JobID,State,NodeList,Elapsed"
+# `--signal` may come up to this much before its delay (sbatch(1): SLURM's event resolution).
+SIGNAL_RESOLUTION_S = 60
 
 
 @dataclass

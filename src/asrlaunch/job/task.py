@@ -19,6 +19,7 @@ from typing import Any
 from asrlaunch.core.records import Event
 from asrlaunch.job.scheduler import (
     HELD_STATE,
+    SIGNAL_RESOLUTION_S,
     USER_HOLD,
     parse_scontrol_jobs,
     parse_time_left,
@@ -28,9 +29,9 @@ from asrlaunch.job.scheduler import (
 # Below Linux's ephemeral ports (32768-60999 by default), which any outgoing connection of a busy node may
 # hold (another job's NCCL): a master port among them fails now and then with EADDRINUSE.
 PORT_BASE, PORT_SPAN = 15000, 17000
-# `--signal` may come up to 60 s before its delay (sbatch(1): SLURM's event resolution), and a stop is judged
-# after the step that noticed it: within this much more than the delay, a USR2 is the time limit's warning.
-SIGNAL_EARLY_S = 60 + 30
+# `--signal` may come up to SIGNAL_RESOLUTION_S before its delay, and a stop is judged after the step that
+# noticed it: within this much more than the delay, a USR2 is the time limit's warning.
+SIGNAL_EARLY_S = SIGNAL_RESOLUTION_S + 30
 
 
 def master_port(job_id: str) -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from asrlaunch.core.model_keys import CONFIG_CLASS, keys_in_source, transformers_version, unknown_key_lines
 from asrlaunch.core.recipe import Recipe
-from asrlaunch.job.scheduler import run_command
+from asrlaunch.job.scheduler import SIGNAL_RESOLUTION_S, run_command
 
 SINFO_FORMAT = "%N|%P|%c|%m|%G|%l"
 # tracker -> (the module it needs, the pyproject extra that installs it)
@@ -267,9 +267,28 @@ def check_shape(recipe: Recipe, nodes: list[Node]) -> Check:
     )
 
 
+def check_stop_signal(recipe: Recipe, executor: str) -> Check:
+    """The stop signal comes `signal_delay_s` before the time limit, and under SLURM up to a minute earlier
+    still: a job whose limit is not longer than that could be told to stop as it starts, and would only ever
+    checkpoint and requeue."""
+    cluster = recipe.cluster
+    earliest = cluster.signal_delay_s + (SIGNAL_RESOLUTION_S if executor == "slurm" else 0)
+    if cluster.time_min * 60 > earliest:
+        return Check("time", True, f"the stop signal comes {earliest} s or less before the time limit")
+    return Check(
+        "time",
+        False,
+        f"cluster.time_min={cluster.time_min} is too short for "
+        f"cluster.signal_delay_s={cluster.signal_delay_s}: the stop signal may come {earliest} s before "
+        "the time limit"
+        + (f" (SLURM sends it up to {SIGNAL_RESOLUTION_S} s early)" if executor == "slurm" else "")
+        + f", i.e. as the job starts; set cluster.time_min above {earliest // 60} or a shorter delay",
+    )
+
+
 def preflight(recipe: Recipe, executor: str) -> list[Check]:
     checks = [check_engine(recipe), check_data(recipe), check_model(recipe), check_model_keys(recipe)]
-    checks.append(check_trackers(recipe))
+    checks += [check_trackers(recipe), check_stop_signal(recipe, executor)]
     if executor == "slurm":
         nodes = parse_sinfo_nodes(run_command(["sinfo", "-h", "-N", "-o", SINFO_FORMAT]) or "")
         checks.append(check_shape(recipe, nodes) if nodes else Check("shape", False, "sinfo listed no nodes"))
