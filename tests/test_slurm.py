@@ -10,7 +10,7 @@ from pathlib import Path
 from asrlaunch.core.logs import read_run_logs
 from asrlaunch.core.records import is_start
 from asrlaunch.core.rundir import RunDir
-from asrlaunch.launcher.status import TERMINAL, collect_status
+from asrlaunch.launcher.status import TERMINAL, collect_status, wait_for
 
 from .conftest import PYTHON, RECIPES, notable, python_env
 from .slurm_cluster import (
@@ -259,5 +259,7 @@ def test_a_corpus_prepared_off_the_gpus_first_then_only_when_needed(
         )
         assert "PENDING (DependencyNeverSatisfied)" in shown.stdout
         assert "preparation failed" in shown.stdout and "unreadable audio" in shown.stdout
+        (waited,) = wait_for([RunDir(blocked)], poll_s=0.5)  # `submit --wait` ends: the job never starts
+        assert waited.never_starts and "unreadable audio" in waited.preparation
     finally:
         subprocess.run(["scancel", blocked_id], check=False)

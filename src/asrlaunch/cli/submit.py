@@ -24,6 +24,7 @@ from asrlaunch.core.plan import BatchPlanError, plan_run, scheduled_lr
 from asrlaunch.core.recipe import Recipe, RecipeError, load_run_recipe, read_recipe_file
 from asrlaunch.core.resume import check_resume
 from asrlaunch.core.rundir import RunDir
+from asrlaunch.job.scheduler import PREEMPTED
 from asrlaunch.launcher.preflight import preflight
 from asrlaunch.launcher.preparation import preparation_sbatch
 from asrlaunch.launcher.status import RunStatus, WaitProgress, collect_status, state_text, wait_for
@@ -146,16 +147,22 @@ def load_specs(args: argparse.Namespace) -> list[RunSpec]:
 
 def ensure_stopped(run_dir: RunDir, force: bool = False) -> None:
     """Two jobs must never write one run: --resume waits until the run's last job has ended. A state that
-    cannot be read (UNKNOWN: squeue or sacct failing for a moment) may be a running job: refused too."""
+    cannot be read (UNKNOWN: squeue or sacct failing for a moment) may be a running job, and a PREEMPTED one
+    still listed may be on its way back to the queue: refused too, unless --force."""
     (status,) = collect_status([run_dir.path])
     if not status.job_id or status.job.ended:
         return
-    if status.job.state == "UNKNOWN":
+    if status.job.may_have_ended:
         if force:
             return
+        why = (
+            "was preempted, and may be on its way back to the queue"
+            if status.job.state == PREEMPTED
+            else "cannot be read (the scheduler did not answer, or forgot it)"
+        )
         raise SubmitError(
-            f"{run_dir}: the state of its job {status.job_id} cannot be read (the scheduler did not answer, "
-            f"or forgot it); check `squeue -j {status.job_id}`, then --resume --force if it is not running"
+            f"{run_dir}: its job {status.job_id} {why}; check `squeue -j {status.job_id}`, then "
+            "--resume --force if it is not pending or running"
         )
     raise SubmitError(
         f"{run_dir}: its job {status.job_id} is {status.job.state}; cancel it "

@@ -12,13 +12,16 @@ from pathlib import Path
 
 from asrlaunch.core.rundir import RunDir
 
-# PREEMPTED is not final: a requeued job passes through it on its way back to PENDING.
+# PREEMPTED is not final by itself: a requeued job passes through it on its way back to PENDING.
+PREEMPTED = "PREEMPTED"
 TERMINAL = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
 )
 SQUEUE_FORMAT = "%i|%T|%N|%M|%r"
 # A job that waits for `scontrol release` (failover's requeue holds one to change its excluded nodes).
 HELD_STATE, USER_HOLD, ADMIN_HOLD = "REQUEUE_HOLD", "JobHeldUser", "JobHeldAdmin"
+# A pending job's reason when a job it depends on failed (afterok): it never starts.
+NEVER_SATISFIED = "DependencyNeverSatisfied"
 SACCT_FIELDS = "JobID,State,NodeList,Elapsed"
 # `--signal` may come up to this much before its delay (sbatch(1): SLURM's event resolution).
 SIGNAL_RESOLUTION_S = 60
@@ -36,6 +39,13 @@ class JobState:
     @property
     def ended(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def may_have_ended(self) -> bool:
+        """A state that is final when it lasts: UNKNOWN (the scheduler purged the job, or did not answer) or
+        PREEMPTED (preempted and not requeued, PreemptMode=CANCEL; a requeued job only passes through it, and
+        accounting may show it there while a busy controller does not answer)."""
+        return self.state in ("UNKNOWN", PREEMPTED)
 
 
 def run_command(command: Sequence[str], timeout_s: float = 15) -> str | None:

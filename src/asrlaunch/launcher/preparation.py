@@ -2,7 +2,8 @@
 `asrlaunch prepare` (data/prepare.py) as a CPU job on that partition, and the training job waits for it
 (`--dependency=afterok:<id>`); when the cache already holds the corpus, no preparation job is queued. A failed
 preparation leaves the training job to SLURM's dependency rules (pending, `DependencyNeverSatisfied`), and
-`asrlaunch status` shows it with the preparation's error (RunDir.prepared). No torch.
+`asrlaunch status` shows it with the preparation's error (RunDir.prepared); `submit --wait` ends there.
+No torch.
 """
 
 from __future__ import annotations

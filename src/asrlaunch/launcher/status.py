@@ -20,6 +20,7 @@ from asrlaunch.core.rundir import RunDir, expand_run_dirs
 from asrlaunch.job.scheduler import (
     ADMIN_HOLD,
     HELD_STATE,
+    NEVER_SATISFIED,
     TERMINAL,
     USER_HOLD,
     JobState,
@@ -58,6 +59,12 @@ class RunStatus:
     preparation: str = ""  # the preparation job, while the training job waits for it (or after it failed)
     slow: list[str] = field(default_factory=list)  # stragglers of the current attempt
     goodput: Goodput | None = None
+
+    @property
+    def never_starts(self) -> bool:
+        """The job waits on a dependency that failed (its preparation job): SLURM keeps it pending for good,
+        unless the site kills such jobs (kill_invalid_depend)."""
+        return not self.job.ended and self.job.reason == NEVER_SATISFIED
 
     @property
     def eta_s(self) -> float | None:
@@ -249,9 +256,8 @@ def wait_for(
     on_poll: Callable[[list[RunStatus]], None] | None = None,
     unknown_limit_s: float = 60.0,
 ) -> list[RunStatus]:
-    """Poll until every run's job has ended, or has stayed for `unknown_limit_s` in a state that is final
-    when it lasts: UNKNOWN (the scheduler purged it, no accounting) or PREEMPTED (preempted without a requeue,
-    PreemptMode=CANCEL; a requeued job only passes through it)."""
+    """Poll until every run's job has ended, waits on a dependency that failed, or has stayed for
+    `unknown_limit_s` in a state that is final when it lasts (JobState.may_have_ended)."""
     lasting_since: dict[Path, float] = {}
     while True:
         statuses = collect_status([run.path for run in run_dirs])
@@ -259,12 +265,13 @@ def wait_for(
             on_poll(statuses)
         now = time.monotonic()
         for status in statuses:
-            if status.job.state in ("UNKNOWN", "PREEMPTED"):
+            if status.job.may_have_ended:
                 lasting_since.setdefault(status.run_dir.path, now)
             else:
                 lasting_since.pop(status.run_dir.path, None)
         if all(
-            s.job.ended or now - lasting_since.get(s.run_dir.path, now) > unknown_limit_s for s in statuses
+            s.job.ended or s.never_starts or now - lasting_since.get(s.run_dir.path, now) > unknown_limit_s
+            for s in statuses
         ):
             return statuses
         time.sleep(poll_s)
