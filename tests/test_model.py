@@ -75,6 +75,34 @@ def test_a_pretrained_checkpoint_trains_without_activation_checkpointing_as_the_
     assert model.lm_head.out_features == 12
 
 
+def test_a_ctc_checkpoint_of_another_vocabulary_gets_a_fresh_head_and_nothing_else_changes(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Starting from a CTC fine-tuned model (another run's final/, a hub model such as wav2vec2-base-960h):
+    its encoder weights are kept, its head is replaced by one of this corpus's size (transformers would refuse
+    the load), the same size keeps the head; an override that changes another weight's shape is a recipe
+    error."""
+    import pytest
+    from transformers import Wav2Vec2ForCTC
+
+    from asrlaunch.core.recipe import RecipeError
+
+    saved = Wav2Vec2ForCTC(Wav2Vec2Config(**{**GROUP_NORM, "vocab_size": 32}))
+    saved.save_pretrained(tmp_path)
+    section = ModelSection(name_or_path=str(tmp_path))
+    same = build_model(section, 32, 0)
+    assert torch.equal(same.lm_head.weight, saved.lm_head.weight)
+    assert "fresh head" not in capsys.readouterr().out
+    other = build_model(section, 30, 0)
+    assert other.lm_head.out_features == 30
+    assert "a fresh head of 30 outputs" in capsys.readouterr().out
+    encoder = saved.wav2vec2.encoder.layers[0].attention.q_proj.weight
+    assert torch.equal(other.wav2vec2.encoder.layers[0].attention.q_proj.weight, encoder)
+    reshaped = ModelSection(name_or_path=str(tmp_path), overrides={"num_conv_pos_embeddings": 8})
+    with pytest.raises(RecipeError, match=r"pos_conv_embed.*leave out the overrides"):
+        build_model(reshaped, 32, 0)
+
+
 def test_a_key_the_config_does_not_have_is_refused_not_kept(tmp_path: Path) -> None:
     """transformers keeps an unknown key as an attribute nothing reads: a typo would train without it."""
     import pytest

@@ -40,11 +40,36 @@ def build_model(section: ModelSection, vocab_size: int, pad_id: int) -> Wav2Vec2
         # layer's forward computed twice); the script overwrote it with the Trainer's default, false.
         config = Wav2Vec2Config.from_pretrained(section.name_or_path)
         config.update({**section.overrides, **head, "gradient_checkpointing": False})
-        model = Wav2Vec2ForCTC.from_pretrained(section.name_or_path, config=config)
+        model = pretrained(section.name_or_path, config)
     if section.freeze_feature_encoder:
         model.freeze_feature_encoder()
     else:
         skip_audio_gradient(model)
+    return model
+
+
+def pretrained(name_or_path: str, config: Wav2Vec2Config) -> Wav2Vec2ForCTC:
+    """The checkpoint's weights. A checkpoint fine-tuned with CTC on another vocabulary (another run's
+    `final/`, a hub model such as wav2vec2-base-960h) gets a fresh head of this corpus's size; any other
+    weight whose shape the recipe's overrides change is an error, not a silent re-initialisation."""
+    loaded: Any = Wav2Vec2ForCTC.from_pretrained(
+        name_or_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    model, loading = loaded
+    mismatched = {key: (tuple(old), tuple(new)) for key, old, new in loading["mismatched_keys"]}
+    others = sorted(key for key in mismatched if not key.startswith("lm_head."))
+    if others:
+        shapes = "; ".join(f"{key}: {mismatched[key][0]} -> {mismatched[key][1]}" for key in others)
+        raise RecipeError(
+            f"model.overrides change the shape of {name_or_path}'s weights ({shapes}): they would be "
+            "initialised anew; leave out the overrides that change the architecture"
+        )
+    if mismatched:
+        print(
+            f"model: {name_or_path}'s CTC head is for another vocabulary; a fresh head of "
+            f"{config.vocab_size} outputs (this corpus's) is trained",
+            flush=True,
+        )
     return model
 
 
