@@ -14,6 +14,7 @@ import pytest
 from asrlaunch.core.recipe import ClusterSection
 from asrlaunch.job.scheduler import (
     TERMINAL,
+    job_restarts,
     parse_restarts,
     parse_sacct,
     parse_scontrol_jobs,
@@ -389,3 +390,15 @@ def test_wait_ends_on_a_job_whose_dependency_failed(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(status_module.time, "sleep", lambda _s: None)
     (waited,) = status_module.wait_for([RunDir(tmp_path)])
     assert waited.never_starts and waited.job.state == "PENDING"
+
+
+def test_restarts_are_asked_of_the_wanted_jobs_not_the_whole_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` and `--wait` poll: each asks scontrol about its own jobs (an array's id covers its elements);
+    only for many jobs at once is the controller's whole table read, in one call."""
+    fake = FakeRun(SCONTROL)
+    monkeypatch.setattr(subprocess, "run", fake)
+    assert job_restarts(["42", "50_0", "50_1"]) == {"42": 3, "50_0": 1, "50": 0, "44": 1}
+    assert fake.commands == [["scontrol", "show", "job", "42"], ["scontrol", "show", "job", "50"]]
+    fake.commands.clear()
+    job_restarts([str(job) for job in range(100, 120)])
+    assert fake.commands == [["scontrol", "show", "job"]]

@@ -103,6 +103,18 @@ def parse_restarts(text: str) -> dict[str, int]:
     return {key: int(fields.get("Restarts", "0")) for key, fields in parse_scontrol_jobs(text).items()}
 
 
+def job_restarts(job_ids: Sequence[str], one_by_one_up_to: int = 16) -> dict[str, int]:
+    """Restart counts, from `scontrol show job` of each wanted job (an array's id shows all its elements):
+    a busy controller is not asked for its whole table at every poll, unless many jobs are wanted."""
+    arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
+    if len(arrays) > one_by_one_up_to:
+        return parse_restarts(run_command(["scontrol", "show", "job"]) or "")
+    restarts: dict[str, int] = {}
+    for array in arrays:
+        restarts.update(parse_restarts(run_command(["scontrol", "show", "job", array]) or ""))
+    return restarts
+
+
 def parse_time_left(text: str) -> float | None:
     """squeue's %L ('1-02:03:04', '2:03:04', '3:04', 'UNLIMITED') in seconds."""
     text = text.strip()
@@ -137,7 +149,7 @@ def slurm_states(job_ids: Iterable[str]) -> dict[str, JobState]:
             source="squeue -t all",
         )
         states.update({k: v for k, v in found.items() if k in missing})
-    restarts = parse_restarts(run_command(["scontrol", "show", "job"]) or "")
+    restarts = job_restarts(wanted)
     for key, state in states.items():
         state.restarts = restarts.get(key, state.restarts)
     return states
