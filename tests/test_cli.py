@@ -342,3 +342,18 @@ def test_a_dry_run_refuses_what_the_submission_would(tmp_path: Path) -> None:
     assert (
         again.returncode == 2 and "finished already" in again.stderr and "model.name_or_path=" in again.stderr
     )
+
+
+def test_a_resume_that_would_end_before_its_checkpoint_is_refused_before_the_queue(tmp_path: Path) -> None:
+    """`train.max_steps` below the newest checkpoint: refused by `submit --resume` itself (the job would wait
+    in the queue, start, and only then refuse), with the step to set; at or above it, the plan shows."""
+    recipe = load_recipe(RECIPES / "smoke.yaml", [f"data.dir={tmp_path / 'corpus'}"])
+    stopped = RunDir(tmp_path / "runs" / "smoke")
+    stopped.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
+    (stopped.checkpoints / "step-000010").mkdir(parents=True)
+    resume = ("submit", "--resume", str(stopped.path), "--dry-run", "--no-preflight")
+    short = run(ASRLAUNCH, *resume, "train.max_steps=7")
+    assert short.returncode == 2 and "Traceback" not in short.stderr, short.stderr
+    assert "the run ends at step 7, before its step-10 checkpoint; set train.max_steps to 10" in short.stderr
+    enough = run(ASRLAUNCH, *resume, "train.max_steps=10")
+    assert enough.returncode == 0, enough.stderr

@@ -22,7 +22,7 @@ from asrlaunch.core.exits import ExitCode
 from asrlaunch.core.history import RunHistory
 from asrlaunch.core.plan import BatchPlanError, plan_run, scheduled_lr
 from asrlaunch.core.recipe import Recipe, RecipeError, load_run_recipe, read_recipe_file
-from asrlaunch.core.resume import check_resume
+from asrlaunch.core.resume import check_resume, check_resume_point
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.job.scheduler import PREEMPTED
 from asrlaunch.launcher.preflight import preflight
@@ -103,18 +103,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def schedule_change(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> str:
-    """What a new `train.max_steps` does to the learning rate where the run resumes: the schedule is computed
-    anew for the new length (as the Trainer's), so a linear one jumps."""
+def new_length(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> tuple[int, int] | None:
+    """The run's length in steps before and after a resume that changes `train.max_steps` (None: unchanged,
+    or a run that never planned)."""
     if stored.train.max_steps == resumed.train.max_steps:
-        return ""
+        return None
     history = RunHistory.read(run_dir)
     plan = history.current.plan if history.current is not None else run_dir.read_plan()
     old_total, samples = plan.get("total_steps"), plan.get("train_samples")
     if not old_total or not samples:
+        return None
+    return int(old_total), plan_run(resumed, 1, int(samples)).total_steps
+
+
+def check_new_length(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> None:
+    """A shorter run must still reach its newest checkpoint, refused here rather than after the queue wait
+    (the trainer checks the checkpoint it actually loads, too)."""
+    from asrlaunch.engine.checkpoint import list_checkpoints  # no torch: folder names only
+
+    lengths, newest = new_length(run_dir, stored, resumed), list_checkpoints(run_dir.checkpoints)
+    if lengths is not None and newest:
+        check_resume_point(newest[0][0], lengths[1])
+
+
+def schedule_change(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> str:
+    """What a new `train.max_steps` does to the learning rate where the run resumes: the schedule is computed
+    anew for the new length (as the Trainer's), so a linear one jumps."""
+    lengths = new_length(run_dir, stored, resumed)
+    if lengths is None:
         return ""
-    new_total = plan_run(resumed, 1, int(samples)).total_steps
-    step = history.progress.step or 0
+    old_total, new_total = lengths
+    step = RunHistory.read(run_dir).progress.step or 0
     before, after = scheduled_lr(stored, step, int(old_total)), scheduled_lr(resumed, step, new_total)
     if math.isclose(before, after):
         return ""
@@ -136,6 +155,7 @@ def load_specs(args: argparse.Namespace) -> list[RunSpec]:
         specs = resolve_runs(raw, str(run_dir.recipe), args.overrides, [], new_run=False)
         stored = load_run_recipe(run_dir.recipe)
         check_resume(stored, specs[0].recipe)
+        check_new_length(run_dir, stored, specs[0].recipe)
         ensure_stopped(run_dir, args.force)
         note = schedule_change(run_dir, stored, specs[0].recipe)
         if note:

@@ -65,3 +65,13 @@ def check_resume(stored: Recipe, resumed: Recipe) -> None:
             f"{', '.join(conflicts)}: a resumed run keeps its recipe except "
             f"{', '.join(MAY_CHANGE_ON_RESUME)}; start a new run (another run.name) to change these"
         )
+
+
+def check_resume_point(start_step: int, total_steps: int) -> None:
+    """RecipeError when a resume lowered `train.max_steps` below the checkpoint it resumes from (checked by
+    `submit --resume` before anything is queued, and by the trainer at its start)."""
+    if start_step > total_steps:
+        raise RecipeError(
+            f"train.max_steps: the run ends at step {total_steps}, before its step-{start_step} checkpoint; "
+            f"set train.max_steps to {start_step} or more"
+        )

@@ -8,7 +8,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from asrlaunch.core.history import RunHistory
-from asrlaunch.core.recipe import RecipeError
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.engine import checkpoint
 
@@ -33,15 +32,6 @@ class ResumeDecision:
             return cls(attempt)
         folder, manifest = found
         return cls(attempt, str(folder), manifest.get("world_size"))
-
-
-def check_resume_point(start_step: int, total_steps: int) -> None:
-    """RecipeError when a resume lowered `train.max_steps` below the checkpoint it resumes from."""
-    if start_step > total_steps:
-        raise RecipeError(
-            f"train.max_steps: the run ends at step {total_steps}, before its step-{start_step} checkpoint; "
-            f"set train.max_steps to {start_step} or more"
-        )
 
 
 class TrainingDivergedError(RuntimeError):

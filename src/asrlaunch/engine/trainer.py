@@ -21,6 +21,7 @@ from asrlaunch.core.logs import RankLog
 from asrlaunch.core.plan import StepPlan, batch_plan, plan_batch, plan_run
 from asrlaunch.core.recipe import Recipe
 from asrlaunch.core.records import Event
+from asrlaunch.core.resume import check_resume_point
 from asrlaunch.core.rundir import RunDir
 from asrlaunch.data.prepare import CorpusPeers, corpus_for_rank
 from asrlaunch.engine import checkpoint, runtime
@@ -31,7 +32,7 @@ from asrlaunch.engine.metrics import TrainMetrics
 from asrlaunch.engine.model import build_model, build_optimizer, build_scheduler
 from asrlaunch.engine.output import save_final_model
 from asrlaunch.engine.sink import Console, MetricsSink
-from asrlaunch.engine.state import ResumeDecision, TrainCounters, check_resume_point
+from asrlaunch.engine.state import ResumeDecision, TrainCounters
 from asrlaunch.engine.stopping import StopDecision
 from asrlaunch.engine.timing import ComputeClock
 from asrlaunch.engine.tracking import Tracking
