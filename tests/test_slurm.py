@@ -261,5 +261,6 @@ def test_a_corpus_prepared_off_the_gpus_first_then_only_when_needed(
         assert "preparation failed" in shown.stdout and "unreadable audio" in shown.stdout
         (waited,) = wait_for([RunDir(blocked)], poll_s=0.5)  # `submit --wait` ends: the job never starts
         assert waited.never_starts and "unreadable audio" in waited.preparation
+        assert f"its job never starts (a job it depends on failed): scancel {blocked_id}" in waited.notes[-1]
     finally:
         subprocess.run(["scancel", blocked_id], check=False)

@@ -90,6 +90,11 @@ class RunStatus:
             lines.insert(0, f"held: it starts only after `scontrol release {self.job_id}` ({HELD_WHY})")
         elif self.job.reason == ADMIN_HOLD:
             lines.insert(0, "held by an administrator (JobHeldAdmin): only they can release it")
+        if self.never_starts:
+            lines.append(
+                f"its job never starts (a job it depends on failed): scancel {self.job_id}, fix what failed, "
+                "and submit again"
+            )
         if self.goodput is not None and self.goodput.ratio is not None:
             lines.append(f"goodput: {self.goodput.summary()}")
         return [line for line in lines if line]
