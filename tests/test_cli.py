@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from asrlaunch.cli.main import COMMANDS
 from asrlaunch.core.plan import plan_run

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What a record is: a start or an event of an attempt (`meta`), a logging window (`train`) or an
     evaluation (`eval`)."""
 
@@ -21,11 +21,8 @@ class Kind(str, Enum):
     TRAIN = "train"
     EVAL = "eval"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Event(str, Enum):
+class Event(StrEnum):
     """What happened, in a `meta` record that is not a start. The first group ends an attempt (a stop)."""
 
     TIMEOUT = "timeout"  # SLURM's warning signal before the time limit: checkpoint, requeue
@@ -40,9 +37,6 @@ class Event(str, Enum):
     CHECKPOINT = "checkpoint"  # a checkpoint was written
     CHECKPOINT_ERROR = "checkpoint_error"  # a checkpoint could not be written
     FAULT = "fault"  # an injected fault fired (ASRLAUNCH_FAULT; tests and soaks)
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def is_stop(self) -> bool:
