@@ -63,6 +63,20 @@ def test_failover_requeues_a_failure_once_per_budget_and_only_with_progress() ->
     assert not spent.requeue and "cluster.max_failures=1" in spent.record["error"]  # type: ignore[index]
 
 
+def test_out_of_memory_splits_at_one_step_are_progress_until_the_micro_batch_is_one() -> None:
+    """With several ranks a split ends the job step (no agreement mid-step) and the next start halves the
+    micro-batch: a second split at the same step is not a fault that repeats; an out-of-memory error at
+    micro-batch 1 (which logs no split) is."""
+    split = {"event": "oom_split", "error": "CUDA out of memory"}
+    first = [meta(0, 0), meta(0, 5, **split, plan={"micro_batch": 8})]
+    assert decide(at_step(5, *first), 1, False, budget(2, restarts=3)).action == "restart"
+    restarted = [*first, meta(0, 5, event="failure", action="restart"), meta(1, 3)]
+    again = [*restarted, meta(1, 5, **split, plan={"micro_batch": 4})]
+    assert decide(at_step(5, *again), 1, False, budget(2, restarts=3), restarts_in_job=1).action == "restart"
+    at_one = decide(at_step(5, *restarted), 1, False, budget(2, restarts=3), restarts_in_job=1)
+    assert at_one.action == "none" and "twice in a row at step 5" in at_one.record["error"]  # type: ignore[index]
+
+
 def test_a_failure_restarts_in_the_allocation_first_then_requeues() -> None:
     """Restarts inside the job come before requeues, per job; a node SLURM set down sends the job back to the
     queue at once (a restart would run on it again); a hang the supervisor ended is a failure like a crash."""

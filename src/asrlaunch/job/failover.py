@@ -118,7 +118,9 @@ def decide(
     failures, step = history.failures, attempt.last_step
     reported = [f"rank {e['rank']}: {e.get('error', '')}" for e in attempt.of(Event.ERROR, Event.CRASH)][:4]
     record: dict[str, Any] = {"exit_status": exit_status, "failures": len(failures) + 1, "errors": reported}
-    if failures and int(failures[-1]["step"]) == step:
+    # An out-of-memory split is progress: the next start runs the same step with half the micro-batch (at 1,
+    # an out-of-memory error logs no split, and the rule applies again).
+    if failures and int(failures[-1]["step"]) == step and not attempt.of(Event.OOM_SPLIT):
         record["error"] = (
             f"the job failed twice in a row at step {step} without progress in between: a fault that "
             "repeats at the same place is a bug, not bad luck; see the errors in its submitit/ logs"
