@@ -324,3 +324,42 @@ def test_a_rank_hung_in_its_imports_answers_for_its_stacks_and_lives(tmp_path: P
     finally:
         rank.kill()
         rank.wait()
+
+
+def test_the_supervisor_watches_on_through_stop_signals_and_ends_on_usr1(tmp_path: Path) -> None:
+    """`scancel --full`, `B:` signals and preemption signal every process of the batch step, the supervisor
+    too: it watches on through the checkpoint they cause; the batch script's teardown stops it with USR1."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from .conftest import python_env
+
+    run = RunDir(tmp_path / "run")
+    run.recipe.parent.mkdir(parents=True)
+    run.recipe.write_text(yaml.safe_dump(load_recipe(RECIPES / "smoke.yaml", ["data.dir=x"]).to_dict()))
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "asrlaunch", "supervise", "--poll", "0.1", str(run.path)], env=python_env()
+    )
+    try:
+
+        def mask(name: str) -> int:
+            status = Path(f"/proc/{supervisor.pid}/status").read_text()
+            return int(status.split(f"\n{name}:\t")[1].split()[0], 16)
+
+        deadline = time.monotonic() + 60
+        while not mask("SigCgt") & 1 << (signal.SIGUSR1 - 1):  # its handlers are in place
+            assert supervisor.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for stop in (signal.SIGTERM, signal.SIGUSR2):
+            supervisor.send_signal(stop)
+        time.sleep(1.0)
+        assert supervisor.poll() is None  # still watching
+        supervisor.send_signal(signal.SIGUSR1)
+        assert supervisor.wait(timeout=30) == 0
+    finally:
+        supervisor.kill()
+        supervisor.wait()

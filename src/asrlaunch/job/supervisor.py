@@ -341,7 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--step-start", type=float, default=None, help="when the step started (epoch seconds)"
     )
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the batch script's teardown stops us
+    # Stop signals for the tasks reach the batch step's every process (`scancel --full`, `B:` signals,
+    # preemption): the supervisor watches on through the checkpoint they cause (a stalled file system hangs
+    # there), and stops when the batch script's teardown sends it USR1.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0))
     task = SlurmTask.from_environ()
     run_dirs = args.run_dirs
     run_dir = RunDir(Path(run_dirs[task.array_index if len(run_dirs) > 1 else 0]))

@@ -85,12 +85,13 @@ def batch_setup(run_dirs: Sequence[Path]) -> list[str]:
 
 
 def batch_teardown(run_dirs: Sequence[Path]) -> list[str]:
-    """After srun: the supervisor stops, failover decides (job/failover.py); its exit status 75 runs srun
-    again inside this allocation, anything else ends the loop, and the job ends with srun's exit status."""
+    """After srun: the supervisor stops (USR1: its own signal, as stop signals reach it too), failover
+    decides (job/failover.py); its exit status 75 runs srun again inside this allocation, anything else ends
+    the loop, and the job ends with srun's exit status."""
     python, dirs = shlex.quote(sys.executable), " ".join(shlex.quote(str(p.resolve())) for p in run_dirs)
     return [
         "asrlaunch_status=$?",
-        'kill "$asrlaunch_supervisor" 2>/dev/null; wait "$asrlaunch_supervisor" 2>/dev/null',
+        'kill -USR1 "$asrlaunch_supervisor" 2>/dev/null; wait "$asrlaunch_supervisor" 2>/dev/null',
         f"{python} -m asrlaunch failover --exit-status $asrlaunch_status --restarts $asrlaunch_restarts "
         f"--step-start $asrlaunch_step_start {dirs}",
         f"[ $? -eq {int(ExitCode.RESTART)} ] || break",
