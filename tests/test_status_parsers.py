@@ -261,6 +261,26 @@ def test_sigterm_is_a_preemption_only_when_slurm_marked_the_job_preempted(
     assert fake.commands == [["scontrol", "show", "job", "42"]]
 
 
+def test_a_preemption_is_told_from_a_users_stop_though_the_controller_is_busy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A controller busy preempting many jobs times out once: asked again (briefly: the grace time runs), the
+    SIGTERM is still a preemption, which is requeued, not a user's stop."""
+    fake = FakeRun("JobId=42 JobName=smoke\n   JobState=RUNNING PreemptTime=2026-11-28T21:54:32\n")
+    timeouts: list[float] = []
+
+    def busy_once(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        timeouts.append(kwargs["timeout"])
+        if len(timeouts) == 1:
+            raise subprocess.TimeoutExpired(command, kwargs["timeout"])
+        return fake(command)
+
+    monkeypatch.setattr(subprocess, "run", busy_once)
+    monkeypatch.setattr("time.sleep", lambda _s: None)
+    assert SlurmTask(job_id="42").stop_kind(signal.SIGTERM, 90) == "preemption"
+    assert timeouts == [8.0, 8.0]
+
+
 def test_a_finished_run_whose_job_the_scheduler_forgot_shows_completed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -116,20 +116,34 @@ class SlurmTask:
         return within_requeue_budget(self.restart_count + int(another), max_requeues)
 
     # -- what the scheduler says about this job -------------------------------------------------------------
-    def show(self) -> dict[str, str]:
-        """`scontrol show job` of this job, as fields ({} outside SLURM, or when the controller is silent)."""
+    def show(self, tries: int = 1, timeout_s: float = 15.0) -> dict[str, str]:
+        """`scontrol show job` of this job, as fields ({} outside SLURM, or when the controller is silent:
+        asked up to `tries` times)."""
         if not self.job_id:
             return {}
-        jobs = parse_scontrol_jobs(run_command(["scontrol", "show", "job", self.job_id]) or "")
-        return next(iter(jobs.values()), {})
+        shown = self._ask(["scontrol", "show", "job", self.job_id], tries, 2.0, timeout_s)
+        return next(iter(parse_scontrol_jobs(shown or "").values()), {})
+
+    @staticmethod
+    def _ask(command: list[str], tries: int, pause_s: float, timeout_s: float = 15.0) -> str | None:
+        """A scheduler command's output, asked again when it fails (a busy controller), or None."""
+        for turn in range(tries):
+            shown = run_command(command, timeout_s)
+            if shown is not None:
+                return shown
+            if turn + 1 < tries:
+                time.sleep(pause_s)
+        return None
 
     def state(self) -> str:
         """This job's state now (a user's scancel shows as CANCELLED)."""
         return self.show().get("JobState", "")
 
     def preempted(self) -> bool:
-        """SLURM marks a job it preempts (PreemptTime) before the grace time's SIGTERM reaches it."""
-        return self.show().get("PreemptTime", "None") not in ("None", "Unknown", "")
+        """SLURM marks a job it preempts (PreemptTime) before the grace time's SIGTERM reaches it. Asked again
+        when the controller is silent (it is busiest when it preempts many jobs at once): a preemption taken
+        for a user's stop is not requeued. Three tries of at most 8 s: the grace time is running."""
+        return self.show(tries=3, timeout_s=8.0).get("PreemptTime", "None") not in ("None", "Unknown", "")
 
     def time_left(self) -> float | None:
         if not self.job_id:
@@ -198,13 +212,8 @@ class SlurmTask:
     def running_steps(self, tries: int = 4, pause_s: float = 5.0) -> list[str]:
         """The ids of this job's job steps that run now (srun's; not the batch or extern step). squeue is
         asked again when it fails (a busy controller), so that a hang found is not left running."""
-        shown = None
-        for turn in range(tries if self.in_slurm else 0):
-            shown = run_command(["squeue", "-h", "-s", "-j", self.job_id or "", "-o", "%i"])
-            if shown is not None:
-                break
-            if turn + 1 < tries:
-                time.sleep(pause_s)
+        command = ["squeue", "-h", "-s", "-j", self.job_id or "", "-o", "%i"]
+        shown = self._ask(command, tries, pause_s) if self.in_slurm else None
         steps = [line.strip().rsplit(".", 1)[-1] for line in (shown or "").splitlines() if "." in line]
         return [step for step in steps if step.isdigit()]
 
