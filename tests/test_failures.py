@@ -282,6 +282,40 @@ def test_sigterm_checkpoints_at_the_next_step_and_does_not_requeue(
     assert event["step"] == last_trained  # at the step boundary: no step lost, none half done
 
 
+@pytest.mark.slow
+def test_a_stop_whose_checkpoint_cannot_be_written_says_so(
+    small_disk: Path, tmp_path: Path, tones_corpus: Path
+) -> None:
+    """`checkpoint.on_error: continue` and a full disk when SIGTERM comes: the stop is logged and reported
+    without the checkpoint it could not write (the run would resume from an older one), not as saved."""
+    (small_disk / "filler").write_bytes(bytes(3 * 2**20))  # 1 MiB left: less than a checkpoint
+    run_dir = small_disk / "run"
+    settings = ("checkpoint.on_error=continue", "train.global_batch_size=8", "train.max_steps=400")
+    command = engine_command(
+        run_dir, tones_corpus, 1, "eval.at_start=false", "logging.steps=1", "eval.steps=1000", *settings
+    )
+    command.append(f"data.cache_dir={tmp_path / 'cache'}")
+    process = subprocess.Popen(
+        command,
+        env=python_env(OMP_NUM_THREADS="2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = RunDir(run_dir).rank_log(0)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text().count('"train"') >= 2):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr[-2000:]
+    assert "its checkpoint could not be written" in stderr and "checkpoint saved" not in stderr
+    (*_, event) = notable(read_run_logs(run_dir))
+    assert event["event"] == "terminated" and "could not be written" in event["error"]
+    assert checkpoint.list_checkpoints(run_dir / "checkpoints") == []
+
+
 def test_the_first_training_window_opens_at_the_start_record(tmp_path: Path, tones_corpus: Path) -> None:
     """Setting up (here a 3 s stall once the model is built and resumed) is start-up in goodput's account: the
     first window's samples/s, which goodput turns back into training seconds, must not hold it too."""

@@ -213,11 +213,15 @@ class Trainer:
             return self.stopping.agreed()
 
     def _interrupt(self, step: int) -> None:
-        self.save_checkpoint(step)
+        saved = self.save_checkpoint(step) is not None  # False: it failed under checkpoint.on_error continue
         stop = self.stopping.decide(step, f"`asrlaunch submit --resume {self.run_dir}`")
-        self.sink.event(stop.kind, step, self.plan.epoch_at(step), **stop.fields())
+        fields = stop.fields()
+        if not saved:
+            lost = f"the checkpoint of step {step} could not be written: the run resumes from an older one"
+            fields["error"] = "; ".join(filter(None, (lost, fields.get("error"))))
+        self.sink.event(stop.kind, step, self.plan.epoch_at(step), **fields)
         self.sink.close()
-        raise JobInterrupted(step, stop.kind.value, stop.requeued)
+        raise JobInterrupted(step, stop.kind.value, stop.requeued, saved)
 
     # -- one optimizer step ---------------------------------------------------------------------------------
     def train_step(self, step: int) -> tuple[Any, float, np.ndarray]:

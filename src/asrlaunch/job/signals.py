@@ -43,12 +43,13 @@ class StopRequest:
 class JobInterrupted(RuntimeError):
     """Training stopped at a checkpoint because the job was signalled; it resumes from there."""
 
-    def __init__(self, step: int, reason: str, requeued: bool) -> None:
+    def __init__(self, step: int, reason: str, requeued: bool, saved: bool = True) -> None:
         self.step, self.reason, self.requeued = step, reason, requeued
         action = (
             "requeued" if requeued else "not requeued (continue it with `asrlaunch submit --resume RUN_DIR`)"
         )
-        super().__init__(f"stopped at step {step} ({reason}); checkpoint saved; job {action}")
+        checkpoint = "checkpoint saved" if saved else "its checkpoint could not be written"
+        super().__init__(f"stopped at step {step} ({reason}); {checkpoint}; job {action}")
 
 
 _STACK_FILE: dict[Path, TextIO] = {}  # open for the process's life: faulthandler writes into it from a signal
