@@ -296,6 +296,7 @@ def test_a_rank_hung_in_its_imports_answers_for_its_stacks_and_lives(tmp_path: P
     import signal
     import subprocess
     import sys
+    import time
 
     from asrlaunch.job.supervisor import RankState, dump_stacks
     from asrlaunch.job.task import SlurmTask
@@ -321,6 +322,12 @@ def test_a_rank_hung_in_its_imports_answers_for_its_stacks_and_lives(tmp_path: P
         stacks = dump_stacks(run_dir, [starting], ElsewhereTask(job_id="7"), "attempt0-step0.txt").read_text()
         assert "== rank 1" in stacks and "faulthandler of" in stacks and "in find_spec" in stacks, stacks
         assert rank.poll() is None, "the rank died of SIGQUIT"
+        # A stop signal in the imports is taken by our handler already (the trainer acts on it at its first
+        # step boundary), not by the default action or submitit's (which ignores TERM, requeues on USR2).
+        for stop in (signal.SIGTERM, signal.SIGUSR2):
+            rank.send_signal(stop)
+        time.sleep(0.5)
+        assert rank.poll() is None, "a stop signal killed the rank in its imports"
     finally:
         rank.kill()
         rank.wait()

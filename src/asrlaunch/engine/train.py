@@ -102,15 +102,16 @@ def adopt_run_dir(recipe: Recipe, run_dir: RunDir) -> None:
         run_dir.create(recipe.to_yaml(), plan_run(recipe, int(os.environ.get("WORLD_SIZE", "1"))).to_dict())
 
 
-def run_training(recipe: Recipe, run_dir: RunDir) -> None:
-    """Train one rank of a run (the caller's process is one task of the world)."""
+def run_training(recipe: Recipe, run_dir: RunDir, stop: StopRequest | None = None) -> None:
+    """Train one rank of a run (the caller's process is one task of the world). `stop`: the caller's, when
+    it installed one before its imports."""
     started = process_started()
     adopt_launcher_environment()
     adopt_thread_limit()
     if run_dir.is_finished():
         print(f"{run_dir} finished already ({run_dir.final}); nothing to train", flush=True)
         return
-    stop = StopRequest()
+    stop = StopRequest() if stop is None else stop  # (an unsignalled StopRequest is falsy)
     stop.install()  # a stop signal during start-up is a stop too
     task = SlurmTask.from_environ()
     heartbeat = Heartbeat(run_dir, int(os.environ.get("RANK", "0")), started).start()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from asrlaunch.core.rundir import RunDir
-from asrlaunch.job.signals import JobInterrupted, answer_stack_requests
+from asrlaunch.job.signals import JobInterrupted, StopRequest, answer_stack_requests
 from asrlaunch.job.task import adopt_launcher_environment, task_rank
 
 
@@ -55,13 +55,17 @@ class TrainJob:
     def __call__(self, run_dir: str) -> str:
         run = RunDir(Path(run_dir))
         answer_stack_requests(run, task_rank())  # before anything that can hang: the controller, the imports
+        # Ours before the imports (seconds; minutes on a cold shared file system): submitit's handlers would
+        # ignore a SIGTERM and, on USR2, requeue from rank 0 mid-import, outside the requeue budget.
+        stop = StopRequest()
+        stop.install()
         adopt_launcher_environment()
 
         from asrlaunch.core.recipe import load_run_recipe
         from asrlaunch.engine.train import run_training
 
         try:
-            run_training(load_run_recipe(run.recipe), run)
+            run_training(load_run_recipe(run.recipe), run, stop)
         except JobInterrupted as stopped:
             print(str(stopped), file=sys.stderr, flush=True)
             if not stopped.requeued:
