@@ -140,3 +140,44 @@ def test_an_out_of_memory_cap_holds_until_a_resume_changes_the_micro_batch_limit
     history = RunHistory.from_records([start, split])
     assert history.oom_micro_cap(32) == 8 and history.oom_micro_cap() == 8
     assert history.oom_micro_cap(64) is None  # resumed onto bigger GPUs with a raised limit
+
+
+def test_progress_after_a_resume_is_the_resumed_step_not_the_failed_attempts() -> None:
+    """Attempt 0 logged to step 590 (WER at 580) and failed; attempt 1 resumed from 500: until it logs, status
+    shows step 500 with no loss, samples/s or WER of steps it trains again; a WER at or before 500 stays."""
+
+    def record(kind: str, step: int, attempt: int, **fields: object) -> dict:
+        base = {"kind": kind, "step": step, "epoch": step / 100, "rank": 0, "attempt": attempt, "time": 0.0}
+        return {**base, **fields}
+
+    failed = [
+        record("meta", 0, 0, resumed_from=None),
+        record("eval", 500, 0, wer=0.5),
+        record("eval", 580, 0, wer=0.4),
+        record("train", 590, 0, loss=1.5, samples_per_s=100.0),
+        record("meta", 590, 0, event="failure"),
+    ]
+    resumed = RunHistory.from_records([*failed, record("meta", 500, 1, resumed_from=500)]).progress
+    assert (resumed.step, resumed.epoch, resumed.loss, resumed.samples_per_s, resumed.wer) == (
+        500,
+        5.0,
+        None,
+        None,
+        None,
+    )
+    earlier = [*failed[:2], failed[3], record("meta", 550, 1, resumed_from=550)]
+    assert RunHistory.from_records(earlier).progress.wer == 0.5
+    start = record("meta", 500, 1, resumed_from=500)
+    assert RunHistory.from_records([*failed, start, record("train", 510, 1)]).progress.step == 510
+
+
+def test_a_window_resumed_on_another_world_size_keeps_the_old_worlds_mean() -> None:
+    """Two ranks stopped mid-window; rank 0 held twice the loss of a partial batch's last micro-batch (its
+    share weighted up), rank 1 none: one process resumes with their mean, not rank 0's view."""
+    from asrlaunch.engine.metrics import resumed_window
+
+    windows = [{"loss_window": [2.0, 4.0]}, {"loss_window": [1.0, 0.0]}]
+    assert resumed_window(windows, 1, 2) == windows[1]  # the same world: each rank its own
+    assert resumed_window(windows, 0, 1) == {"loss_window": [1.5, 2.0]}
+    assert resumed_window(windows, 3, 4) == {"loss_window": [1.5, 2.0]}
+    assert resumed_window([{"loss_window": [2.0]}], 1, 2) == {"loss_window": [2.0]}  # an older checkpoint's

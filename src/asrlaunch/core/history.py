@@ -182,11 +182,19 @@ class RunHistory:
 
 
 def _progress(records: Iterable[dict[str, Any]]) -> Progress:
+    """Rank 0's latest figures. A start goes back to the step it resumed from: what a failed attempt logged
+    past its checkpoint is trained again (its WER too, once evaluated again)."""
     values: dict[str, Any] = defaultdict(lambda: None)
+    wer_step = 0
     for record in records:
         if record["rank"] != 0:
             continue
-        if record["kind"] == Kind.TRAIN:
+        if is_start(record):
+            resumed = int(record.get("resumed_from") or 0)
+            values.update(step=resumed, epoch=record.get("epoch"), loss=None, samples_per_s=None)
+            if wer_step > resumed:
+                values["wer"] = None
+        elif record["kind"] == Kind.TRAIN:
             values.update(
                 step=record["step"],
                 epoch=record["epoch"],
@@ -196,4 +204,5 @@ def _progress(records: Iterable[dict[str, Any]]) -> Progress:
             )
         elif record["kind"] == Kind.EVAL:
             values.update(wer=record.get("wer"), step=max(values["step"] or 0, record["step"]))
+            wer_step = int(record["step"])
     return Progress(**{k: values[k] for k in Progress.__dataclass_fields__})

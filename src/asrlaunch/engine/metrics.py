@@ -96,6 +96,16 @@ class TrainMetrics:
         self._step_s, self._compute_s = [], []
 
 
+def resumed_window(windows: list[dict[str, Any]], rank: int, world_size: int) -> dict[str, Any]:
+    """The open logging window a rank resumes with. On the same world size its own; on another, every rank
+    the element-wise mean of the saved ones, so that the next window's mean over ranks is still the old
+    world's (each rank's loss is its share of the global batch's, a partial batch's last ranks' included)."""
+    if len(windows) == world_size:
+        return windows[rank]
+    steps = zip(*(w.get("loss_window", []) for w in windows), strict=True)
+    return {"loss_window": [sum(values) / len(values) for values in steps]}
+
+
 def _medians(**series: list[Any]) -> dict[str, float]:
     """The median of each series over the steps this process timed (a resumed window's replayed steps were
     not timed here)."""

@@ -28,7 +28,7 @@ from asrlaunch.engine import checkpoint, runtime
 from asrlaunch.engine.batches import Prefetcher, TrainData
 from asrlaunch.engine.evaluate import evaluate
 from asrlaunch.engine.faults import Fault, Faults, planned_faults
-from asrlaunch.engine.metrics import TrainMetrics
+from asrlaunch.engine.metrics import TrainMetrics, resumed_window
 from asrlaunch.engine.model import build_model, build_optimizer, build_scheduler
 from asrlaunch.engine.output import save_final_model
 from asrlaunch.engine.sink import Console, MetricsSink
@@ -163,8 +163,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> int:
         self.counters.load_state_dict(state)
         windows = state.get("loss_windows") or [state]  # older checkpoints: rank 0's window only
-        same_world = len(windows) == self.accelerator.num_processes
-        self.window.load_state_dict(windows[self.rank] if same_world else windows[0])
+        self.window.load_state_dict(resumed_window(windows, self.rank, self.accelerator.num_processes))
         return int(state["step"])
 
     def _resume(self, folder: Path) -> int:
