@@ -105,6 +105,7 @@ def test_the_reference_order_with_its_partial_batch_is_the_same_on_1_2_and_4_pro
             assert all(r["sample_ids"] == single["sample_ids"] for r in records)  # the same samples, in order
             mean = sum(r["loss"] for r in records) / world  # the weighted rank losses: the batch's mean
             assert mean == pytest.approx(single["loss"], rel=1e-5), (world, step)
+            assert all(r["run_loss"] == pytest.approx(mean, abs=2e-6) for r in records), (world, step)
             assert records[0]["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4), (world, step)
 
 

@@ -198,7 +198,7 @@ def _progress(records: Iterable[dict[str, Any]]) -> Progress:
             values.update(
                 step=record["step"],
                 epoch=record["epoch"],
-                loss=record.get("loss"),
+                loss=record.get("run_loss", record.get("loss")),  # older logs: rank 0's own
                 samples_per_s=record.get("samples_per_s"),
                 time=record["time"],
             )

@@ -97,6 +97,10 @@ START = (
 
 TRAIN = (
     Field("loss", "this rank's mean training loss over the steps since its last train record"),
+    Field(
+        "run_loss",
+        "the mean of every rank's `loss`: the run's, as the trackers, the console and status show it",
+    ),
     Field("lr", "learning rate after the step"),
     Field("grad_norm", "gradient norm after all-reduce, before clipping"),
     Field(

@@ -80,11 +80,12 @@ class MetricsSink:
             return float(self.accelerator.reduce(tensor, reduction="mean").item())
 
     def train(self, step: int, epoch: float, **fields: Any) -> dict[str, Any]:
-        record = self.log.write(Kind.TRAIN, step, epoch, **self.window.flush(), **fields)
-        loss = self.run_mean(record["loss"])
+        figures = self.window.flush()
+        run_loss = round(self.run_mean(figures["loss"]), 6)
+        record = self.log.write(Kind.TRAIN, step, epoch, **figures, run_loss=run_loss, **fields)
         names = ("lr", "grad_norm", "samples_per_s")
-        self.tracking.log({"train/loss": loss, **{f"train/{n}": record[n] for n in names}}, step)
-        self.console.line({**record, "loss": round(loss, 6)})
+        self.tracking.log({"train/loss": run_loss, **{f"train/{n}": record[n] for n in names}}, step)
+        self.console.line({**record, "loss": run_loss})
         return record
 
     def eval(self, step: int, epoch: float, **fields: Any) -> dict[str, Any]:
