@@ -191,3 +191,23 @@ def test_a_long_run_marks_its_tables_used_at_each_checkpoint(tones_corpus: Path,
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr[-3000:]
     assert len(tables) == 2 and all(time.time() - t.stat().st_mtime < 600 for t in tables)
+
+
+def test_a_complete_cache_mounted_read_only_is_enough_to_run(tones_corpus: Path, tmp_path: Path) -> None:
+    """A shared cache another user built (or one mounted read-only): every table and the processor are
+    there, so a run reads them and writes nothing into it."""
+    from asrlaunch.data.timit import load_corpus
+
+    cache, shared = tmp_path / "cache", tmp_path / "shared"
+    built = load_corpus(tones_corpus, cache, 8, 4)
+    shared.mkdir()
+    if subprocess.run(["mount", "--bind", str(cache), str(shared)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(shared)], check=True)
+        with pytest.raises(OSError):
+            (shared / "probe").write_text("")  # read-only indeed
+        again = load_corpus(tones_corpus, shared, 8, 4)
+        assert again.cache_hit and again.vocab == built.vocab and len(again.train) == len(built.train)
+    finally:
+        subprocess.run(["umount", "-l", str(shared)], check=False)

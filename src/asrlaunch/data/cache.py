@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -56,6 +57,24 @@ class CacheEntry:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path), "kind": str(self.kind)}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Ranks that write the same file at once must not tear it: write a private file, then rename."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_unless_equal(path: Path, text: str) -> None:
+    """A cache's file written only when it is not there already: a complete cache that the user may read but
+    not write (another's, or mounted read-only) is enough to run."""
+    try:
+        if path.read_text() == text:
+            return
+    except OSError:
+        pass
+    write_atomic(path, text)
 
 
 def mark_used(entry: Path) -> None:

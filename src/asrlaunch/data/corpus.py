@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from asrlaunch.data.building import building, remove_abandoned_builds
-from asrlaunch.data.cache import mark_used, processor_dir, report_file, table_file
+from asrlaunch.data.cache import (
+    mark_used,
+    processor_dir,
+    report_file,
+    table_file,
+    write_atomic,
+    write_unless_equal,
+)
 from asrlaunch.data.text import (
     BOS,
     EOS,
@@ -146,13 +151,6 @@ def read_audio(path: Path) -> np.ndarray:
     return to_16k(audio, rate, str(path))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Ranks that write the same file at once must not tear it: write a private file, then rename."""
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
 
@@ -161,7 +159,7 @@ def make_processor(vocab: dict[str, int], folder: Path) -> Wav2Vec2Processor:
     folder.mkdir(parents=True, exist_ok=True)
     mark_used(folder)
     vocab_file = folder / "vocab.json"
-    write_atomic(vocab_file, json.dumps(vocab, indent=1))
+    write_unless_equal(vocab_file, json.dumps(vocab, indent=1))
     # bos and eos named explicitly: added after [UNK] and [PAD], as the reference card's tokenizer did
     tokenizer = Wav2Vec2CTCTokenizer(
         str(vocab_file),
@@ -327,7 +325,7 @@ def report(problems: list[Problem], cache_dir: Path, data_dir: str) -> tuple[Pat
     )
     path = report_file(cache_dir, body)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, body)
+    write_unless_equal(path, body)
     if len(problems) == 1:
         return path, f"{problems[0].line()} (the only bad utterance, listed in {path})"
     shown = "; ".join(p.line() for p in problems[:3])

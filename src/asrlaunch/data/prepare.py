@@ -23,8 +23,8 @@ from typing import Any
 
 from asrlaunch.core.paths import JOB_OWN, expand, variables
 from asrlaunch.core.recipe import ModelSection, Recipe, RecipeError, load_recipe
-from asrlaunch.data.cache import table_file
-from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout, write_atomic
+from asrlaunch.data.cache import table_file, write_atomic
+from asrlaunch.data.corpus import Checks, DataError, PreparedCorpus, prepare, read_layout
 from asrlaunch.data.sources import corpus_sources
 
 
