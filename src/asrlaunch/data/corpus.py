@@ -348,8 +348,10 @@ def read_layout(splits: dict[str, list[Source]], mode: Normalization, checks: st
     """The layout of both splits (`checks`: what the checks that keep an utterance out depend on)."""
     texts = {name: [transcript(s.text, mode) for s in splits[name]] for name in SPLITS}
     problems = [p for name in SPLITS for p in text_problems(name, splits[name], texts[name], mode)]
-    bad = {(p.split, p.id) for p in problems}
-    usable = {name: [i for i, s in enumerate(splits[name]) if (name, s.id) not in bad] for name in SPLITS}
+    bad = {(p.split, p.id, p.where) for p in problems}  # not by id alone: a.wav and a.flac share one
+    usable = {
+        name: [i for i, s in enumerate(splits[name]) if (name, s.id, s.where) not in bad] for name in SPLITS
+    }
     vocab = build_vocab((texts[name][i].target for name in SPLITS for i in usable[name]), mode)
     keys = {name: f"{name}-{fingerprint(splits[name], texts[name], vocab, mode, checks)}" for name in SPLITS}
     return Layout(texts, problems, usable, vocab, keys)

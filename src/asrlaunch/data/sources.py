@@ -23,12 +23,18 @@ from typing import Any
 import numpy as np
 
 from asrlaunch.core.recipe import DataSection
-from asrlaunch.data.corpus import DataError, Problem, Source, decode, file_stamp, text_problems
+from asrlaunch.data.corpus import (
+    DataError,
+    Problem,
+    Source,
+    decode,
+    file_stamp,
+    text_problems,
+)
 from asrlaunch.data.text import transcript
 from asrlaunch.data.timit import scan_split, timit_sources
 
 METADATA = "metadata.csv"
-SPLITS = ("train", "test")  # the roles: training, evaluation
 
 
 def split_names(data: DataSection) -> dict[str, str]:
@@ -91,7 +97,8 @@ def audiofolder_sources(root: Path, text_column: str, names: dict[str, str]) -> 
 
 def _row_source(row: dict[str, str], root: Path, text_column: str) -> Source:
     path = Path(row["_folder"]) / (row["file_name"] or "")
-    ident = str(path.relative_to(root).with_suffix(""))
+    inside = path.relative_to(root) if path.is_relative_to(root) else path  # an absolute file_name: anywhere
+    ident = str(inside.with_suffix(""))
     problem = (
         None
         if path.is_file()
@@ -112,6 +119,9 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
         loaded = datasets.load_from_disk(str(root))
     except FileNotFoundError:
         raise DataError(f"{root}: not a dataset saved with save_to_disk (no dataset_dict.json)") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        wanted = " and ".join(repr(split) for split in names.values())
+        raise DataError(f"{root}: one Dataset, not a DatasetDict; save its {wanted} splits as a DatasetDict")
     splits = {}
     for role, split in names.items():
         if split not in loaded:
