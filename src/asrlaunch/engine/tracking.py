@@ -4,9 +4,11 @@ samples/s every logging window, eval loss and WER at every evaluation, the recip
 
 A resumed attempt continues the same tracked run: TensorBoard's writer is opened with `purge_step` at the
 first step the attempt logs, so the events an earlier attempt logged past it (the steps now replayed) are
-dropped by TensorBoard's reader; MLflow continues the same run id (kept in tracking/mlflow_run_id) and W&B
-the same run id (a random one, kept in tracking/wandb_run_id: a new run at the same path is another run),
-where replayed steps add points rather than replace them. The hyperparameters are the recipe without what a
+dropped by TensorBoard's reader; MLflow continues the same run id (kept in tracking/mlflow_run_id), where
+replayed steps add points rather than replace them, and W&B the same run id (a random one, kept in
+tracking/wandb_run_id: a new run at the same path is another run), whose steps only increase: it keeps the
+points an earlier attempt logged past the resume step and drops the replayed ones (the collector's table and
+TensorBoard hold what was trained last). The hyperparameters are the recipe without what a
 resume may change (core/resume.py): MLflow refuses a parameter a later attempt would log with another value.
 Which trackers a recipe names is the recipe's (`LoggingSection.trackers`); which package each needs is
 preflight's.
