@@ -63,6 +63,21 @@ def test_goodput_splits_the_lost_time_by_cause() -> None:
     assert (attempt, kind, step) == (0, "hang", 20) and cost == pytest.approx(20.0 + 5.0 + 5.0)
 
 
+def test_the_steps_after_the_last_window_that_a_stop_checkpointed_are_productive() -> None:
+    """Logging every 10 steps, a preemption at step 15: steps 11-15 were trained and kept (the next attempt
+    resumes there), at the last window's pace: productive, not 'other'."""
+    history = history_of(
+        start(0, 100.0, 100.0),
+        train(0, 10, 120.0),
+        record("meta", 0, 15, 131.0, event="preemption", requeued=True),
+        start(1, 200.0, 200.0, resumed=15),
+        train(1, 20, 210.0),
+    )
+    result = goodput(history)
+    assert result.productive_s == pytest.approx(20.0 + 10.0 + 10.0)  # steps 1-10, 11-15, 16-20 at 2 s each
+    assert result.lost_s.get("replayed", 0.0) == 0.0
+
+
 def test_an_attempt_that_hung_while_starting_counts_its_allocated_time() -> None:
     """Preempted, requeued, then 600 s hung in start-up (no start record: only the hang and the failure),
     restarted in the allocation: those 600 s were allocated and lost to the hang, not a requeue wait."""

@@ -86,12 +86,18 @@ def attempt_time(attempt: Attempt) -> AttemptTime | None:
         return AttemptTime(attempt.number, begin, end, 0.0, 0.0, 0.0, 0.0, hang, None)
     begin = min(float(s.get("process_started") or s["time"]) for s in attempt.starts)
     global_batch = int(starts[0].get("plan", {}).get("global_batch", 1))
-    training, previous, last = 0.0, attempt.resumed_from, attempt.resumed_from
+    training, previous, last, rate = 0.0, attempt.resumed_from, attempt.resumed_from, None
     for record in rank0(attempt, Kind.TRAIN):
         steps = max(0, int(record["step"]) - previous)
         if record.get("samples_per_s"):
-            training += steps * global_batch / float(record["samples_per_s"])
+            rate = float(record["samples_per_s"])
+            training += steps * global_batch / rate
         previous = last = int(record["step"])
+    stop, kind = attempt.stop, attempt.stop_kind
+    if stop is not None and kind is not None and kind.stopped_by_signal and rate and int(stop["step"]) > last:
+        # The steps after the last window, checkpointed at the stop: trained, at the last window's pace.
+        training += (int(stop["step"]) - last) * global_batch / rate
+        last = int(stop["step"])
     checkpoints = [e for e in attempt.of(Event.CHECKPOINT) if e["rank"] == 0]
     return AttemptTime(
         attempt.number,
