@@ -181,3 +181,36 @@ def test_a_window_resumed_on_another_world_size_keeps_the_old_worlds_mean() -> N
     assert resumed_window(windows, 0, 1) == {"loss_window": [1.5, 2.0]}
     assert resumed_window(windows, 3, 4) == {"loss_window": [1.5, 2.0]}
     assert resumed_window([{"loss_window": [2.0]}], 1, 2) == {"loss_window": [2.0]}  # an older checkpoint's
+
+
+def test_the_eta_counts_the_evaluations_left(tmp_path: Path) -> None:
+    """timit32's shape: 2900 steps, evaluations every 100 (and at the end): at step 2750 at 32 samples/s, 150
+    steps (150 s) and 2 evaluations (2800, 2900) of 87 s each are left; before any evaluation, steps only."""
+    status = RunStatus(RunDir(tmp_path), step=2750, total_steps=2900, samples_per_s=32.0, eval_every=100)
+    assert status.eta_s == pytest.approx(150.0)
+    status.eval_seconds = 87.0
+    assert status.eta_s == pytest.approx(150.0 + 2 * 87.0)
+    status.total_steps = 2950  # not a multiple: its own final evaluation too
+    assert status.eta_s == pytest.approx(200.0 + 3 * 87.0)
+    records = [
+        {
+            "kind": "meta",
+            "step": 0,
+            "epoch": 0.0,
+            "rank": 0,
+            "attempt": 0,
+            "time": 0.0,
+            "recipe": {"eval": {"steps": 100}},
+        },
+        {
+            "kind": "eval",
+            "step": 100,
+            "epoch": 0.7,
+            "rank": 0,
+            "attempt": 0,
+            "time": 1.0,
+            "eval_seconds": 87.0,
+        },
+    ]
+    progress = RunHistory.from_records(records).progress
+    assert (progress.eval_every, progress.eval_seconds) == (100, 87.0)

@@ -83,6 +83,8 @@ class Progress:
     wer: float | None = None
     samples_per_s: float | None = None
     time: float | None = None
+    eval_every: int | None = None  # the latest start's eval.steps
+    eval_seconds: float | None = None  # the latest evaluation's
 
 
 class RunHistory:
@@ -192,6 +194,7 @@ def _progress(records: Iterable[dict[str, Any]]) -> Progress:
         if is_start(record):
             resumed = int(record.get("resumed_from") or 0)
             values.update(step=resumed, epoch=record.get("epoch"), loss=None, samples_per_s=None)
+            values["eval_every"] = (record.get("recipe") or {}).get("eval", {}).get("steps")
             if wer_step > resumed:
                 values["wer"] = None
         elif record["kind"] == Kind.TRAIN:
@@ -204,5 +207,6 @@ def _progress(records: Iterable[dict[str, Any]]) -> Progress:
             )
         elif record["kind"] == Kind.EVAL:
             values.update(wer=record.get("wer"), step=max(values["step"] or 0, record["step"]))
+            values["eval_seconds"] = record.get("eval_seconds")
             wer_step = int(record["step"])
     return Progress(**{k: values[k] for k in Progress.__dataclass_fields__})

@@ -50,6 +50,8 @@ class RunStatus:
     loss: float | None = None
     wer: float | None = None
     samples_per_s: float | None = None
+    eval_every: int | None = None
+    eval_seconds: float | None = None
     # (attempt, step it started from) for every start of rank 0; the stop events (timeout, preemption, ...)
     starts: list[tuple[int, int]] = field(default_factory=list)
     stops: list[str] = field(default_factory=list)
@@ -68,9 +70,16 @@ class RunStatus:
 
     @property
     def eta_s(self) -> float | None:
+        """The steps left at the latest pace, and the evaluations left (every `eval.steps`, and at the end)
+        at the latest one's length: samples/s leaves evaluation out."""
         if self.step is None or self.total_steps is None or not self.samples_per_s:
             return None
-        return (self.total_steps - self.step) * self.global_batch / self.samples_per_s
+        training = (self.total_steps - self.step) * self.global_batch / self.samples_per_s
+        if not self.eval_every or self.eval_seconds is None or self.step >= self.total_steps:
+            return training
+        every, total = self.eval_every, self.total_steps
+        evaluations = total // every - self.step // every + (1 if total % every else 0)
+        return training + max(0, evaluations) * self.eval_seconds
 
     def to_json(self) -> dict[str, Any]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -111,6 +120,7 @@ def progress_from_logs(status: RunStatus, submitted: float | None = None) -> Non
     progress = history.progress
     status.step, status.epoch, status.loss = progress.step, progress.epoch, progress.loss
     status.wer, status.samples_per_s = progress.wer, progress.samples_per_s
+    status.eval_every, status.eval_seconds = progress.eval_every, progress.eval_seconds
     status.starts = history.starts
     status.stops = [str(kind) for kind in history.stops]
     status.error = history.last_error
