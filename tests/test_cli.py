@@ -351,6 +351,12 @@ def test_a_resume_that_would_end_before_its_checkpoint_is_refused_before_the_que
     stopped = RunDir(tmp_path / "runs" / "smoke")
     stopped.create(recipe.to_yaml(), plan_run(recipe, 1).to_dict())
     (stopped.checkpoints / "step-000010").mkdir(parents=True)
+    # Attempt 0 started and checkpointed; attempt 1 died while starting (only failover's event logged it).
+    base = {"kind": "meta", "epoch": 0.0, "rank": 0, "time": 1.0}
+    started = {**base, "step": 0, "attempt": 0, "plan": plan_run(recipe, 1).to_dict(), "resumed_from": None}
+    died = {**base, "step": 10, "attempt": 1, "event": "failure", "action": "requeue"}
+    stopped.logs.mkdir(parents=True, exist_ok=True)
+    stopped.rank_log(0).write_text("".join(json.dumps(r) + "\n" for r in (started, died)))
     resume = ("submit", "--resume", str(stopped.path), "--dry-run", "--no-preflight")
     short = run(ASRLAUNCH, *resume, "train.max_steps=7")
     assert short.returncode == 2 and "Traceback" not in short.stderr, short.stderr

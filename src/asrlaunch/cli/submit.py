@@ -108,8 +108,7 @@ def new_length(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> tuple[int, i
     or a run that never planned)."""
     if stored.train.max_steps == resumed.train.max_steps:
         return None
-    history = RunHistory.read(run_dir)
-    plan = history.current.plan if history.current is not None else run_dir.read_plan()
+    plan = RunHistory.read(run_dir).latest_plan or run_dir.read_plan()
     old_total, samples = plan.get("total_steps"), plan.get("train_samples")
     if not old_total or not samples:
         return None

@@ -122,6 +122,12 @@ class RunHistory:
     def current(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
 
+    @property
+    def latest_plan(self) -> dict[str, Any]:
+        """The plan of the latest attempt that started ({} before any start): an attempt that died while
+        starting, logged by failover alone, has none."""
+        return next((a.plan for a in reversed(self.attempts) if a.starts), {})
+
     def next_attempt(self, restart_count: int = 0) -> int:
         """One more than any attempt logged (a resubmitted job's restart count starts again at 0), and never
         less than SLURM's restart count."""

@@ -206,7 +206,7 @@ def handle(
     if verdict.action == REQUEUE:
         record.update(requeue(None if record.get("late") else first, bad_nodes, task))
     with RankLog(run_dir, 0, attempt=attempt.number) as log:
-        plan = next((a.plan for a in reversed(history.attempts) if a.starts), {})
+        plan = history.latest_plan
         epoch = attempt.last_step / max(1, plan.get("steps_per_epoch", 1))
         log.event(Event.FAILURE, attempt.last_step, epoch, **record)
     return Verdict(verdict.action, record, attempt)

@@ -278,7 +278,7 @@ def end_step(run_dir: RunDir, hang: Hang, states: Sequence[RankState], task: Slu
     name = f"attempt{attempt}-step{blamed.step}.txt"
     stacks = run_dir.stacks / name
     node = blamed.beat.node if blamed.beat else None
-    steps_per_epoch = (history.current.plan.get("steps_per_epoch") if history.current else None) or 1
+    steps_per_epoch = history.latest_plan.get("steps_per_epoch") or 1
     who = f"rank {blamed.rank} on {node or 'its node'}"
     if hang.alike:
         who = f"ranks {', '.join(map(str, hang.suspects))}, alike (which hung, their stacks may say),"

@@ -114,7 +114,7 @@ def progress_from_logs(status: RunStatus, submitted: float | None = None) -> Non
     start's own plan (the submission's plan.json before any start). `submitted`: when the latest job was."""
     history = RunHistory.read(status.run_dir)
     current = history.current
-    plan = current.plan if current is not None and current.plan else status.run_dir.read_plan()
+    plan = history.latest_plan or status.run_dir.read_plan()
     status.total_steps = plan.get("total_steps")
     status.global_batch = plan.get("global_batch", status.global_batch)
     progress = history.progress
