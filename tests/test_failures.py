@@ -313,6 +313,11 @@ def test_a_stop_whose_checkpoint_cannot_be_written_says_so(
     assert "its checkpoint could not be written" in stderr and "checkpoint saved" not in stderr
     (*_, event) = notable(read_run_logs(run_dir))
     assert event["event"] == "terminated" and "could not be written" in event["error"]
+    assert event["checkpointed"] is False
+    from asrlaunch.core.history import RunHistory
+    from asrlaunch.launcher.status import stopped_line
+
+    assert "without its checkpoint" in stopped_line(RunHistory.read(RunDir(run_dir)), RunDir(run_dir))
     assert checkpoint.list_checkpoints(run_dir / "checkpoints") == []
 
 

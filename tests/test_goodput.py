@@ -76,6 +76,9 @@ def test_the_steps_after_the_last_window_that_a_stop_checkpointed_are_productive
     result = goodput(history)
     assert result.productive_s == pytest.approx(20.0 + 10.0 + 10.0)  # steps 1-10, 11-15, 16-20 at 2 s each
     assert result.lost_s.get("replayed", 0.0) == 0.0
+    unsaved = record("meta", 0, 15, 131.0, event="preemption", requeued=True, checkpointed=False)
+    lost = history_of(start(0, 100.0, 100.0), train(0, 10, 120.0), unsaved)
+    assert goodput(lost).productive_s == pytest.approx(20.0)  # its checkpoint failed: 11-15 were not kept
 
 
 def test_an_attempt_that_hung_while_starting_counts_its_allocated_time() -> None:

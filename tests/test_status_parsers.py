@@ -195,6 +195,9 @@ def test_requeue_targets_the_array_element_and_respects_the_budget(monkeypatch: 
     count = len(fake.commands)
     assert decide(spent) == ("preemption", False)  # budget spent: no requeue asked for
     assert not any(c[:2] == ["scontrol", "requeue"] for c in fake.commands[count:])
+    unsaved = StopDecision(request, OneProcess(), spent, cluster)._decide(7, "--resume", saved=False).error
+    assert unsaved is not None and "checkpoint of step 7 could not be written" in unsaved
+    assert "is kept" not in unsaved  # its checkpoint was not written: only an older one is
     assert SlurmTask(job_id="51").requeue() and fake.commands[-1] == ["scontrol", "requeue", "51"]
     fake.returncode = 1
     assert not SlurmTask(job_id="51").requeue()  # scontrol refused (e.g. nodes not up yet)

@@ -94,7 +94,8 @@ def attempt_time(attempt: Attempt) -> AttemptTime | None:
             training += steps * global_batch / rate
         previous = last = int(record["step"])
     stop, kind = attempt.stop, attempt.stop_kind
-    if stop is not None and kind is not None and kind.stopped_by_signal and rate and int(stop["step"]) > last:
+    kept = stop is not None and kind is not None and kind.stopped_by_signal and stop.get("checkpointed", True)
+    if stop is not None and kept and rate and int(stop["step"]) > last:
         # The steps after the last window, checkpointed at the stop: trained, at the last window's pace.
         training += (int(stop["step"]) - last) * global_batch / rate
         last = int(stop["step"])

@@ -129,7 +129,15 @@ EVAL = (
 
 REQUEUED = Field("requeued", "whether the job was requeued")
 ERROR = Field("error", "what happened, in one line, with what to do")
-SIGNAL_STOP = (REQUEUED, Field("error", "why it was not requeued (a requeue limit), when it was not"))
+SIGNAL_STOP = (
+    REQUEUED,
+    Field(
+        "checkpointed",
+        "false when the stop's checkpoint could not be written (`checkpoint.on_error: continue`): the run "
+        "resumes from an older one",
+    ),
+    Field("error", "why it was not requeued (a requeue limit), or that its checkpoint could not be written"),
+)
 
 EVENT_FIELDS: dict[Event, tuple[Field, ...]] = {
     Event.TIMEOUT: SIGNAL_STOP,

@@ -43,23 +43,30 @@ class StopDecision:
         flag = torch.tensor([1.0 if self.request else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
-    def decide(self, step: int, resume_hint: str) -> Stop:
-        """Rank 0 classifies the stop and requeues; every rank gets its decision."""
+    def decide(self, step: int, resume_hint: str, saved: bool = True) -> Stop:
+        """Rank 0 classifies the stop and requeues; every rank gets its decision. `saved`: whether the stop's
+        checkpoint was written (else the run resumes from an older one)."""
         decided: list[Any] = [None]
         if self.accelerator.is_main_process:
-            decided[0] = self._decide(step, resume_hint)
+            decided[0] = self._decide(step, resume_hint, saved)
         broadcast_object_list(decided)
         return decided[0]
 
-    def _decide(self, step: int, resume_hint: str) -> Stop:
+    def _decide(self, step: int, resume_hint: str, saved: bool = True) -> Stop:
         kind = self.task.stop_kind(self.request.signal, self.cluster.signal_delay_s)
+        lost = (
+            ""
+            if saved
+            else f"the checkpoint of step {step} could not be written: it resumes from an older one"
+        )
         if kind in (Event.TERMINATED, Event.SIGNAL) or not self.task.in_slurm:
-            return Stop(kind, False)
+            return Stop(kind, False, lost or None)
         if not self.task.within_requeue_budget(self.cluster.max_requeues, another=True):
+            kept = f"the checkpoint of step {step} is kept" if saved else lost
             return Stop(
                 kind,
                 False,
-                f"requeue limit reached (cluster.max_requeues={self.cluster.max_requeues}): the checkpoint "
-                f"of step {step} is kept; continue with {resume_hint}",
+                f"requeue limit reached (cluster.max_requeues={self.cluster.max_requeues}): {kept}; continue "
+                f"with {resume_hint}",
             )
-        return Stop(kind, self.task.requeue())
+        return Stop(kind, self.task.requeue(), lost or None)

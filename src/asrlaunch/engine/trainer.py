@@ -213,11 +213,8 @@ class Trainer:
 
     def _interrupt(self, step: int) -> None:
         saved = self.save_checkpoint(step) is not None  # False: it failed under checkpoint.on_error continue
-        stop = self.stopping.decide(step, f"`asrlaunch submit --resume {self.run_dir}`")
-        fields = stop.fields()
-        if not saved:
-            lost = f"the checkpoint of step {step} could not be written: the run resumes from an older one"
-            fields["error"] = "; ".join(filter(None, (lost, fields.get("error"))))
+        stop = self.stopping.decide(step, f"`asrlaunch submit --resume {self.run_dir}`", saved)
+        fields = {**stop.fields(), **({} if saved else {"checkpointed": False})}
         self.sink.event(stop.kind, step, self.plan.epoch_at(step), **fields)
         self.sink.close()
         raise JobInterrupted(step, stop.kind.value, stop.requeued, saved)

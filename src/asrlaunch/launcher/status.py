@@ -158,9 +158,11 @@ def stopped_line(history: RunHistory, run_dir: RunDir, submitted: float | None =
         return ""
     if submitted is not None and float(stop["time"]) < submitted:
         return ""
+    kept = (
+        "with its checkpoint" if stop.get("checkpointed", True) else "without its checkpoint (see the error)"
+    )
     return (
-        f"stopped at step {stop['step']} ({kind}) with its checkpoint; continue with: "
-        f"asrlaunch submit --resume {run_dir}"
+        f"stopped at step {stop['step']} ({kind}) {kept}; continue with: asrlaunch submit --resume {run_dir}"
     )
 
 
