@@ -6,6 +6,7 @@ output); the queries are thin. Launcher side: no torch.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,10 @@ def job_restarts(job_ids: Sequence[str], one_by_one_up_to: int = 16) -> dict[str
     if len(arrays) > one_by_one_up_to:
         return parse_restarts(run_command(["scontrol", "show", "job"]) or "")
     restarts: dict[str, int] = {}
+    deadline = time.monotonic() + 15.0  # a silent controller: one timeout's wait per poll, not one per job
     for array in arrays:
+        if time.monotonic() >= deadline:
+            break
         restarts.update(parse_restarts(run_command(["scontrol", "show", "job", array]) or ""))
     return restarts
 
