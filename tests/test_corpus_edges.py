@@ -10,7 +10,7 @@ import pytest
 
 from asrlaunch.core.recipe import DataSection
 from asrlaunch.data.corpus import DataError, prepare
-from asrlaunch.data.sources import corpus_sources
+from asrlaunch.data.sources import cheap_problems, corpus_sources, count_utterances
 
 
 def test_a_bad_file_does_not_take_the_good_one_that_shares_its_id(tmp_path: Path) -> None:
@@ -54,5 +54,25 @@ def test_odd_layouts_are_read_or_refused_with_what_to_fix(tmp_path: Path) -> Non
 
     audio = [{"array": np.zeros(16000, dtype=np.float32), "sampling_rate": 16000}]
     datasets.Dataset.from_dict({"audio": audio, "text": ["a b"]}).save_to_disk(str(tmp_path / "one"))
-    with pytest.raises(DataError, match="one Dataset, not a DatasetDict; save its 'train' and 'test' splits"):
-        corpus_sources(DataSection(dir=str(tmp_path / "one"), format="disk"))
+    one = DataSection(dir=str(tmp_path / "one"), format="disk")
+    for read in (corpus_sources, count_utterances):  # the job's reading and the preflight's count alike
+        with pytest.raises(DataError, match="one Dataset, not a DatasetDict; save its 'train' and 'test'"):
+            read(one)
+
+
+def test_the_preflight_checks_the_header_of_a_file_whose_twin_is_missing(tmp_path: Path) -> None:
+    """a.flac listed but missing, a.wav beside it with a broken header: both are named before anything is
+    queued (the missing twin does not hide the other file's header check)."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    (folder / "a.wav").write_bytes(b"not audio")
+    rows = "".join(f"{name},a b,{split}\n" for split in ("train", "test") for name in ("a.wav", "a.flac"))
+    (folder / "metadata.csv").write_text("file_name,text,split\n" + rows)
+    found = cheap_problems(DataSection(dir=str(folder), format="audiofolder"))
+    reasons = sorted((p.split, Path(p.where).name, p.reason.split(" (")[0]) for p in found)
+    assert reasons == [
+        ("test", "a.flac", "the file does not exist"),
+        ("test", "a.wav", "unreadable audio"),
+        ("train", "a.flac", "the file does not exist"),
+        ("train", "a.wav", "unreadable audio"),
+    ]

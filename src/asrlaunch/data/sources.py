@@ -112,6 +112,11 @@ def _row_source(row: dict[str, str], root: Path, text_column: str) -> Source:
 
 
 # -- a dataset saved to disk ---------------------------------------------------------------------------------
+def one_dataset(root: Path, names: dict[str, str]) -> DataError:
+    wanted = " and ".join(repr(split) for split in names.values())
+    return DataError(f"{root}: one Dataset, not a DatasetDict; save its {wanted} splits as a DatasetDict")
+
+
 def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[str, list[Source]]:
     import datasets
 
@@ -120,8 +125,7 @@ def disk_sources(root: Path, text_column: str, names: dict[str, str]) -> dict[st
     except FileNotFoundError:
         raise DataError(f"{root}: not a dataset saved with save_to_disk (no dataset_dict.json)") from None
     if not isinstance(loaded, datasets.DatasetDict):
-        wanted = " and ".join(repr(split) for split in names.values())
-        raise DataError(f"{root}: one Dataset, not a DatasetDict; save its {wanted} splits as a DatasetDict")
+        raise one_dataset(root, names)
     splits = {}
     for role, split in names.items():
         if split not in loaded:
@@ -208,9 +212,9 @@ def cheap_problems(data: DataSection) -> list[Problem]:
         texts = [transcript(s.text, data.text_normalization) for s in sources]
         found = text_problems(role, sources, texts, data.text_normalization)
         problems += found
-        flagged = {p.id for p in found}
+        flagged = {(p.id, p.where) for p in found}  # not by id alone: a.wav and a.flac share one
         for source in sources:
-            if source.path is None or source.id in flagged:
+            if source.path is None or (source.id, source.where) in flagged:
                 continue
             try:
                 info = soundfile.info(str(source.path))
@@ -230,6 +234,8 @@ def count_utterances(data: DataSection) -> dict[str, int]:
     if data.format == "audiofolder":
         return {role: len(rows) for role, rows in metadata_rows(root, data.text_column, names).items()}
     index = root / "dataset_dict.json"
+    if not index.exists() and (root / "state.json").exists():  # what save_to_disk writes for one Dataset
+        raise one_dataset(root, names)
     if not index.exists():
         raise DataError(f"{root}: not a dataset saved with save_to_disk (no dataset_dict.json)")
     counts = {}
