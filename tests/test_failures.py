@@ -245,6 +245,27 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(
     assert RunDir(moved).is_finished()
 
 
+def terminate_after_windows(command: list[str], run_dir: Path, windows: int) -> str:
+    """Run the engine, SIGTERM it once rank 0 has logged `windows` train records; its stderr, once it has
+    stopped with ExitCode.STOPPED."""
+    process = subprocess.Popen(
+        command,
+        env=python_env(OMP_NUM_THREADS="2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = RunDir(run_dir).rank_log(0)
+    deadline = time.monotonic() + 300
+    while not (log.exists() and log.read_text().count('"train"') >= windows):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr[-2000:]
+    return stderr
+
+
 @pytest.mark.slow
 def test_sigterm_checkpoints_at_the_next_step_and_does_not_requeue(
     tmp_path: Path, tones_corpus: Path
@@ -260,21 +281,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_does_not_requeue(
         "train.global_batch_size=8",
         "train.max_steps=400",
     )
-    process = subprocess.Popen(
-        command,
-        env=python_env(OMP_NUM_THREADS="2"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    log = RunDir(run_dir).rank_log(0)
-    deadline = time.monotonic() + 300
-    while not (log.exists() and log.read_text().count('"train"') >= 3):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 3, stderr[-2000:]
+    terminate_after_windows(command, run_dir, 3)
     (event,) = notable(read_run_logs(run_dir))
     assert event["event"] == "terminated" and event["requeued"] is False
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir / "checkpoints")] == [event["step"]]
@@ -295,21 +302,7 @@ def test_a_stop_whose_checkpoint_cannot_be_written_says_so(
         run_dir, tones_corpus, 1, "eval.at_start=false", "logging.steps=1", "eval.steps=1000", *settings
     )
     command.append(f"data.cache_dir={tmp_path / 'cache'}")
-    process = subprocess.Popen(
-        command,
-        env=python_env(OMP_NUM_THREADS="2"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    log = RunDir(run_dir).rank_log(0)
-    deadline = time.monotonic() + 300
-    while not (log.exists() and log.read_text().count('"train"') >= 2):
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 3, stderr[-2000:]
+    stderr = terminate_after_windows(command, run_dir, 2)
     assert "its checkpoint could not be written" in stderr and "checkpoint saved" not in stderr
     (*_, event) = notable(read_run_logs(run_dir))
     assert event["event"] == "terminated" and "could not be written" in event["error"]

@@ -103,36 +103,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def new_length(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> tuple[int, int] | None:
+def new_length(
+    run_dir: RunDir, history: RunHistory, stored: Recipe, resumed: Recipe
+) -> tuple[int, int] | None:
     """The run's length in steps before and after a resume that changes `train.max_steps` (None: unchanged,
     or a run that never planned)."""
     if stored.train.max_steps == resumed.train.max_steps:
         return None
-    plan = RunHistory.read(run_dir).latest_plan or run_dir.read_plan()
+    plan = history.latest_plan or run_dir.read_plan()
     old_total, samples = plan.get("total_steps"), plan.get("train_samples")
     if not old_total or not samples:
         return None
     return int(old_total), plan_run(resumed, 1, int(samples)).total_steps
 
 
-def check_new_length(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> None:
+def check_new_length(run_dir: RunDir, history: RunHistory, stored: Recipe, resumed: Recipe) -> None:
     """A shorter run must still reach its newest checkpoint, refused here rather than after the queue wait
     (the trainer checks the checkpoint it actually loads, too)."""
     from asrlaunch.engine.checkpoint import list_checkpoints  # no torch: folder names only
 
-    lengths, newest = new_length(run_dir, stored, resumed), list_checkpoints(run_dir.checkpoints)
+    lengths, newest = new_length(run_dir, history, stored, resumed), list_checkpoints(run_dir.checkpoints)
     if lengths is not None and newest:
         check_resume_point(newest[0][0], lengths[1])
 
 
-def schedule_change(run_dir: RunDir, stored: Recipe, resumed: Recipe) -> str:
+def schedule_change(run_dir: RunDir, history: RunHistory, stored: Recipe, resumed: Recipe) -> str:
     """What a new `train.max_steps` does to the learning rate where the run resumes: the schedule is computed
     anew for the new length (as the Trainer's), so a linear one jumps."""
-    lengths = new_length(run_dir, stored, resumed)
+    lengths = new_length(run_dir, history, stored, resumed)
     if lengths is None:
         return ""
     old_total, new_total = lengths
-    step = RunHistory.read(run_dir).progress.step or 0
+    step = history.progress.step or 0
     before, after = scheduled_lr(stored, step, int(old_total)), scheduled_lr(resumed, step, new_total)
     if math.isclose(before, after):
         return ""
@@ -154,9 +156,10 @@ def load_specs(args: argparse.Namespace) -> list[RunSpec]:
         specs = resolve_runs(raw, str(run_dir.recipe), args.overrides, [], new_run=False)
         stored = load_run_recipe(run_dir.recipe)
         check_resume(stored, specs[0].recipe)
-        check_new_length(run_dir, stored, specs[0].recipe)
+        history = RunHistory.read(run_dir)
+        check_new_length(run_dir, history, stored, specs[0].recipe)
         ensure_stopped(run_dir, args.force)
-        note = schedule_change(run_dir, stored, specs[0].recipe)
+        note = schedule_change(run_dir, history, stored, specs[0].recipe)
         if note:
             warnings.warn(note, stacklevel=1)
         return [RunSpec(specs[0].recipe, specs[0].overrides, run_dir)]
